@@ -1,0 +1,1 @@
+"""asgi-supervise: a production process manager for ASGI apps."""

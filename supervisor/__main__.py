@@ -1,0 +1,5 @@
+import sys
+
+from asgi_supervise.cli import main
+
+sys.exit(main())

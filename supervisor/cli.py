@@ -1,0 +1,160 @@
+"""Command line: `asgi-supervise [run] APP`, `asgi-supervise config`, `asgi-supervise plan`.
+
+Every setting flag is generated from the settings model, so the CLI cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import logging
+import sys
+import types
+import typing
+from typing import Any, NoReturn
+
+from asgi_supervise import apploader, logs, sizing, sources
+from asgi_supervise.settings import FIELDS, meta, redact
+
+EXIT_USAGE = 2
+COMMANDS = ("run", "config", "plan")
+log = logging.getLogger("asgi_supervise.master")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag (and a likely fix), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()[0].split("=")[0]
+            known = [o for action in self._actions for o in action.option_strings]
+            close = difflib.get_close_matches(unknown, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        logs.say(f"{message} (command line){hint}")
+        sys.exit(EXIT_USAGE)
+
+
+def _is(annotation: Any, kind: type) -> bool:
+    """True for `kind` and `kind | None` annotations."""
+    if annotation is kind or typing.get_origin(annotation) is kind:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_is(arg, kind) for arg in typing.get_args(annotation) if arg is not type(None))
+    return False
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, field in FIELDS.items():
+        if name == "app":
+            continue
+        info = meta(name)
+        group = groups.setdefault(info["group"], parser.add_argument_group(info["group"]))
+        flags = ["--" + name.replace("_", "-"), *info.get("aliases", [])]
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": field.description,
+        }
+        if _is(field.annotation, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is(field.annotation, list):
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "VALUE"
+        else:
+            kwargs["metavar"] = name.upper()
+        group.add_argument(*flags, **kwargs)
+
+
+def build_parser(command: str) -> Parser:
+    parser = Parser(
+        prog=f"asgi-supervise {command}" if command != "run" else "asgi-supervise",
+        description="Run an ASGI app under a master process that supervises Uvicorn workers.",
+        allow_abbrev=False,
+    )
+    if command != "plan":
+        parser.add_argument("app", nargs="?", default=argparse.SUPPRESS, help="module:attribute")
+    parser.add_argument("--profile", help="dev, container, streaming, prod, or a TOML file")
+    parser.add_argument("--config", help="config file (default: asgi-supervise.toml, pyproject)")
+    if command != "run":
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--version", action="version", version=_version())
+    _add_setting_flags(parser)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return f"asgi-supervise {version('asgi-supervise')}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else "run"
+    if argv and argv[0] in COMMANDS:
+        argv = argv[1:]
+    args = vars(build_parser(command).parse_args(argv))
+    profile, config, as_json = args.pop("profile"), args.pop("config"), args.pop("json", False)
+    try:
+        loaded = sources.load(args, profile=profile, config_file=config)
+        if command == "config":
+            return show_config(loaded, as_json)
+        if command == "plan":
+            return show_plan(loaded, as_json)
+        return run(loaded)
+    except (sources.ConfigError, apploader.AppStringError) as exc:
+        logs.say(str(exc))
+        return EXIT_USAGE
+
+
+def show_config(loaded: sources.Loaded, as_json: bool) -> int:
+    values = loaded.settings.model_dump(mode="json")
+    rows = {name: (redact(name, values[name]), loaded.origin(name)) for name in FIELDS}
+    if as_json:
+        data = {n: {"value": v, "source": src} for n, (v, src) in rows.items()}
+        print(json.dumps({"profile": loaded.profile, "settings": data}, indent=2))
+        return 0
+    width = max(map(len, FIELDS))
+    print(f"# profile: {loaded.profile or '(none)'}")
+    for name, (value, origin) in rows.items():
+        print(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
+    return 0
+
+
+def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
+    plan = sizing.make_plan(loaded.settings)
+    print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
+    return 0
+
+
+def run(loaded: sources.Loaded) -> int:
+    from asgi_supervise.arbiter import Arbiter
+    from asgi_supervise.sockets import BindError, bind
+
+    settings = loaded.settings
+    if not settings.app:
+        raise sources.ConfigError(
+            "no app to serve: pass APP (module:attribute), set ASGI_SUPERVISE_APP, "
+            'or put app = "module:attribute" in asgi-supervise.toml'
+        )
+    apploader.check(settings.app, settings.app_dir)
+    logs.configure(settings.log_format, settings.log_level, settings.access_log)
+    plan = sizing.make_plan(settings)
+    for warning in plan.warnings:
+        log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
+    try:
+        sockets = bind(settings)
+    except BindError as exc:
+        logs.say(str(exc))
+        return EXIT_USAGE
+    if settings.reload:
+        log.warning("--reload is not implemented yet: serving without watching files")
+    return asyncio.run(Arbiter(settings, sockets, plan.workers).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""One log format for master, workers and access lines: text for people, JSON for collectors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import sys
+import time
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)-7s %(message)s"
+# Attributes every LogRecord has; anything else was passed in `extra=` and is kept.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, with `extra=` fields (worker, slot, reason) kept as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        if (
+            record.name == "uvicorn.access"
+            and isinstance(record.args, tuple)
+            and len(record.args) == 5
+        ):
+            client, method, path, version, status = record.args
+            entry.update(
+                client=client, method=method, path=path, http_version=version, status=status
+            )
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def dict_config(log_format: str, level: str, access_log: bool) -> dict[str, Any]:
+    """logging.config dict used by master and workers alike (uvicorn loggers included)."""
+    level = "DEBUG" if level == "trace" else level.upper()
+    formatter = (
+        {"()": JSONFormatter}
+        if log_format == "json"
+        else {"format": TEXT_FORMAT, "datefmt": "%Y-%m-%d %H:%M:%S"}
+    )
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "default",
+        "stream": "ext://sys.stderr",
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {"default": handler},
+        "loggers": {
+            "asgi_supervise": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {
+                "handlers": ["default"],
+                "level": "INFO" if access_log else "WARNING",
+                "propagate": False,
+            },
+        },
+    }
+
+
+def configure(log_format: str, level: str, access_log: bool = True) -> None:
+    logging.config.dictConfig(dict_config(log_format, level, access_log))
+
+
+def say(message: str) -> None:
+    """A user-facing error line for the CLI, before logging exists."""
+    print(f"asgi-supervise: {message}", file=sys.stderr)

@@ -1,0 +1,152 @@
+"""The master's handle on one worker process: spawn it, talk to it, signal it."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from asgi_supervise.settings import Settings
+
+log = logging.getLogger("asgi_supervise.master")
+
+
+class State(enum.StrEnum):
+    BOOTING = "booting"  # spawned, app importing or lifespan starting
+    READY = "ready"  # lifespan done, accepting on the shared socket
+    DRAINING = "draining"  # told to stop: finishing in-flight requests
+    EXITED = "exited"
+
+
+class Worker:
+    """One worker process as the master sees it. The master's table of these is the truth."""
+
+    def __init__(self, slot: int, process: subprocess.Popen[bytes], control: socket.socket):
+        self.slot = slot
+        self.process = process
+        self.control = control
+        self.state = State.BOOTING
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+        self.last_beat = self.started
+        self.requests = 0
+        self.connections = 0
+        self.stop_reason: str | None = None  # why the master asked it to go
+        self.failure: str | None = None  # why the master killed it (timeouts)
+        self.boot_error: str | None = None  # what the worker said when it failed to start
+        self.kill_at: float | None = None  # SIGKILL deadline once stopping
+        self.stopping_since: float | None = None
+        self.exit_status: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not State.EXITED
+
+    def uptime(self, now: float) -> float:
+        return now - (self.ready_at or self.started)
+
+    def tag(self) -> str:
+        return f"worker {self.slot} (pid {self.pid})"
+
+    def extra(self, event: str, **fields: Any) -> dict[str, Any]:
+        return {"event": event, "slot": self.slot, "worker_pid": self.pid, **fields}
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, reason: str, grace: float, sig: int = signal.SIGTERM) -> None:
+        """Ask for a graceful drain; the master kills it if it is not gone by `grace`."""
+        if self.state is State.EXITED or self.stop_reason:
+            return
+        now = time.monotonic()
+        self.stop_reason = reason
+        self.state = State.DRAINING
+        self.stopping_since = now
+        self.kill_at = now + grace
+        self.send_signal(sig)
+
+    def kill(self, failure: str, sig: int = signal.SIGKILL) -> None:
+        self.failure = self.failure or failure
+        self.send_signal(sig)
+        self.kill_at = time.monotonic() + 2.0  # escalate if SIGABRT did not end it
+
+    def exited(self, status: int) -> None:
+        self.state = State.EXITED
+        code = os.waitstatus_to_exitcode(status)
+        self.process.returncode = code  # we reaped it; keep Popen from trying again
+        if code < 0:
+            self.exit_status = f"killed by {signal.Signals(-code).name}"
+        else:
+            self.exit_status = f"exited with code {code}"
+
+    def read_messages(self) -> tuple[bool, bool]:
+        """Take every message waiting on the channel: (state changed, channel at EOF)."""
+        before = self.state, self.boot_error
+        eof = False
+        while True:
+            try:
+                data = self.control.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            try:
+                self.on_message(json.loads(data))
+            except ValueError:
+                log.warning("%s sent an unreadable message", self.tag())
+        return (self.state, self.boot_error) != before, eof
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "beat":
+            self.last_beat = time.monotonic()
+            self.requests = int(message.get("requests", 0))
+            self.connections = int(message.get("connections", 0))
+        elif kind == "ready" and self.state is State.BOOTING:
+            self.state = State.READY
+            self.ready_at = self.last_beat = time.monotonic()
+        elif kind == "boot_error":
+            self.boot_error = str(message.get("error", "")).strip()
+
+
+def spawn(slot: int, settings: Settings, sockets: list[socket.socket]) -> Worker:
+    """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
+
+    Exec (not fork): the master may hold threads and an event loop, and a fresh interpreter
+    re-imports the app, which is what a reload needs anyway.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [s.fileno() for s in sockets]
+    command = [
+        sys.executable, "-m", "asgi_supervise.worker",
+        "--slot", str(slot),
+        "--control-fd", str(theirs.fileno()),
+        "--socket-fds", ",".join(map(str, fds)),
+    ]  # fmt: skip
+    try:
+        process = subprocess.Popen(command, pass_fds=[*fds, theirs.fileno()], process_group=0)
+    finally:
+        theirs.close()
+    # The settings travel over the channel, never argv or environ: they may hold secrets.
+    spec = {"master_pid": os.getpid(), "slot": slot, "settings": settings.model_dump(mode="json")}
+    ours.sendall(json.dumps(spec).encode())
+    ours.setblocking(False)
+    return Worker(slot, process, ours)

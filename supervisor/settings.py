@@ -1,0 +1,265 @@
+"""The one settings model: every option asgi-supervise has, defined once.
+
+Command-line flags, ``ASGI_SUPERVISE_*`` environment variables, config-file keys and
+profile keys are all derived from the fields below (see ``sources.py`` and ``cli.py``),
+so adding an option means adding one field here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ASGI_SUPERVISE_"
+
+
+def _split_commas(value: Any) -> Any:
+    """Lists arrive as TOML arrays, comma-separated strings (env) or repeated flags."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return [part.strip() for item in value for part in item.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+WorkerCount = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
+def opt(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    secret: bool = False,
+    aliases: tuple[str, ...] = (),
+    **kw: Any,
+) -> Any:
+    """A settings field with the metadata the CLI and `config` output need.
+
+    `aliases` are extra flag spellings, mostly uvicorn's, so `uvicorn --workers ...`
+    becomes `asgi-supervise --workers ...` with nothing else changed.
+    """
+    extra = {"group": group, "secret": secret, "aliases": list(aliases)}
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one asgi-supervise instance."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- application -------------------------------------------------------------------
+    app: str | None = opt(None, "The ASGI app as module:attribute.", "app")
+    factory: bool = opt(False, "Treat APP as a factory: call it to get the app.", "app")
+    app_dir: str = opt(".", "Directory added to sys.path before importing the app.", "app")
+    env_file: str | None = opt(None, "A .env file whose variables the app sees.", "app")
+    lifespan: Literal["auto", "on", "off"] = opt("auto", "ASGI lifespan handling.", "app")
+
+    # --- binding -------------------------------------------------------------------------
+    host: str = opt("127.0.0.1", "Address to bind.", "bind")
+    port: int = opt(8000, "Port to bind (0 picks a free one).", "bind", ge=0, le=65535)
+    uds: str | None = opt(None, "Bind a Unix domain socket instead of host:port.", "bind")
+    fd: int | None = opt(None, "Serve on an already-open listening file descriptor.", "bind", ge=0)
+    backlog: int = opt(2048, "Listen queue length of the shared socket.", "bind", ge=1)
+
+    # --- uvicorn server ------------------------------------------------------------------
+    loop: Literal["auto", "asyncio", "uvloop", "none"] = opt("auto", "Event loop.", "server")
+    http: Literal["auto", "h11", "httptools"] = opt("auto", "HTTP/1.1 implementation.", "server")
+    ws: Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"] = opt(
+        "auto", "WebSocket implementation.", "server"
+    )
+    ws_max_size: int = opt(16 * 1024 * 1024, "Largest WebSocket message in bytes.", "server", ge=1)
+    ws_max_queue: int = opt(32, "WebSocket incoming message queue length.", "server", ge=1)
+    ws_ping_interval: float | None = opt(20.0, "Seconds between WebSocket pings.", "server", ge=0)
+    ws_ping_timeout: float | None = opt(20.0, "Seconds to wait for a pong.", "server", ge=0)
+    ws_per_message_deflate: bool = opt(True, "WebSocket per-message deflate.", "server")
+    timeout_keep_alive: float = opt(
+        5.0, "Close idle keep-alive connections after N s.", "server", gt=0
+    )
+    limit_concurrency: int | None = opt(
+        None, "Answer 503 above this many connections or tasks per worker.", "server", ge=1
+    )
+    h11_max_incomplete_event_size: int | None = opt(
+        None, "h11 buffer limit in bytes.", "server", ge=1
+    )
+    root_path: str = opt("", "ASGI root_path, for apps mounted below a path prefix.", "server")
+    proxy_headers: bool = opt(True, "Trust X-Forwarded-* from --forwarded-allow-ips.", "server")
+    forwarded_allow_ips: CommaList = opt(
+        ["127.0.0.1"], "Addresses whose proxy headers are trusted.", "server"
+    )
+    server_header: bool = opt(True, "Send the Server header.", "server")
+    date_header: bool = opt(True, "Send the Date header.", "server")
+    headers: CommaList = opt(
+        [], "Extra response headers, 'Name: value'.", "server", aliases=("--header",)
+    )
+    ssl_keyfile: str | None = opt(None, "TLS private key file.", "tls")
+    ssl_certfile: str | None = opt(None, "TLS certificate file.", "tls")
+    ssl_keyfile_password: str | None = opt(None, "Password of the TLS key.", "tls", secret=True)
+    ssl_ca_certs: str | None = opt(None, "CA certificates file.", "tls")
+    ssl_ciphers: str = opt("TLSv1", "TLS ciphers.", "tls")
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
+        "info", "Log level of master and workers.", "logging"
+    )
+    log_format: Literal["text", "json"] = opt(
+        "text", "Log lines for humans or for collectors.", "logging"
+    )
+    access_log: bool = opt(True, "Log one line per request.", "logging")
+    use_colors: bool | None = opt(None, "Colour text logs (default: when a terminal).", "logging")
+
+    # --- workers -------------------------------------------------------------------------
+    workers: WorkerCount = opt(
+        1, "Worker processes, or 'auto' to size from CPU, memory and DB.", "workers"
+    )
+    min_workers: int = opt(1, "Never size 'auto' below this.", "workers", ge=1)
+    max_workers: int | None = opt(None, "Never size 'auto' above this.", "workers", ge=1)
+    worker_timeout: float = opt(
+        30.0,
+        "Kill a worker whose event loop is silent this long.",
+        "workers",
+        aliases=("--timeout-worker-healthcheck",),
+        gt=0,
+    )
+    ready_timeout: float = opt(
+        60.0, "Longest a worker may take to finish startup.", "workers", gt=0
+    )
+    boot_failure_limit: int = opt(
+        3, "Stop after this many consecutive workers fail to start.", "workers", ge=1
+    )
+    restart_backoff_max: float = opt(
+        30.0, "Cap of the crash-respawn delay in seconds.", "workers", ge=0
+    )
+
+    # --- shutdown and drain --------------------------------------------------------------
+    graceful_timeout: float = opt(
+        30.0,
+        "Seconds in-flight requests get to finish before workers are killed.",
+        "drain",
+        aliases=("--timeout-graceful-shutdown",),
+        ge=0,
+    )
+    drain_delay: float = opt(
+        0.0, "Seconds to keep serving after SIGTERM while load balancers deregister.", "drain", ge=0
+    )
+
+    # --- reload and recycling ------------------------------------------------------------
+    reload_surge: int = opt(
+        1, "Replacement workers started at once during reloads and recycling.", "recycle", ge=1
+    )
+    max_requests: int | None = opt(
+        None,
+        "Recycle a worker after this many requests.",
+        "recycle",
+        aliases=("--limit-max-requests",),
+        ge=1,
+    )
+    max_requests_jitter: int = opt(
+        0,
+        "Random extra requests, so workers do not recycle together.",
+        "recycle",
+        aliases=("--limit-max-requests-jitter",),
+        ge=0,
+    )
+    max_worker_memory: int | None = opt(
+        None, "Recycle a worker above this RSS in MiB.", "recycle", ge=1
+    )
+    max_worker_lifetime: float | None = opt(
+        None, "Recycle a worker after this many seconds.", "recycle", gt=0
+    )
+    max_worker_lifetime_jitter: float = opt(
+        0.0, "Random extra lifetime in seconds.", "recycle", ge=0
+    )
+
+    # --- development ---------------------------------------------------------------------
+    reload: bool = opt(
+        False, "Restart workers when source files change (replacement first).", "dev"
+    )
+    reload_dirs: CommaList = opt(
+        [], "Directories to watch (default: the app directory).", "dev", aliases=("--reload-dir",)
+    )
+    reload_includes: CommaList = opt(
+        ["*.py"], "Glob patterns that trigger a reload.", "dev", aliases=("--reload-include",)
+    )
+    reload_excludes: CommaList = opt(
+        [".*", "*.py[cod]", "*~", ".venv/*", "venv/*", "__pycache__/*"],
+        "Glob patterns ignored.",
+        "dev",
+        aliases=("--reload-exclude",),
+    )
+    reload_delay: float = opt(0.25, "Debounce window for bursts of saves, in seconds.", "dev", ge=0)
+
+    # --- metrics and health --------------------------------------------------------------
+    metrics: bool = opt(
+        False, "Serve /metrics, /livez, /readyz and /status on their own port.", "observe"
+    )
+    metrics_host: str = opt("127.0.0.1", "Address of the metrics and health server.", "observe")
+    metrics_port: int = opt(
+        9808, "Port of the metrics and health server.", "observe", ge=0, le=65535
+    )
+    request_metrics: bool = opt(True, "Measure every request in the workers.", "observe")
+    multiproc_dir: str | None = opt(
+        None, "Private directory for worker metrics (default: a temp dir).", "observe"
+    )
+    min_ready: int = opt(
+        1, "Workers that must be ready for /readyz to answer 200.", "observe", ge=1
+    )
+
+    # --- sizing inputs -------------------------------------------------------------------
+    worker_memory_estimate: int = opt(
+        256, "Expected RSS of one worker in MiB, for memory sizing.", "sizing", ge=1
+    )
+    cpu_workers_per_core: float = opt(
+        1.0, "Workers per usable CPU when --workers auto.", "sizing", gt=0
+    )
+    db_max_connections: int | None = opt(None, "The database's max_connections.", "sizing", ge=1)
+    db_reserved_connections: int = opt(
+        0, "Connections kept for admins, migrations, other services.", "sizing", ge=0
+    )
+    db_pool_size: int | None = opt(
+        None, "Connections one worker may hold (pool + overflow).", "sizing", ge=1
+    )
+    replicas: int = opt(1, "Instances sharing the database (e.g. the HPA maximum).", "sizing", ge=1)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        binds = [name for name in ("uds", "fd") if getattr(self, name) is not None]
+        if len(binds) > 1:
+            raise ValueError("--uds and --fd are mutually exclusive: pick one socket")
+        if self.max_workers is not None and self.max_workers < self.min_workers:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})"
+            )
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ValueError("TLS needs both ssl_keyfile and ssl_certfile")
+        return self
+
+
+FIELDS = Settings.model_fields
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?P<tail>@)")
+
+
+def meta(name: str) -> dict[str, Any]:
+    extra = FIELDS[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def is_secret(name: str) -> bool:
+    return bool(meta(name).get("secret"))
+
+
+def redact(name: str, value: Any) -> Any:
+    """Hide secrets: whole secret fields, and passwords inside URLs anywhere else."""
+    if value is None:
+        return None
+    if is_secret(name):
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\g<head>***\g<tail>", value)
+    if isinstance(value, list):
+        return [redact(name, item) for item in value]
+    return value

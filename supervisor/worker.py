@@ -1,0 +1,269 @@
+"""A worker process: one uvicorn server on the master's inherited socket.
+
+Started by the master as ``python -m asgi_supervise.worker``. It knows only its control
+channel (a SOCK_SEQPACKET socket to the master) and uvicorn: it reports *ready* once the
+ASGI lifespan startup is done, beats from its event loop so a blocked loop is noticed,
+and drains keep-alive connections without racing clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import faulthandler
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+from asgi_supervise import apploader, logs
+from asgi_supervise.settings import Settings
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+BOOT_FAILURE = 3  # exit code of a worker that never became ready
+HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
+PR_SET_PDEATHSIG = 1
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    HTTP_PROTOCOLS: tuple[type, ...] = (H11Protocol, HttpToolsProtocol)
+except ImportError:  # httptools not installed
+    HTTP_PROTOCOLS = (H11Protocol,)
+
+log = logging.getLogger("asgi_supervise.worker")
+
+
+class Control:
+    """The worker's end of the master's channel. Message boundaries come from SEQPACKET."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def receive(self) -> dict[str, Any]:
+        return json.loads(self.sock.recv(1 << 20))
+
+    def send(self, kind: str, **fields: Any) -> None:
+        """Never blocks the event loop: a heartbeat the master cannot take now is dropped."""
+        try:
+            self.sock.send(json.dumps({"t": kind, **fields}).encode())
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def _die_with_master(master_pid: int) -> None:
+    """SIGKILL from the kernel when the master dies, so no worker outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != master_pid:  # the master died before prctl took effect
+        os._exit(1)
+
+
+class DrainAware:
+    """ASGI middleware: once draining, every response says `Connection: close`.
+
+    Closing an idle keep-alive connection races a client that is sending on it; asking the
+    client to close after its next response moves it to another worker without an error.
+    """
+
+    def __init__(self, app: Any, server: WorkerServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not self.server.draining or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+class _CaptureErrors(logging.Filter):
+    """Holds back uvicorn's startup error lines: the master prints them once, not per try."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        self.lines.append(text)
+        return False
+
+
+class WorkerServer(uvicorn.Server):
+    def __init__(
+        self, config: uvicorn.Config, control: Control, master_pid: int, idle_grace: float
+    ):
+        super().__init__(config)
+        self.control = control
+        self.master_pid = master_pid
+        self.idle_grace = idle_grace
+        self.draining = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """SIGTERM drains, SIGQUIT stops now. SIGINT is the master's: it decides for us."""
+
+        def drain(*_: Any) -> None:
+            self.should_exit = True
+
+        def stop_now(*_: Any) -> None:
+            self.should_exit = self.force_exit = True
+
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGQUIT, stop_now)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        errors = _CaptureErrors()
+        error_log = logging.getLogger("uvicorn.error")
+        error_log.addFilter(errors)
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            reason = "\n".join(errors.lines) or "lifespan startup failed"
+            self.control.send("boot_error", stage="lifespan", error=reason)
+            raise SystemExit(BOOT_FAILURE) from None
+        finally:
+            error_log.removeFilter(errors)
+        self.control.send("ready")
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % HEARTBEAT_TICKS == 0:
+            state = self.server_state
+            self.control.send(
+                "beat", requests=state.total_requests, connections=len(state.connections)
+            )
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
+        self.draining = True
+        self.control.send("draining")
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, HTTP_PROTOCOLS):
+                if connection.cycle is not None and not connection.cycle.response_complete:
+                    connection.cycle.keep_alive = False
+            else:
+                connection.shutdown()  # WebSockets: close 1012 (service restart)
+
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.idle_grace
+        while self.server_state.connections and not self.force_exit:
+            if loop.time() >= idle_deadline:
+                for connection in list(self.server_state.connections):
+                    if isinstance(connection, HTTP_PROTOCOLS) and _is_idle(connection):
+                        connection.shutdown()
+            await asyncio.sleep(0.05)
+        while self.server_state.tasks and not self.force_exit:
+            await asyncio.sleep(0.05)
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+def _is_idle(connection: Any) -> bool:
+    return connection.cycle is None or connection.cycle.response_complete
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    s = settings
+    return uvicorn.Config(
+        app,
+        loop=s.loop,
+        http=s.http,
+        ws=s.ws,
+        ws_max_size=s.ws_max_size,
+        ws_max_queue=s.ws_max_queue,
+        ws_ping_interval=s.ws_ping_interval,
+        ws_ping_timeout=s.ws_ping_timeout,
+        ws_per_message_deflate=s.ws_per_message_deflate,
+        lifespan=s.lifespan,
+        env_file=s.env_file,
+        log_config=logs.dict_config(s.log_format, s.log_level, s.access_log),
+        log_level=s.log_level,
+        access_log=s.access_log,
+        use_colors=s.use_colors,
+        proxy_headers=s.proxy_headers,
+        forwarded_allow_ips=",".join(s.forwarded_allow_ips),
+        server_header=s.server_header,
+        date_header=s.date_header,
+        root_path=s.root_path,
+        limit_concurrency=s.limit_concurrency,
+        backlog=s.backlog,
+        timeout_keep_alive=int(s.timeout_keep_alive),
+        ssl_keyfile=s.ssl_keyfile,
+        ssl_certfile=s.ssl_certfile,
+        ssl_keyfile_password=s.ssl_keyfile_password,
+        ssl_ca_certs=s.ssl_ca_certs,
+        ssl_ciphers=s.ssl_ciphers,
+        headers=[tuple(h.split(":", 1)) for h in s.headers],  # type: ignore[misc]
+        h11_max_incomplete_event_size=s.h11_max_incomplete_event_size,
+    )
+
+
+def _boot_error(control: Control, stage: str, exc: BaseException) -> None:
+    text = "".join(traceback.format_exception(exc))
+    control.send("boot_error", stage=stage, error=text)
+    sys.exit(BOOT_FAILURE)
+
+
+def run(control: Control, listeners: list[socket.socket]) -> None:
+    spec = control.receive()
+    _die_with_master(spec["master_pid"])
+    faulthandler.enable()  # SIGABRT from the master's timeout shows where the loop was stuck
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without leaving a core file
+    settings = Settings.model_validate(spec["settings"])
+    logs.configure(settings.log_format, settings.log_level, settings.access_log)
+
+    try:
+        app = apploader.load(settings.app or "", settings.app_dir, settings.factory)
+    except Exception as exc:
+        _boot_error(control, "import", exc)
+    config = uvicorn_config(app, settings)
+    try:
+        config.load()
+    except Exception as exc:
+        _boot_error(control, "config", exc)
+    idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
+    server = WorkerServer(config, control, spec["master_pid"], idle_grace)
+    config.loaded_app = DrainAware(config.loaded_app, server)
+    server.run(sockets=listeners)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="asgi-supervise worker")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--socket-fds", required=True)
+    args = parser.parse_args(argv)
+    control = Control(socket.socket(fileno=args.control_fd))
+    listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
+    run(control, listeners)
+
+
+if __name__ == "__main__":
+    main()
