@@ -7,6 +7,7 @@ the worker table happens in one place (uvicorn's and gunicorn's pattern).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -97,7 +98,9 @@ class Arbiter:
             self.check_timeouts()
             if self.live():
                 await self.wait_for_event()
-        outcome = "cleanly" if self.exit_code == EXIT_OK else "uncleanly"
+        outcome = {EXIT_OK: "cleanly", EXIT_BOOT_FAILURE: "(app failed to start)"}.get(
+            self.exit_code, "uncleanly"
+        )
         log.info(
             "master stopped %s in %.2fs",
             outcome,
@@ -226,6 +229,9 @@ class Arbiter:
     def worker_exited(self, worker: Worker) -> None:
         now = time.monotonic()
         extra = worker.extra("exited", status=worker.exit_status, reason=worker.stop_reason)
+        if worker.stop_reason is None and self.phase is not Phase.RUNNING:
+            log.info("%s %s while the master stops", worker.tag(), worker.exit_status, extra=extra)
+            return
         if worker.stop_reason is not None:
             took = now - (worker.stopping_since or now)
             log.info(
@@ -288,10 +294,8 @@ class Arbiter:
         self._wake.set()
 
     async def wait_for_event(self, timeout: float = TICK) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
-        except TimeoutError:
-            pass
         self._wake.clear()
 
     def handle_signals(self) -> None:

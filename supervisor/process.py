@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -64,10 +65,8 @@ class Worker:
 
     def send_signal(self, sig: int) -> None:
         if self.alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, reason: str, grace: float, sig: int = signal.SIGTERM) -> None:
         """Ask for a graceful drain; the master kills it if it is not gone by `grace`."""

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from asgi_supervise.profiles import ProfileError, find_profile
 from asgi_supervise.settings import ENV_PREFIX, FIELDS, Settings
-from pydantic import ValidationError
 
 CONFIG_FILE = "asgi-supervise.toml"
 PYPROJECT_TABLE = ("tool", "asgi-supervise")

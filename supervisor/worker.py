@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import faulthandler
+import importlib
 import json
 import logging
 import os
@@ -25,9 +26,10 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from asgi_supervise import apploader, logs
 from asgi_supervise.settings import Settings
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 BOOT_FAILURE = 3  # exit code of a worker that never became ready
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
@@ -54,10 +56,8 @@ class Control:
 
     def send(self, kind: str, **fields: Any) -> None:
         """Never blocks the event loop: a heartbeat the master cannot take now is dropped."""
-        try:
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
             self.sock.send(json.dumps({"t": kind, **fields}).encode())
-        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-            pass
 
 
 def _die_with_master(master_pid: int) -> None:
@@ -103,6 +103,8 @@ class _CaptureErrors(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         text = record.getMessage()
+        if text == "Application startup failed. Exiting.":  # uvicorn's; the cause came before
+            return False
         if record.exc_info:
             text += "\n" + "".join(traceback.format_exception(*record.exc_info))
         self.lines.append(text)
@@ -225,8 +227,19 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     )
 
 
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the first frame of the user's code on: ours and importlib's are noise."""
+    noise = (os.path.dirname(__file__), os.path.dirname(importlib.__file__), "<frozen importlib")
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(noise):
+            break
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def _boot_error(control: Control, stage: str, exc: BaseException) -> None:
-    text = "".join(traceback.format_exception(exc))
+    text = _user_traceback(exc)
     control.send("boot_error", stage=stage, error=text)
     sys.exit(BOOT_FAILURE)
 

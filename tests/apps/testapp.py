@@ -1,0 +1,69 @@
+"""Raw ASGI test app: no framework, so tests measure the supervisor, not a router."""
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs
+
+VERSION = os.environ.get("TESTAPP_VERSION", "1")
+INFLIGHT = os.environ.get("TESTAPP_INFLIGHT_DIR")
+_hoard: list[bytes] = []
+
+
+async def _respond(send, status: int, body: bytes, headers=()) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        return await _lifespan(receive, send)
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({"type": "websocket.send", "text": message.get("text") or ""})
+    query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+    path = scope["path"]
+    if path == "/pid":
+        return await _respond(send, 200, str(os.getpid()).encode())
+    if path == "/version":
+        return await _respond(send, 200, VERSION.encode())
+    if path == "/sleep":  # in flight for s seconds; marks itself in INFLIGHT while running
+        marker = Path(INFLIGHT, uuid.uuid4().hex) if INFLIGHT else None
+        if marker:
+            marker.touch()
+        await asyncio.sleep(float(query.get("s", "1")))
+        return await _respond(send, 200, b"slept")
+    if path == "/block":  # blocks the event loop: what a sync call in async code does
+        time.sleep(float(query.get("s", "5")))
+        return await _respond(send, 200, b"unblocked")
+    if path == "/grow":  # hold memory so RSS-based recycling has something to see
+        _hoard.append(os.urandom(int(query.get("mb", "10")) * 1024 * 1024))
+        return await _respond(send, 200, str(len(_hoard)).encode())
+    if path == "/orphan":  # leave a grandchild for the master (as PID 1) to reap
+        subprocess.Popen(["sh", "-c", "sleep 0.3 &"]).wait()
+        return await _respond(send, 200, b"orphaned")
+    return await _respond(send, 200, b"hello")

@@ -1,0 +1,217 @@
+"""Real processes over loopback: start the CLI, poll with deadlines, and leave nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+APPS = Path(__file__).parent / "apps"
+REPO = Path(__file__).parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
+    """Poll until `predicate()` is truthy; fail the test with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(port: int, path: str, timeout: float = 5.0, host: str = "127.0.0.1") -> tuple[int, str]:
+    """One request on a new connection; connection errors propagate to the caller."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def try_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str] | None:
+    try:
+        return get(port, path, timeout)
+    except OSError:
+        return None
+
+
+def run_cli(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None, timeout: float = 30):
+    """Run the CLI to completion (for commands and errors that exit by themselves)."""
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
+    run_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "asgi_supervise", *args],
+        cwd=cwd,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Supervisor:
+    """An `asgi-supervise` master started as users start it, with its output in a file."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path = APPS,
+        pass_fds: tuple[int, ...] = (),
+    ):
+        self.port = free_port()
+        self.log_path = tmp_path / f"supervisor-{self.port}.log"
+        self.args = args
+        # The tests' own settings only: nothing leaks in from the developer's shell.
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
+        run_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+        bind = [] if {"--uds", "--fd"} & set(args) else ["--port", str(self.port)]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "asgi_supervise", *args, *bind],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=run_env,
+                pass_fds=pass_fds,
+            )
+        self.ps = psutil.Process(self.process.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str = "/", timeout: float = 5.0) -> tuple[int, str]:
+        return get(self.port, path, timeout)
+
+    def worker_pids(self) -> set[int]:
+        try:
+            children = self.ps.children()
+        except psutil.NoSuchProcess:
+            return set()
+        pids = set()
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    pids.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
+    def serving_pids(self, want: int, timeout: float = 15.0) -> set[int]:
+        """Distinct worker pids seen answering /pid, on new connections, until `want`."""
+        seen: set[int] = set()
+
+        def enough() -> bool:
+            answer = try_get(self.port, "/pid", timeout=1.0)
+            if answer and answer[0] == 200:
+                seen.add(int(answer[1]))
+            return len(seen) >= want
+
+        wait_until(enough, timeout, f"{want} workers serving (saw {seen})\n{self.log()}")
+        return seen
+
+    def wait_ready(self, workers: int = 1, timeout: float = 15.0) -> None:
+        """Every worker reported ready (the master logs it) and the socket answers."""
+        wait_until(
+            lambda: self.log().count(" ready in ") >= workers and try_get(self.port, "/pid"),
+            timeout,
+            f"{workers} workers ready\n{self.log()}",
+        )
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"master still running after {timeout}s\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start(*args: str, **options: Any) -> Supervisor:
+        server = Supervisor(tmp_path, list(args), **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "asgi_supervise" in cmdline or "asgi-supervise" in cmdline
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail any test that leaves a master or worker running; end those by PID."""
+    me = os.getpid()
+    before = {p.pid for p in psutil.process_iter() if _ours(p)}
+    yield
+
+    def leftovers() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            if proc.pid in before or proc.pid == me or not _ours(proc):
+                continue
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    deadline = time.monotonic() + 5.0
+    remaining = leftovers()
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.05)
+        remaining = leftovers()
+    for proc in remaining:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if remaining:
+        pytest.fail(f"test left processes running: {[p.pid for p in remaining]}")

@@ -1,0 +1,314 @@
+"""Issue 2: the master, its workers, crashes, timeouts and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import APPS, free_port, get, run_cli, try_get, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_workers_serve_from_distinct_processes(supervisor):
+    server = supervisor("testapp:app", "--workers", "3")
+    pids = server.serving_pids(3)
+    assert pids == server.worker_pids()
+    assert server.pid not in pids
+
+
+def test_killed_worker_is_replaced_within_two_seconds(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    before = server.worker_pids()
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    server.serving_pids(1)  # the survivor keeps serving meanwhile
+    new = wait_until(lambda: server.worker_pids() - before, 2.0, "a replacement process")
+    (replacement,) = new
+
+    def replacement_serves() -> bool:
+        answer = try_get(server.port, "/pid", timeout=1.0)
+        return bool(answer) and int(answer[1]) == replacement
+
+    wait_until(
+        replacement_serves, 2.0 - (time.monotonic() - killed_at) + 0.5, "replacement serving"
+    )
+    assert server.process.poll() is None
+    assert "died: killed by SIGKILL" in server.log()
+
+
+def _start_slow_requests(port: int, count: int, seconds: float) -> tuple[list, list]:
+    results: list = []
+    threads = []
+
+    def one() -> None:
+        try:
+            results.append(get(port, f"/sleep?s={seconds}", timeout=seconds + 10)[0])
+        except OSError as exc:
+            results.append(exc)
+
+    for _ in range(count):
+        thread = threading.Thread(target=one)
+        thread.start()
+        threads.append(thread)
+    return results, threads
+
+
+def _probe(port: int) -> str:
+    """What a new client sees: 'ok', 'refused', or the failure a load balancer hates."""
+    try:
+        status, _ = get(port, "/pid", timeout=3)
+        return "ok" if status == 200 else f"http {status}"
+    except ConnectionRefusedError:
+        return "refused"
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    except http.client.RemoteDisconnected:
+        return "eof"
+    except TimeoutError:
+        return "timeout"
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_path: Path):
+    inflight = tmp_path / "inflight"
+    inflight.mkdir()
+    server = supervisor(
+        "testapp:app", "--workers", "2", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
+    )
+    server.wait_ready(2)
+    results, threads = _start_slow_requests(server.port, 10, 2.0)
+    wait_until(lambda: len(list(inflight.iterdir())) == 10, 5, "10 requests in flight")
+
+    server.signal(signal.SIGTERM)
+    probes = []
+    while server.process.poll() is None:
+        probes.append(_probe(server.port))
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(10)
+
+    assert results == [200] * 10
+    assert server.wait_exit() == 0
+    assert set(probes) <= {"ok", "refused"}, probes
+    assert "refused" in probes  # new connections were turned away while requests finished
+    assert _probe(server.port) == "refused"
+
+
+def test_drain_delay_keeps_serving_new_requests(supervisor):
+    server = supervisor("testapp:app", "--workers", "2", "--drain-delay", "2")
+    server.wait_ready(2)
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    served = 0
+    while time.monotonic() - signalled < 1.5:
+        assert server.get("/pid")[0] == 200
+        served += 1
+        time.sleep(0.05)
+    assert served >= 10
+    assert server.wait_exit() == 0
+    assert time.monotonic() - signalled >= 2.0
+    assert "serving 2.0s more" in server.log()
+
+
+def test_graceful_timeout_kills_busy_workers_and_exits_unclean(supervisor, tmp_path: Path):
+    inflight = tmp_path / "inflight"
+    inflight.mkdir()
+    server = supervisor(
+        "testapp:app", "--graceful-timeout", "1", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
+    )
+    server.wait_ready(1)
+    results, threads = _start_slow_requests(server.port, 1, 10.0)
+    wait_until(lambda: any(inflight.iterdir()), 5, "the slow request in flight")
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(10) == 1
+    took = time.monotonic() - signalled
+    assert 1.0 <= took < 4.0
+    for thread in threads:
+        thread.join(5)
+    assert results and results[0] != 200
+    assert "still busy after the 1.0s graceful timeout" in server.log()
+
+
+def test_blocked_event_loop_is_detected_and_worker_replaced(supervisor):
+    server = supervisor("testapp:app", "--worker-timeout", "1.5")
+    server.wait_ready(1)
+    (first,) = server.worker_pids()
+    threading.Thread(target=try_get, args=(server.port, "/block?s=30", 40), daemon=True).start()
+    wait_until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie",
+               10, "the blocked worker to be killed")  # fmt: skip
+    replacement = server.serving_pids(1)
+    assert first not in replacement
+    log = server.log()
+    assert f"worker 1 (pid {first}) event loop silent for" in log
+    assert "(worker-timeout 1.5s): killing" in log
+    stack = log.split("event loop silent for", 1)[1]
+    assert "testapp.py" in stack  # faulthandler showed where the loop was stuck
+
+
+@pytest.mark.parametrize(
+    ("app", "error"),
+    [
+        ("broken_import:app", "No module named 'this_module_does_not_exist'"),
+        ("lifespan_fail:app", "database unreachable: db:5432"),
+        ("testapp:missing", "has no attribute 'missing'"),
+    ],
+)
+def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, error):
+    server = supervisor(app, "--workers", "2")
+    started = time.monotonic()
+    assert server.wait_exit(10) == 3
+    assert time.monotonic() - started < 10
+    log = server.log()
+    assert log.count(error) <= 3  # once in full, once in the final line (+ traceback text)
+    assert 3 <= log.count("failed to start (") <= 4  # bounded attempts, 3 by default
+    (verdict,) = [line for line in log.splitlines() if "giving up: " in line]
+    assert error in verdict
+    assert "Traceback" not in log.split("failed to start (2/3)")[-1]
+
+
+def test_master_sigkill_leaves_no_worker_alive(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    workers = server.worker_pids()
+    server.process.kill()
+    server.process.wait(5)
+
+    def all_gone() -> bool:
+        return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                       for pid in workers)  # fmt: skip
+
+    wait_until(all_gone, 2.0, f"workers {workers} to die with their master")
+
+
+def test_port_in_use_is_a_one_line_usage_error():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        result = run_cli("testapp:app", "--port", str(port))
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"asgi-supervise: cannot bind 127.0.0.1:{port}: address already in use"]
+
+
+def test_refused_connection_is_econnrefused():
+    """Sanity check of the probe the drain test relies on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(OSError) as info:
+        get(port, "/")
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=10).returncode == 0  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="cannot create a PID namespace here")
+def test_master_as_pid_1_honours_sigterm_and_reaps_orphans(tmp_path: Path):
+    port = free_port()
+    log_path = tmp_path / "pid1.log"
+    with log_path.open("wb") as log:
+        outer = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc",
+             sys.executable, "-m", "asgi_supervise", "testapp:app", "--port", str(port)],
+            cwd=APPS, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        master = wait_until(lambda: psutil.Process(outer.pid).children(), 10, "the master")[0]
+        wait_until(lambda: try_get(port, "/pid"), 15, "the worker serving")
+        assert "master 1 serving" in log_path.read_text()  # it really is PID 1 in there
+
+        for _ in range(3):  # each leaves a `sleep` re-parented to the master
+            assert get(port, "/orphan")[0] == 200
+
+        def zombies() -> list[int]:
+            return [p.pid for p in master.children() if p.status() == psutil.STATUS_ZOMBIE]
+
+        def orphans_gone() -> bool:
+            names = [p.name() for p in master.children()]
+            return "sleep" not in names and not zombies()
+
+        wait_until(orphans_gone, 5, "orphans reaped")
+        assert get(port, "/pid")[0] == 200  # an orphan's exit was not taken for a worker's
+        assert "died" not in log_path.read_text()
+
+        master.send_signal(signal.SIGTERM)
+        assert outer.wait(15) == 0
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait(5)
+    assert "master stopped cleanly" in log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("testapp", "app 'testapp' is not in the form module:attribute (e.g. main:app)"),
+        ("testapp:", "app 'testapp:' is not in the form module:attribute (e.g. main:app)"),
+        (
+            "no_such_module:app",
+            "app 'no_such_module:app': no module named 'no_such_module' (looked in . and sys.path)",
+        ),
+        ("testapp.sub:app", "app 'testapp.sub:app': 'testapp' is a module, not a package"),
+        ("my-app:app", "app 'my-app:app': 'my-app' is not a valid module path"),
+    ],
+)
+def test_bad_app_path_is_caught_before_spawning(app, message):
+    result = run_cli(app, "--port", str(free_port()))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"asgi-supervise: {message}"]
+    assert "booting" not in result.stderr
+
+
+def test_unix_socket(supervisor, tmp_path: Path):
+    path = tmp_path / "app.sock"
+    server = supervisor("testapp:app", "--uds", str(path))
+    wait_until(lambda: "ready in" in server.log(), 15, "the worker ready")
+    assert oct(path.stat().st_mode & 0o777) == "0o660"
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))
+        client.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"200 OK" in client.recv(4096)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not path.exists()  # the master removes the socket file it created
+
+
+def test_inherited_listening_fd(supervisor):
+    """--fd: a socket opened by systemd or a wrapper before we start."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    os.set_inheritable(fd, True)
+    server = supervisor("testapp:app", "--fd", str(fd), pass_fds=(fd,))
+    listener.close()  # the supervisor holds its own copy now
+    wait_until(lambda: try_get(port, "/pid"), 15, f"serving on the inherited fd\n{server.log()}")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
