@@ -11,12 +11,15 @@ import contextlib
 import enum
 import logging
 import os
+import random
 import signal
 import socket
 import time
 from collections import deque
 
-from asgi_supervise import policy
+import psutil
+
+from asgi_supervise import logs, policy
 from asgi_supervise.process import State, Worker, spawn
 from asgi_supervise.settings import Settings
 from asgi_supervise.sockets import cleanup, describe
@@ -24,6 +27,8 @@ from asgi_supervise.sockets import cleanup, describe
 log = logging.getLogger("asgi_supervise.master")
 
 TICK = 0.25  # seconds between health checks when nothing else happens
+SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
+MIB = 1024 * 1024
 
 # Exit codes of the master (documented in README.md).
 EXIT_OK = 0  # drained cleanly
@@ -43,8 +48,15 @@ class Phase(enum.Enum):
 
 
 class Arbiter:
-    def __init__(self, settings: Settings, sockets: list[socket.socket], workers: int):
+    def __init__(
+        self,
+        settings: Settings,
+        sockets: list[socket.socket],
+        workers: int,
+        memory_limit: int | None = None,
+    ):
         self.settings = settings
+        self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
         self.sockets = sockets
         self.target = workers
         self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
@@ -53,6 +65,10 @@ class Arbiter:
         self.phase = Phase.RUNNING
         self.exit_code = EXIT_OK
         self.started = time.monotonic()
+        self.generation = 0  # SIGHUP bumps it; workers of older generations are replaced
+        self.reload_started: float | None = None
+        self.last_sample = 0.0
+        self.rng = random.Random()
         self._signals: deque[int] = deque()
         self._wake = asyncio.Event()
 
@@ -70,10 +86,12 @@ class Arbiter:
         return self.exit_code
 
     def supervise(self) -> None:
-        """One pass: collect the dead, kill the hung, fill the empty slots."""
+        """One pass: collect the dead, kill the hung, replace the due, fill the empty slots."""
         self.reap()
         self.check_timeouts()
         if self.phase is Phase.RUNNING:
+            self.sample()
+            self.replace_due_workers()
             self.fill_slots()
 
     async def drain(self) -> None:
@@ -137,13 +155,21 @@ class Arbiter:
 
     def fill_slots(self) -> None:
         now = time.monotonic()
-        occupied = {w.slot for w in self.live() if w.stop_reason is None}
+        occupied = {w.slot for w in self.live() if w.stop_reason is None or w.hold_slot}
         for slot, health in self.slots.items():
             if slot not in occupied and now >= health.not_before:
                 self.start_worker(slot)
 
     def start_worker(self, slot: int) -> Worker:
-        worker = spawn(slot, self.settings, self.sockets)
+        s = self.settings
+        worker = spawn(slot, s, self.sockets, self.generation)
+        worker.request_limit, worker.lifetime_limit = policy.worker_limits(
+            s.max_requests,
+            s.max_requests_jitter,
+            s.max_worker_lifetime,
+            s.max_worker_lifetime_jitter,
+            self.rng,
+        )
         self.workers[worker.pid] = worker
         loop = asyncio.get_running_loop()
         loop.add_reader(worker.control.fileno(), self.on_worker_message, worker)
@@ -238,6 +264,16 @@ class Arbiter:
                 "%s %s after draining %.2fs (%s)",
                 worker.tag(), worker.exit_status, took, worker.stop_reason, extra=extra,
             )  # fmt: skip
+            new = self.workers.get(worker.replaced_by or -1)
+            if new is not None:
+                log.info(
+                    "worker %d replaced (%s) in %.2fs: pid %d -> %d",
+                    worker.slot, worker.stop_reason, now - new.started, worker.pid, new.pid,
+                    extra=worker.extra("replaced", reason=worker.stop_reason, new_pid=new.pid),
+                )  # fmt: skip
+            return
+        if worker.ready_at is None and worker.replaces is not None:
+            self.replacement_failed(worker)
             return
         if worker.ready_at is None:
             self.boot_failed(worker)
@@ -255,20 +291,24 @@ class Arbiter:
             extra={**extra, "cause": cause, "respawn_delay_s": delay},
         )
 
-    def boot_failed(self, worker: Worker) -> None:
+    def report_boot_error(self, worker: Worker, attempt: str) -> str:
+        """Log why a worker failed to start: in full the first time, one line when repeated."""
         error = worker.boot_error or worker.failure or worker.exit_status or "unknown"
         headline = error.strip().splitlines()[-1] if error.strip() else error
-        repeated = error == self.boot.last_error
-        fatal = self.boot.failed(error)
-        attempt = f"{self.boot.failures}/{self.boot.limit}"
         extra = worker.extra("boot_failed", error=headline, attempt=attempt)
-        if repeated:
+        if error == self.boot.last_error:
             log.error("%s failed to start (%s): same error", worker.tag(), attempt, extra=extra)
         else:
             log.error("%s failed to start (%s):\n%s", worker.tag(), attempt, error, extra=extra)
-        if fatal:
+        self.boot.last_error = error
+        return headline
+
+    def boot_failed(self, worker: Worker) -> None:
+        attempt = f"{self.boot.failures + 1}/{self.boot.limit}"
+        headline = self.report_boot_error(worker, attempt)
+        if self.boot.failed(worker.boot_error):
             log.critical(
-                "giving up: %d workers in a row failed to start; last error: %s",
+                "giving up: %d workers in a row failed to start: %s",
                 self.boot.failures,
                 headline,
                 extra={"event": "boot_failure", "error": headline},
@@ -280,6 +320,118 @@ class Arbiter:
         delay = self.slots[worker.slot].crashed(now, 0.0, self.settings.restart_backoff_max)
         if delay:
             log.info("%s slot respawns in %.1fs", worker.tag(), delay)
+
+    def replacement_failed(self, worker: Worker) -> None:
+        """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
+        old = self.workers.get(worker.replaces or -1)
+        reason = self.due_reason(old) if old else None
+        if old is not None:
+            old.replaced_by = None
+        headline = self.report_boot_error(worker, f"replacing pid {worker.replaces}")
+        if reason == "reload":
+            for live in self.live():
+                live.generation = self.generation
+            self.finish_reload("aborted")
+            log.error(
+                "reload aborted: the new code failed to start (%s); the old workers keep serving",
+                headline,
+                extra={"event": "reload_aborted", "error": headline},
+            )
+            return
+        delay = self.slots[worker.slot].crashed(time.monotonic(), 0.0, 30.0)
+        log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
+
+    def sample(self) -> None:
+        """Once a second: RSS and CPU of every worker, and which ones are due for recycling."""
+        now = time.monotonic()
+        if now - self.last_sample < SAMPLE_INTERVAL:
+            return
+        self.last_sample = now
+        limit = self.settings.max_worker_memory
+        max_rss = None if limit is None else limit * MIB
+        for worker in self.live():
+            worker.sample(max_rss)
+            if worker.state is not State.READY or worker.recycle or worker.stop_reason:
+                continue
+            worker.recycle = policy.recycle_reason(
+                worker.requests,
+                worker.request_limit,
+                worker.uptime(now),
+                worker.lifetime_limit,
+                worker.memory_strikes,
+            )
+            if worker.recycle:
+                log.info(
+                    "%s due for recycling: %s (%d requests, %.0f MiB, up %.0fs)",
+                    worker.tag(), worker.recycle, worker.requests, worker.rss / MIB,
+                    worker.uptime(now), extra=worker.extra("recycle", reason=worker.recycle),
+                )  # fmt: skip
+
+    def due_reason(self, worker: Worker) -> str | None:
+        if worker.generation < self.generation:
+            return "reload"
+        return worker.recycle
+
+    def replace_due_workers(self) -> None:
+        """Replacement first: start the new worker, drain the old one once the new is ready."""
+        now = time.monotonic()
+        due = []
+        for worker in self.live():
+            reason = self.due_reason(worker)
+            if reason is None or worker.state is not State.READY or worker.stop_reason:
+                continue
+            if worker.replaced_by is None and now < self.slots[worker.slot].not_before:
+                continue  # its last replacement failed: back off
+            new = self.workers.get(worker.replaced_by or -1)
+            progress = None if new is None else new.state.value
+            due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
+        if not due:
+            if self.reload_started is not None and not self.replacements_booting():
+                self.finish_reload("completed")
+            return
+        room = policy.has_room(self.memory_used(), self.one_more_worker(), self.memory_limit)
+        steps = policy.plan_replacements(
+            due, self.replacements_booting(), self.settings.reload_surge, room
+        )
+        for step in steps:
+            old = self.workers[step.pid]
+            if step.action == "spawn":
+                new = self.start_worker(old.slot)
+                new.replaces, old.replaced_by = old.pid, new.pid
+            elif step.action == "stop":
+                self.stop_worker(old, step.reason, self.settings.graceful_timeout)
+            else:
+                log.warning(
+                    "%s: no memory for a replacement beside it (%d of %d MiB used): "
+                    "draining it first",
+                    old.tag(), self.memory_used() // MIB, (self.memory_limit or 0) // MIB,
+                    extra=old.extra("drain_first", reason=step.reason),
+                )  # fmt: skip
+                old.hold_slot = True
+                self.stop_worker(old, step.reason, self.settings.graceful_timeout)
+
+    def replacements_booting(self) -> int:
+        return sum(w.replaces is not None and w.state is State.BOOTING for w in self.live())
+
+    def memory_used(self) -> int:
+        return sum(w.rss for w in self.live()) + psutil.Process().memory_info().rss
+
+    def one_more_worker(self) -> int:
+        sampled = [w.rss for w in self.live() if w.rss]
+        return max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
+
+    def finish_reload(self, outcome: str) -> None:
+        if self.reload_started is None:
+            return
+        took = time.monotonic() - self.reload_started
+        self.reload_started = None
+        if outcome == "completed":
+            log.info(
+                "reload complete in %.2fs: %d workers on the new code",
+                took,
+                len(self.live()),
+                extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
+            )
 
     # --- signals --------------------------------------------------------------------------
 
@@ -326,6 +478,25 @@ class Arbiter:
         for worker in self.live():
             worker.kill_at = time.monotonic() + 2.0
             worker.send_signal(signal.SIGQUIT)
+
+    def handle_sighup(self) -> None:
+        if self.phase is not Phase.RUNNING:
+            return
+        self.generation += 1
+        restarting = self.reload_started is not None
+        self.reload_started = self.reload_started or time.monotonic()
+        log.info(
+            "SIGHUP: rolling reload%s, %d at a time",
+            " restarted from the current state" if restarting else "",
+            self.settings.reload_surge,
+            extra={"event": "reload", "generation": self.generation},
+        )
+
+    def handle_sigusr1(self) -> None:
+        logs.reopen()
+        for worker in self.live():
+            worker.send_signal(signal.SIGUSR1)
+        log.info("SIGUSR1: log files reopened", extra={"event": "reopen_logs"})
 
     def handle_sigttin(self) -> None:
         self.target += 1

@@ -10,6 +10,7 @@ import asyncio
 import difflib
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -111,23 +112,34 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def _emit(text: str) -> None:
+    """Print command output; a reader that stops early (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def show_config(loaded: sources.Loaded, as_json: bool) -> int:
     values = loaded.settings.model_dump(mode="json")
     rows = {name: (redact(name, values[name]), loaded.origin(name)) for name in FIELDS}
     if as_json:
         data = {n: {"value": v, "source": src} for n, (v, src) in rows.items()}
-        print(json.dumps({"profile": loaded.profile, "settings": data}, indent=2))
+        _emit(json.dumps({"profile": loaded.profile, "settings": data}, indent=2))
         return 0
     width = max(map(len, FIELDS))
-    print(f"# profile: {loaded.profile or '(none)'}")
+    lines = [f"# profile: {loaded.profile or '(none)'}"]
     for name, (value, origin) in rows.items():
-        print(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
+        lines.append(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
+    _emit("\n".join(lines))
     return 0
 
 
 def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
     plan = sizing.make_plan(loaded.settings)
-    print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
+    _emit(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
     return 0
 
 
@@ -142,8 +154,9 @@ def run(loaded: sources.Loaded) -> int:
             'or put app = "module:attribute" in asgi-supervise.toml'
         )
     apploader.check(settings.app, settings.app_dir)
-    logs.configure(settings.log_format, settings.log_level, settings.access_log)
-    plan = sizing.make_plan(settings)
+    logs.configure(settings.log_format, settings.log_level, settings.access_log, settings.log_file)
+    host = sizing.read_host()
+    plan = sizing.plan(settings, host)
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     try:
@@ -153,7 +166,8 @@ def run(loaded: sources.Loaded) -> int:
         return EXIT_USAGE
     if settings.reload:
         log.warning("--reload is not implemented yet: serving without watching files")
-    return asyncio.run(Arbiter(settings, sockets, plan.workers).run())
+    arbiter = Arbiter(settings, sockets, plan.workers, memory_limit=host.memory_limit)
+    return asyncio.run(arbiter.run())
 
 
 if __name__ == "__main__":

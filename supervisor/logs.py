@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.config
@@ -43,7 +44,9 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def dict_config(log_format: str, level: str, access_log: bool) -> dict[str, Any]:
+def dict_config(
+    log_format: str, level: str, access_log: bool, log_file: str | None = None
+) -> dict[str, Any]:
     """logging.config dict used by master and workers alike (uvicorn loggers included)."""
     level = "DEBUG" if level == "trace" else level.upper()
     formatter = (
@@ -74,8 +77,21 @@ def dict_config(log_format: str, level: str, access_log: bool) -> dict[str, Any]
     }
 
 
-def configure(log_format: str, level: str, access_log: bool = True) -> None:
-    logging.config.dictConfig(dict_config(log_format, level, access_log))
+def configure(
+    log_format: str, level: str, access_log: bool = True, log_file: str | None = None
+) -> None:
+    logging.config.dictConfig(dict_config(log_format, level, access_log, log_file))
+
+
+def reopen() -> None:
+    """Reopen every log file (after logrotate moved it): SIGUSR1."""
+    names = ["", "asgi_supervise", "uvicorn", "uvicorn.access", "uvicorn.error"]
+    handlers = {h for name in names for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock or contextlib.nullcontext():
+                handler.close()
+                handler.stream = handler._open()
 
 
 def say(message: str) -> None:

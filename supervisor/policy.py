@@ -5,6 +5,7 @@ Kept free of processes and clocks (time is passed in) so every rule is tested di
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 BACKOFF_BASE = 0.5  # seconds before the second respawn of a slot
@@ -59,3 +60,80 @@ class BootBudget:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+
+# --- recycling and rolling replacement -------------------------------------------------
+
+MEMORY_STRIKES = 3  # consecutive RSS samples over the limit before a worker is recycled
+
+
+def worker_limits(
+    max_requests: int | None,
+    requests_jitter: int,
+    max_lifetime: float | None,
+    lifetime_jitter: float,
+    rng: random.Random,
+) -> tuple[int | None, float | None]:
+    """Per-worker limits with jitter, drawn once at spawn so workers never recycle together."""
+    requests = None if max_requests is None else max_requests + rng.randint(0, requests_jitter)
+    lifetime = None if max_lifetime is None else max_lifetime + rng.uniform(0, lifetime_jitter)
+    return requests, lifetime
+
+
+def recycle_reason(
+    requests: int,
+    request_limit: int | None,
+    uptime: float,
+    lifetime_limit: float | None,
+    memory_strikes: int,
+) -> str | None:
+    """Why a healthy worker should be replaced now, if it should."""
+    if memory_strikes >= MEMORY_STRIKES:
+        return "memory"
+    if request_limit is not None and requests >= request_limit:
+        return "max-requests"
+    if lifetime_limit is not None and uptime >= lifetime_limit:
+        return "lifetime"
+    return None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the rolling planner needs to know about one serving worker that is due."""
+
+    pid: int
+    slot: int
+    reason: str  # reload, max-requests, memory, lifetime
+    replacement: str | None = None  # None, "booting" or "ready"
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # "spawn": start a replacement; "stop": drain the old one; "drain-first"
+    pid: int
+    reason: str
+
+
+def plan_replacements(
+    due: list[Candidate], booting: int, surge: int, room_for_one_more: bool
+) -> list[Step]:
+    """Replacement first, at most `surge` at a time, in slot order.
+
+    A due worker whose replacement is ready is drained; otherwise a replacement is started
+    while fewer than `surge` are booting. When the instance has no memory for one more
+    worker, the old one is drained first and its slot refilled after (it says so).
+    """
+    steps = []
+    for worker in sorted(due, key=lambda c: c.slot):
+        if worker.replacement == "ready":
+            steps.append(Step("stop", worker.pid, worker.reason))
+        elif worker.replacement is None and booting < surge:
+            action = "spawn" if room_for_one_more else "drain-first"
+            steps.append(Step(action, worker.pid, worker.reason))
+            booting += 1
+    return steps
+
+
+def has_room(used: int, one_more: int, limit: int | None) -> bool:
+    """Would one more worker fit under the instance's memory limit?"""
+    return limit is None or used + one_more <= limit

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from asgi_supervise.settings import Settings
 
 log = logging.getLogger("asgi_supervise.master")
@@ -29,8 +31,15 @@ class State(enum.StrEnum):
 class Worker:
     """One worker process as the master sees it. The master's table of these is the truth."""
 
-    def __init__(self, slot: int, process: subprocess.Popen[bytes], control: socket.socket):
+    def __init__(
+        self,
+        slot: int,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        generation: int = 0,
+    ):
         self.slot = slot
+        self.generation = generation  # bumped by SIGHUP: older generations get replaced
         self.process = process
         self.control = control
         self.state = State.BOOTING
@@ -45,6 +54,18 @@ class Worker:
         self.kill_at: float | None = None  # SIGKILL deadline once stopping
         self.stopping_since: float | None = None
         self.exit_status: str | None = None
+        # Replacement: a new worker `replaces` an old one, which is `replaced_by` it.
+        self.replaces: int | None = None
+        self.replaced_by: int | None = None
+        self.hold_slot = False  # draining first (no memory for two): keep the slot until gone
+        # Recycling inputs: limits drawn at spawn, samples taken by the master.
+        self.request_limit: int | None = None
+        self.lifetime_limit: float | None = None
+        self.recycle: str | None = None  # max-requests, memory, lifetime
+        self.memory_strikes = 0
+        self.rss = 0
+        self.cpu_percent = 0.0
+        self._ps: psutil.Process | None = None
 
     @property
     def pid(self) -> int:
@@ -67,6 +88,18 @@ class Worker:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+
+    def sample(self, max_rss: int | None) -> None:
+        """RSS and CPU via psutil; count consecutive samples over the memory limit."""
+        try:
+            self._ps = self._ps or psutil.Process(self.pid)
+            with self._ps.oneshot():
+                self.rss = self._ps.memory_info().rss
+                self.cpu_percent = self._ps.cpu_percent()
+        except psutil.Error:
+            return
+        over = max_rss is not None and self.rss > max_rss
+        self.memory_strikes = self.memory_strikes + 1 if over else 0
 
     def stop(self, reason: str, grace: float, sig: int = signal.SIGTERM) -> None:
         """Ask for a graceful drain; the master kills it if it is not gone by `grace`."""
@@ -126,7 +159,13 @@ class Worker:
             self.boot_error = str(message.get("error", "")).strip()
 
 
-def spawn(slot: int, settings: Settings, sockets: list[socket.socket]) -> Worker:
+def spawn(
+    slot: int,
+    settings: Settings,
+    sockets: list[socket.socket],
+    generation: int = 0,
+    env: dict[str, str] | None = None,
+) -> Worker:
     """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
 
     Exec (not fork): the master may hold threads and an event loop, and a fresh interpreter
@@ -141,11 +180,16 @@ def spawn(slot: int, settings: Settings, sockets: list[socket.socket]) -> Worker
         "--socket-fds", ",".join(map(str, fds)),
     ]  # fmt: skip
     try:
-        process = subprocess.Popen(command, pass_fds=[*fds, theirs.fileno()], process_group=0)
+        process = subprocess.Popen(
+            command,
+            pass_fds=[*fds, theirs.fileno()],
+            process_group=0,
+            env=None if env is None else {**os.environ, **env},
+        )
     finally:
         theirs.close()
     # The settings travel over the channel, never argv or environ: they may hold secrets.
     spec = {"master_pid": os.getpid(), "slot": slot, "settings": settings.model_dump(mode="json")}
     ours.sendall(json.dumps(spec).encode())
     ours.setblocking(False)
-    return Worker(slot, process, ours)
+    return Worker(slot, process, ours, generation)

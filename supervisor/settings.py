@@ -11,7 +11,8 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "ASGI_SUPERVISE_"
 
@@ -51,6 +52,23 @@ class Settings(BaseSettings):
     """Effective configuration of one asgi-supervise instance."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Validate only what it is given: `sources.py` reads the environment, once.
+
+        Left to itself pydantic-settings would read ``os.environ`` again on every
+        validation (in the master and in each worker), parse list variables as JSON and
+        fail with a message that names no variable, and ignore `sources.load(environ=...)`.
+        """
+        return (init_settings,)
 
     # --- application -------------------------------------------------------------------
     app: str | None = opt(None, "The ASGI app as module:attribute.", "app")
@@ -110,6 +128,9 @@ class Settings(BaseSettings):
         "text", "Log lines for humans or for collectors.", "logging"
     )
     access_log: bool = opt(True, "Log one line per request.", "logging")
+    log_file: str | None = opt(
+        None, "Append logs here instead of stderr; SIGUSR1 reopens it (logrotate).", "logging"
+    )
     use_colors: bool | None = opt(None, "Colour text logs (default: when a terminal).", "logging")
 
     # --- workers -------------------------------------------------------------------------
@@ -227,20 +248,33 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        # ctx["fields"] lets `sources.py` say where each of the clashing values came from.
         binds = [name for name in ("uds", "fd") if getattr(self, name) is not None]
         if len(binds) > 1:
-            raise ValueError("--uds and --fd are mutually exclusive: pick one socket")
+            raise _combination("--uds and --fd are mutually exclusive: pick one socket", *binds)
         if self.max_workers is not None and self.max_workers < self.min_workers:
-            raise ValueError(
-                f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})"
+            raise _combination(
+                f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})",
+                "max_workers",
+                "min_workers",
             )
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
-            raise ValueError("TLS needs both ssl_keyfile and ssl_certfile")
+            raise _combination(
+                "TLS needs both ssl_keyfile and ssl_certfile", "ssl_keyfile", "ssl_certfile"
+            )
         return self
 
 
+def _combination(message: str, *fields: str) -> PydanticCustomError:
+    """An error about settings that do not go together, naming the fields involved."""
+    # PydanticCustomError formats {placeholders} from ctx: keep literal braces out of it.
+    text = message.replace("{", "(").replace("}", ")")
+    return PydanticCustomError("settings_combination", text, {"fields": list(fields)})
+
+
 FIELDS = Settings.model_fields
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?P<tail>@)")
+# scheme://user:password@host, and scheme://:password@host (Redis URLs have no user).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)")
 
 
 def meta(name: str) -> dict[str, Any]:

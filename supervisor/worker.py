@@ -120,6 +120,7 @@ class WorkerServer(uvicorn.Server):
         self.master_pid = master_pid
         self.idle_grace = idle_grace
         self.draining = False
+        self.reopen_logs = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -131,6 +132,10 @@ class WorkerServer(uvicorn.Server):
         def stop_now(*_: Any) -> None:
             self.should_exit = self.force_exit = True
 
+        def reopen(*_: Any) -> None:
+            self.reopen_logs = True  # done from the loop, not inside a handler mid-write
+
+        signal.signal(signal.SIGUSR1, reopen)
         signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGQUIT, stop_now)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,6 +156,9 @@ class WorkerServer(uvicorn.Server):
         self.control.send("ready")
 
     async def on_tick(self, counter: int) -> bool:
+        if self.reopen_logs:
+            self.reopen_logs = False
+            logs.reopen()
         if counter % HEARTBEAT_TICKS == 0:
             state = self.server_state
             self.control.send(
@@ -205,7 +213,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=s.ws_per_message_deflate,
         lifespan=s.lifespan,
         env_file=s.env_file,
-        log_config=logs.dict_config(s.log_format, s.log_level, s.access_log),
+        log_config=logs.dict_config(s.log_format, s.log_level, s.access_log, s.log_file),
         log_level=s.log_level,
         access_log=s.access_log,
         use_colors=s.use_colors,
@@ -250,7 +258,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     faulthandler.enable()  # SIGABRT from the master's timeout shows where the loop was stuck
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without leaving a core file
     settings = Settings.model_validate(spec["settings"])
-    logs.configure(settings.log_format, settings.log_level, settings.access_log)
+    logs.configure(settings.log_format, settings.log_level, settings.access_log, settings.log_file)
 
     try:
         app = apploader.load(settings.app or "", settings.app_dir, settings.factory)

@@ -1,0 +1,128 @@
+"""Issue 5: rolling reload, recycling and scaling under keep-alive load, with zero failures."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from loadgen import Load
+
+from conftest import APPS, try_get, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}  # each reload must compile the file it sees
+
+
+def _no_failures(load: Load) -> None:
+    stats = load.stop()
+    assert stats.failed == 0, (stats.failures, stats.examples)
+    assert stats.ok > 100
+
+
+def test_sighup_under_load_replaces_every_worker_with_zero_failures(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    before = server.worker_pids()
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(150)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload complete" in server.log(), 20, "the reload to complete")
+        after = server.worker_pids()
+        served_before = load.stats.total
+        load.wait_for_requests(served_before + 150)
+        _no_failures(load)
+    assert len(after) == 2 and not after & before
+    # New workers took the traffic. (Which of them is the kernel's choice: accept wake-ups are
+    # LIFO, so a handful of reconnecting keep-alive clients may all land on one worker.)
+    assert set(load.stats.pids) & after
+    assert server.log().count("replaced (reload)") == 2
+
+
+def _app_in(tmp_path: Path) -> Path:
+    source = tmp_path / "liveapp.py"
+    shutil.copy(APPS / "testapp.py", source)
+    return source
+
+
+def test_reload_with_broken_new_code_keeps_old_workers_serving(supervisor, tmp_path):
+    source = _app_in(tmp_path)
+    server = supervisor(
+        "liveapp:app", "--workers", "2", "--app-dir", str(tmp_path), env=NO_BYTECODE
+    )
+    server.wait_ready(2)
+    before = server.worker_pids()
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(100)
+        source.write_text(source.read_text() + "\nraise RuntimeError('half-deployed release')\n")
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload aborted" in server.log(), 20, "the reload to be aborted")
+        load.wait_for_requests(load.stats.total + 150)
+        _no_failures(load)
+    assert server.worker_pids() == before
+    log = server.log()
+    assert "RuntimeError: half-deployed release" in log
+    assert "the old workers keep serving" in log
+
+    shutil.copy(APPS / "testapp.py", source)  # the fix is deployed: the next HUP works
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload complete" in server.log(), 20, "the fixed reload")
+    assert not server.worker_pids() & before
+
+
+def test_max_requests_recycles_under_load_with_zero_failures(supervisor):
+    server = supervisor("testapp:app", "--workers", "2", "--max-requests", "50")
+    server.wait_ready(2)
+    with Load(server.port, rate=150) as load:
+        wait_until(lambda: server.log().count("replaced (max-requests)") >= 4, 30, "4 recycles")
+        _no_failures(load)
+    assert len(load.stats.pids) >= 5
+    # Never more than workers + surge at once; back to 2 once the last replacement settles.
+    wait_until(lambda: len(server.worker_pids()) == 2, 10, "2 workers after recycling")
+
+
+def test_worker_over_memory_limit_is_recycled(supervisor):
+    server = supervisor("testapp:app", "--max-worker-memory", "150")
+    server.wait_ready(1)
+    (first,) = server.worker_pids()
+    assert server.get("/grow?mb=200")[0] == 200
+    wait_until(lambda: "replaced (memory)" in server.log(), 15, "the memory recycle")
+    log = server.log()
+    assert f"worker 1 (pid {first}) due for recycling: memory" in log
+    assert first not in server.worker_pids()
+    assert try_get(server.port, "/pid")
+
+
+def test_ttin_then_ttou_scale_with_zero_failures(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(100)
+        server.signal(signal.SIGTTIN)
+        wait_until(lambda: server.log().count(" ready in ") >= 3, 10, "a third worker")
+        wait_until(lambda: len(server.worker_pids()) == 3, 10, "3 workers")
+        load.wait_for_requests(load.stats.total + 100)
+        server.signal(signal.SIGTTOU)
+        wait_until(lambda: "scale-down" in server.log(), 10, "the scale-down")
+        wait_until(lambda: len(server.worker_pids()) == 2, 10, "back to 2 workers")
+        load.wait_for_requests(load.stats.total + 100)
+        _no_failures(load)
+
+
+def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    before = server.worker_pids()
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(100)
+        for _ in range(10):
+            server.signal(signal.SIGHUP)
+            time.sleep(0.5)  # the scenario itself: a HUP every half second
+        wait_until(lambda: server.log().count("reload complete") >= 1, 30, "the reloads to settle")
+        wait_until(lambda: len(server.worker_pids()) == 2, 10, "exactly 2 workers")
+        load.wait_for_requests(load.stats.total + 150)
+        _no_failures(load)
+    after = server.worker_pids()
+    assert len(after) == 2 and not after & before
