@@ -21,6 +21,7 @@ import psutil
 
 from asgi_supervise import logs, policy
 from asgi_supervise.process import State, Worker, spawn
+from asgi_supervise.reload import Watcher
 from asgi_supervise.settings import Settings
 from asgi_supervise.sockets import cleanup, describe
 
@@ -67,6 +68,8 @@ class Arbiter:
         self.started = time.monotonic()
         self.generation = 0  # SIGHUP bumps it; workers of older generations are replaced
         self.reload_started: float | None = None
+        self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
+        self.watcher: Watcher | None = None
         self.last_sample = 0.0
         self.rng = random.Random()
         self._signals: deque[int] = deque()
@@ -78,6 +81,9 @@ class Arbiter:
         self.install_signal_handlers()
         where = ", ".join(describe(s) for s in self.sockets)
         log.info("master %d serving %s with %d workers", os.getpid(), where, self.target)
+        if self.settings.reload:
+            self.watcher = Watcher(self.settings, self.files_changed)
+            self.watcher.start()
         while self.phase is Phase.RUNNING:
             self.supervise()
             await self.wait_for_event()
@@ -89,7 +95,7 @@ class Arbiter:
         """One pass: collect the dead, kill the hung, replace the due, fill the empty slots."""
         self.reap()
         self.check_timeouts()
-        if self.phase is Phase.RUNNING:
+        if self.phase is Phase.RUNNING and not self.waiting_for_fix:
             self.sample()
             self.replace_due_workers()
             self.fill_slots()
@@ -97,6 +103,8 @@ class Arbiter:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, kill what outlives the deadline."""
         started = time.monotonic()
+        if self.watcher is not None:
+            await self.watcher.stop()
         if self.phase is Phase.DRAINING and self.settings.drain_delay > 0:
             log.info(
                 "draining: not ready; serving %.1fs more while load balancers deregister",
@@ -306,7 +314,12 @@ class Arbiter:
     def boot_failed(self, worker: Worker) -> None:
         attempt = f"{self.boot.failures + 1}/{self.boot.limit}"
         headline = self.report_boot_error(worker, attempt)
-        if self.boot.failed(worker.boot_error):
+        fatal = self.boot.failed(worker.boot_error)
+        if fatal and self.settings.reload:
+            log.error("the app cannot start: waiting for a file change to try again")
+            self.waiting_for_fix = True
+            return
+        if fatal:
             log.critical(
                 "giving up: %d workers in a row failed to start: %s",
                 self.boot.failures,
@@ -480,17 +493,32 @@ class Arbiter:
             worker.send_signal(signal.SIGQUIT)
 
     def handle_sighup(self) -> None:
+        self.start_reload("SIGHUP")
+
+    def files_changed(self, paths: list[str]) -> None:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        if self.waiting_for_fix:
+            log.info("%s changed: trying to start again", shown)
+            self.waiting_for_fix = False
+            self.boot.succeeded()
+            return
+        self.start_reload(f"{shown} changed")
+
+    def start_reload(self, why: str) -> None:
+        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
         if self.phase is not Phase.RUNNING:
             return
         self.generation += 1
         restarting = self.reload_started is not None
         self.reload_started = self.reload_started or time.monotonic()
         log.info(
-            "SIGHUP: rolling reload%s, %d at a time",
+            "%s: rolling reload%s, %d at a time",
+            why,
             " restarted from the current state" if restarting else "",
             self.settings.reload_surge,
             extra={"event": "reload", "generation": self.generation},
         )
+        self._wake.set()
 
     def handle_sigusr1(self) -> None:
         logs.reopen()

@@ -164,8 +164,6 @@ def run(loaded: sources.Loaded) -> int:
     except BindError as exc:
         logs.say(str(exc))
         return EXIT_USAGE
-    if settings.reload:
-        log.warning("--reload is not implemented yet: serving without watching files")
     arbiter = Arbiter(settings, sockets, plan.workers, memory_limit=host.memory_limit)
     return asyncio.run(arbiter.run())
 

@@ -1,0 +1,89 @@
+"""Issue 7: --reload restarts on save, replacement first, never without a server."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import APPS, try_get, wait_until
+from loadgen import Load
+
+pytestmark = pytest.mark.timeout(60)
+ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _version_app(tmp_path: Path, version: str) -> Path:
+    source = tmp_path / "devapp.py"
+    text = (APPS / "testapp.py").read_text()
+    source.write_text(text.replace('os.environ.get("TESTAPP_VERSION", "1")', repr(version)))
+    return source
+
+
+def _version(server) -> str | None:
+    answer = try_get(server.port, "/version", timeout=1.0)
+    return answer[1] if answer and answer[0] == 200 else None
+
+
+def _start(supervisor, tmp_path: Path, *extra: str):
+    _version_app(tmp_path, "v1")
+    server = supervisor(
+        "devapp:app", "--reload", "--app-dir", str(tmp_path), "--reload-dir", str(tmp_path),
+        "--reload-delay", "0.1", *extra, env=ENV,
+    )  # fmt: skip
+    server.wait_ready(1)
+    wait_until(lambda: "watching" in server.log(), 5, "the watcher to start")
+    return server
+
+
+def test_editing_the_app_changes_the_response_within_two_seconds(supervisor, tmp_path):
+    server = _start(supervisor, tmp_path)
+    assert _version(server) == "v1"
+    _version_app(tmp_path, "v2")
+    saved = time.monotonic()
+    wait_until(lambda: _version(server) == "v2", 2.0, "the new version to answer")
+    assert time.monotonic() - saved < 2.0
+
+
+def test_syntax_error_keeps_the_old_version_serving_until_fixed(supervisor, tmp_path):
+    server = _start(supervisor, tmp_path)
+    source = tmp_path / "devapp.py"
+    with Load(server.port, rate=100, path="/version") as load:
+        load.wait_for_requests(50)
+        source.write_text(source.read_text() + "\ndef broken(:\n")
+        wait_until(lambda: "reload aborted" in server.log(), 10, "the broken reload to abort")
+        load.wait_for_requests(load.stats.total + 100)
+        stats = load.stop()
+    assert stats.failed == 0, (stats.failures, stats.examples)
+    assert _version(server) == "v1"
+    assert "SyntaxError" in server.log()
+    _version_app(tmp_path, "v3")
+    wait_until(lambda: _version(server) == "v3", 5, "the fixed version")
+
+
+def test_a_burst_of_saves_restarts_once_or_twice(supervisor, tmp_path):
+    server = _start(supervisor, tmp_path)
+    for i in range(20):
+        _version_app(tmp_path, f"burst-{i}")
+        time.sleep(0.01)  # the scenario: an editor saving 20 times in 0.2 s
+    wait_until(lambda: _version(server) == "burst-19", 5, "the last save to be served")
+
+    def settled() -> bool:
+        log = server.log()
+        return log.rfind("reload complete") > log.rfind("rolling reload")
+
+    wait_until(settled, 5, "the last reload that started to complete")
+    assert 1 <= server.log().count("rolling reload") <= 2
+
+
+def test_excluded_files_do_not_trigger_a_restart(supervisor, tmp_path):
+    server = _start(supervisor, tmp_path, "--reload-exclude", "ignored_*.py")
+    (tmp_path / "ignored_scratch.py").write_text("x = 1\n")
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "site.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("not python\n")
+    (tmp_path / "watched.py").write_text("x = 1\n")  # the control: this one must trigger
+    wait_until(lambda: "rolling reload" in server.log(), 5, "the watched file's reload")
+    reloads = [line for line in server.log().splitlines() if "rolling reload" in line]
+    assert len(reloads) == 1 and "watched.py changed" in reloads[0], reloads
