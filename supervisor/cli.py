@@ -154,9 +154,17 @@ def run(loaded: sources.Loaded) -> int:
             'or put app = "module:attribute" in asgi-supervise.toml'
         )
     apploader.check(settings.app, settings.app_dir)
-    logs.configure(settings.log_format, settings.log_level, settings.access_log, settings.log_file)
+    s = settings
+    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors)
     host = sizing.read_host()
     plan = sizing.plan(settings, host)
+    if not plan.forced:
+        limit = next((b for b in plan.budgets if b.name == plan.limited_by), None)
+        detail = f": {limit.detail}" if limit else ""
+        log.info(
+            "sizing: %d workers, limited by %s%s", plan.workers, plan.limited_by, detail,
+            extra={"event": "plan", "workers": plan.workers, "limited_by": plan.limited_by},
+        )  # fmt: skip
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     try:

@@ -8,7 +8,7 @@ import logging
 import logging.config
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] %(levelname)-7s %(message)s"
 # Attributes every LogRecord has; anything else was passed in `extra=` and is kept.
@@ -44,16 +44,39 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class ColourFormatter(logging.Formatter):
+    """Text lines with the level coloured, for a terminal (the dev profile)."""
+
+    COLOURS: ClassVar[dict[str, int]] = {
+        "DEBUG": 36,
+        "INFO": 32,
+        "WARNING": 33,
+        "ERROR": 31,
+        "CRITICAL": 41,
+    }
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        colour = self.COLOURS.get(record.levelname)
+        name = record.levelname
+        return line.replace(name, f"\x1b[{colour}m{name}\x1b[0m", 1) if colour else line
+
+
 def dict_config(
-    log_format: str, level: str, access_log: bool, log_file: str | None = None
+    log_format: str,
+    level: str,
+    access_log: bool,
+    log_file: str | None = None,
+    use_colors: bool | None = None,
 ) -> dict[str, Any]:
     """logging.config dict used by master and workers alike (uvicorn loggers included)."""
     level = "DEBUG" if level == "trace" else level.upper()
-    formatter = (
-        {"()": JSONFormatter}
-        if log_format == "json"
-        else {"format": TEXT_FORMAT, "datefmt": "%Y-%m-%d %H:%M:%S"}
-    )
+    colour = use_colors if use_colors is not None else (not log_file and sys.stderr.isatty())
+    formatter: dict[str, Any] = {"format": TEXT_FORMAT, "datefmt": "%Y-%m-%d %H:%M:%S"}
+    if log_format == "json":
+        formatter = {"()": JSONFormatter}
+    elif colour:
+        formatter["()"] = ColourFormatter
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "default",
@@ -78,9 +101,13 @@ def dict_config(
 
 
 def configure(
-    log_format: str, level: str, access_log: bool = True, log_file: str | None = None
+    log_format: str,
+    level: str,
+    access_log: bool = True,
+    log_file: str | None = None,
+    use_colors: bool | None = None,
 ) -> None:
-    logging.config.dictConfig(dict_config(log_format, level, access_log, log_file))
+    logging.config.dictConfig(dict_config(log_format, level, access_log, log_file, use_colors))
 
 
 def reopen() -> None:

@@ -213,7 +213,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=s.ws_per_message_deflate,
         lifespan=s.lifespan,
         env_file=s.env_file,
-        log_config=logs.dict_config(s.log_format, s.log_level, s.access_log, s.log_file),
+        log_config=logs.dict_config(
+            s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors
+        ),
         log_level=s.log_level,
         access_log=s.access_log,
         use_colors=s.use_colors,
@@ -258,7 +260,8 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     faulthandler.enable()  # SIGABRT from the master's timeout shows where the loop was stuck
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without leaving a core file
     settings = Settings.model_validate(spec["settings"])
-    logs.configure(settings.log_format, settings.log_level, settings.access_log, settings.log_file)
+    s = settings
+    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors)
 
     try:
         app = apploader.load(settings.app or "", settings.app_dir, settings.factory)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from conftest import APPS, try_get, wait_until
 from loadgen import Load
+
+from conftest import APPS, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 ENV = {"PYTHONDONTWRITEBYTECODE": "1"}
