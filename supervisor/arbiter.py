@@ -11,25 +11,21 @@ import contextlib
 import enum
 import logging
 import os
-import random
 import signal
 import socket
 import time
 from collections import deque
 
-import psutil
-
 from asgi_supervise import logs, policy
 from asgi_supervise.process import State, Worker, spawn
 from asgi_supervise.reload import Watcher
+from asgi_supervise.rolling import Rollout
 from asgi_supervise.settings import Settings
 from asgi_supervise.sockets import cleanup, describe
 
 log = logging.getLogger("asgi_supervise.master")
 
 TICK = 0.25  # seconds between health checks when nothing else happens
-SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
-MIB = 1024 * 1024
 
 # Exit codes of the master (documented in README.md).
 EXIT_OK = 0  # drained cleanly
@@ -57,7 +53,6 @@ class Arbiter:
         memory_limit: int | None = None,
     ):
         self.settings = settings
-        self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
         self.sockets = sockets
         self.target = workers
         self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
@@ -66,12 +61,9 @@ class Arbiter:
         self.phase = Phase.RUNNING
         self.exit_code = EXIT_OK
         self.started = time.monotonic()
-        self.generation = 0  # SIGHUP bumps it; workers of older generations are replaced
-        self.reload_started: float | None = None
         self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
         self.watcher: Watcher | None = None
-        self.last_sample = 0.0
-        self.rng = random.Random()
+        self.rollout = Rollout(self, settings, memory_limit)
         self._signals: deque[int] = deque()
         self._wake = asyncio.Event()
 
@@ -96,8 +88,8 @@ class Arbiter:
         self.reap()
         self.check_timeouts()
         if self.phase is Phase.RUNNING and not self.waiting_for_fix:
-            self.sample()
-            self.replace_due_workers()
+            self.rollout.sample()
+            self.rollout.step()
             self.fill_slots()
 
     async def drain(self) -> None:
@@ -143,6 +135,13 @@ class Arbiter:
             await self.wait_for_event(min(TICK, deadline - time.monotonic()))
             self.handle_signals()
 
+    @property
+    def running(self) -> bool:
+        return self.phase is Phase.RUNNING
+
+    def wake(self) -> None:
+        self._wake.set()
+
     def unclean(self) -> None:
         """Requests were cut; a boot failure's own code still wins."""
         if self.exit_code == EXIT_OK and self.phase is not Phase.RUNNING:
@@ -170,14 +169,8 @@ class Arbiter:
 
     def start_worker(self, slot: int) -> Worker:
         s = self.settings
-        worker = spawn(slot, s, self.sockets, self.generation)
-        worker.request_limit, worker.lifetime_limit = policy.worker_limits(
-            s.max_requests,
-            s.max_requests_jitter,
-            s.max_worker_lifetime,
-            s.max_worker_lifetime_jitter,
-            self.rng,
-        )
+        worker = spawn(slot, s, self.sockets, self.rollout.generation)
+        worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
         self.workers[worker.pid] = worker
         loop = asyncio.get_running_loop()
         loop.add_reader(worker.control.fileno(), self.on_worker_message, worker)
@@ -281,7 +274,7 @@ class Arbiter:
                 )  # fmt: skip
             return
         if worker.ready_at is None and worker.replaces is not None:
-            self.replacement_failed(worker)
+            self.rollout.failed(worker)
             return
         if worker.ready_at is None:
             self.boot_failed(worker)
@@ -334,118 +327,6 @@ class Arbiter:
         if delay:
             log.info("%s slot respawns in %.1fs", worker.tag(), delay)
 
-    def replacement_failed(self, worker: Worker) -> None:
-        """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
-        old = self.workers.get(worker.replaces or -1)
-        reason = self.due_reason(old) if old else None
-        if old is not None:
-            old.replaced_by = None
-        headline = self.report_boot_error(worker, f"replacing pid {worker.replaces}")
-        if reason == "reload":
-            for live in self.live():
-                live.generation = self.generation
-            self.finish_reload("aborted")
-            log.error(
-                "reload aborted: the new code failed to start (%s); the old workers keep serving",
-                headline,
-                extra={"event": "reload_aborted", "error": headline},
-            )
-            return
-        delay = self.slots[worker.slot].crashed(time.monotonic(), 0.0, 30.0)
-        log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
-
-    def sample(self) -> None:
-        """Once a second: RSS and CPU of every worker, and which ones are due for recycling."""
-        now = time.monotonic()
-        if now - self.last_sample < SAMPLE_INTERVAL:
-            return
-        self.last_sample = now
-        limit = self.settings.max_worker_memory
-        max_rss = None if limit is None else limit * MIB
-        for worker in self.live():
-            worker.sample(max_rss)
-            if worker.state is not State.READY or worker.recycle or worker.stop_reason:
-                continue
-            worker.recycle = policy.recycle_reason(
-                worker.requests,
-                worker.request_limit,
-                worker.uptime(now),
-                worker.lifetime_limit,
-                worker.memory_strikes,
-            )
-            if worker.recycle:
-                log.info(
-                    "%s due for recycling: %s (%d requests, %.0f MiB, up %.0fs)",
-                    worker.tag(), worker.recycle, worker.requests, worker.rss / MIB,
-                    worker.uptime(now), extra=worker.extra("recycle", reason=worker.recycle),
-                )  # fmt: skip
-
-    def due_reason(self, worker: Worker) -> str | None:
-        if worker.generation < self.generation:
-            return "reload"
-        return worker.recycle
-
-    def replace_due_workers(self) -> None:
-        """Replacement first: start the new worker, drain the old one once the new is ready."""
-        now = time.monotonic()
-        due = []
-        for worker in self.live():
-            reason = self.due_reason(worker)
-            if reason is None or worker.state is not State.READY or worker.stop_reason:
-                continue
-            if worker.replaced_by is None and now < self.slots[worker.slot].not_before:
-                continue  # its last replacement failed: back off
-            new = self.workers.get(worker.replaced_by or -1)
-            progress = None if new is None else new.state.value
-            due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
-        if not due:
-            if self.reload_started is not None and not self.replacements_booting():
-                self.finish_reload("completed")
-            return
-        room = policy.has_room(self.memory_used(), self.one_more_worker(), self.memory_limit)
-        steps = policy.plan_replacements(
-            due, self.replacements_booting(), self.settings.reload_surge, room
-        )
-        for step in steps:
-            old = self.workers[step.pid]
-            if step.action == "spawn":
-                new = self.start_worker(old.slot)
-                new.replaces, old.replaced_by = old.pid, new.pid
-            elif step.action == "stop":
-                self.stop_worker(old, step.reason, self.settings.graceful_timeout)
-            else:
-                log.warning(
-                    "%s: no memory for a replacement beside it (%d of %d MiB used): "
-                    "draining it first",
-                    old.tag(), self.memory_used() // MIB, (self.memory_limit or 0) // MIB,
-                    extra=old.extra("drain_first", reason=step.reason),
-                )  # fmt: skip
-                old.hold_slot = True
-                self.stop_worker(old, step.reason, self.settings.graceful_timeout)
-
-    def replacements_booting(self) -> int:
-        return sum(w.replaces is not None and w.state is State.BOOTING for w in self.live())
-
-    def memory_used(self) -> int:
-        return sum(w.rss for w in self.live()) + psutil.Process().memory_info().rss
-
-    def one_more_worker(self) -> int:
-        sampled = [w.rss for w in self.live() if w.rss]
-        return max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
-
-    def finish_reload(self, outcome: str) -> None:
-        if self.reload_started is None:
-            return
-        took = time.monotonic() - self.reload_started
-        self.reload_started = None
-        if outcome == "completed":
-            log.info(
-                "reload complete in %.2fs: %d workers on the new code",
-                took,
-                len(self.live()),
-                extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
-            )
-
     # --- signals --------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
@@ -493,7 +374,7 @@ class Arbiter:
             worker.send_signal(signal.SIGQUIT)
 
     def handle_sighup(self) -> None:
-        self.start_reload("SIGHUP")
+        self.rollout.start("SIGHUP")
 
     def files_changed(self, paths: list[str]) -> None:
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
@@ -502,23 +383,7 @@ class Arbiter:
             self.waiting_for_fix = False
             self.boot.succeeded()
             return
-        self.start_reload(f"{shown} changed")
-
-    def start_reload(self, why: str) -> None:
-        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
-        if self.phase is not Phase.RUNNING:
-            return
-        self.generation += 1
-        restarting = self.reload_started is not None
-        self.reload_started = self.reload_started or time.monotonic()
-        log.info(
-            "%s: rolling reload%s, %d at a time",
-            why,
-            " restarted from the current state" if restarting else "",
-            self.settings.reload_surge,
-            extra={"event": "reload", "generation": self.generation},
-        )
-        self._wake.set()
+        self.rollout.start(f"{shown} changed")
 
     def handle_sigusr1(self) -> None:
         logs.reopen()

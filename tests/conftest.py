@@ -19,6 +19,10 @@ import pytest
 
 APPS = Path(__file__).parent / "apps"
 REPO = Path(__file__).parent.parent
+# Every process the tests start inherits this, so the leak check recognises ours (masters,
+# workers, orphans) and never touches anyone else's servers on the machine.
+SESSION_MARKER = "SUPERVISE_TEST_SESSION"
+os.environ[SESSION_MARKER] = f"{os.getpid()}-{time.time_ns()}"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
@@ -180,10 +184,9 @@ def supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
 
 def _ours(proc: psutil.Process) -> bool:
     try:
-        cmdline = " ".join(proc.cmdline())
+        return proc.environ().get(SESSION_MARKER) == os.environ[SESSION_MARKER]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return "asgi_supervise" in cmdline or "asgi-supervise" in cmdline
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,179 @@
+"""Replacing workers while serving: rolling reloads and recycling, replacement first.
+
+A reload (SIGHUP or a file change) bumps the generation: every worker of an older one is
+due. Recycling marks a worker due by requests, memory or lifetime. Either way a new worker
+starts in the same slot and the old one drains only once the new one is ready; at most
+`--reload-surge` at a time (see `policy.plan_replacements`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from asgi_supervise import policy
+from asgi_supervise.process import State, Worker
+from asgi_supervise.settings import Settings
+
+if TYPE_CHECKING:
+    from asgi_supervise.arbiter import Arbiter
+
+log = logging.getLogger("asgi_supervise.master")
+
+SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
+MIB = 1024 * 1024
+
+
+class Rollout:
+    def __init__(self, arbiter: Arbiter, settings: Settings, memory_limit: int | None):
+        self.arbiter = arbiter
+        self.settings = settings
+        self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
+        self.generation = 0
+        self.reload_started: float | None = None
+        self.last_sample = 0.0
+        self.rng = random.Random()
+
+    @property
+    def in_progress(self) -> bool:
+        return self.reload_started is not None
+
+    def limits_for_new_worker(self) -> tuple[int | None, float | None]:
+        s = self.settings
+        return policy.worker_limits(
+            s.max_requests,
+            s.max_requests_jitter,
+            s.max_worker_lifetime,
+            s.max_worker_lifetime_jitter,
+            self.rng,
+        )
+
+    def failed(self, worker: Worker) -> None:
+        """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
+        old = self.arbiter.workers.get(worker.replaces or -1)
+        reason = self.due_reason(old) if old else None
+        if old is not None:
+            old.replaced_by = None
+        headline = self.arbiter.report_boot_error(worker, f"replacing pid {worker.replaces}")
+        if reason == "reload":
+            for live in self.arbiter.live():
+                live.generation = self.generation
+            self.finish("aborted")
+            log.error(
+                "reload aborted: the new code failed to start (%s); the old workers keep serving",
+                headline,
+                extra={"event": "reload_aborted", "error": headline},
+            )
+            return
+        delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, 30.0)
+        log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
+
+    def sample(self) -> None:
+        """Once a second: RSS and CPU of every worker, and which ones are due for recycling."""
+        now = time.monotonic()
+        if now - self.last_sample < SAMPLE_INTERVAL:
+            return
+        self.last_sample = now
+        limit = self.settings.max_worker_memory
+        max_rss = None if limit is None else limit * MIB
+        for worker in self.arbiter.live():
+            worker.sample(max_rss)
+            if worker.state is not State.READY or worker.recycle or worker.stop_reason:
+                continue
+            worker.recycle = policy.recycle_reason(
+                worker.requests,
+                worker.request_limit,
+                worker.uptime(now),
+                worker.lifetime_limit,
+                worker.memory_strikes,
+            )
+            if worker.recycle:
+                log.info(
+                    "%s due for recycling: %s (%d requests, %.0f MiB, up %.0fs)",
+                    worker.tag(), worker.recycle, worker.requests, worker.rss / MIB,
+                    worker.uptime(now), extra=worker.extra("recycle", reason=worker.recycle),
+                )  # fmt: skip
+
+    def due_reason(self, worker: Worker) -> str | None:
+        if worker.generation < self.generation:
+            return "reload"
+        return worker.recycle
+
+    def step(self) -> None:
+        """Replacement first: start the new worker, drain the old one once the new is ready."""
+        now = time.monotonic()
+        due = []
+        for worker in self.arbiter.live():
+            reason = self.due_reason(worker)
+            if reason is None or worker.state is not State.READY or worker.stop_reason:
+                continue
+            if worker.replaced_by is None and now < self.arbiter.slots[worker.slot].not_before:
+                continue  # its last replacement failed: back off
+            new = self.arbiter.workers.get(worker.replaced_by or -1)
+            progress = None if new is None else new.state.value
+            due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
+        if not due:
+            if self.reload_started is not None and not self.booting():
+                self.finish("completed")
+            return
+        room = policy.has_room(self.memory_used(), self.one_more_worker(), self.memory_limit)
+        steps = policy.plan_replacements(due, self.booting(), self.settings.reload_surge, room)
+        for step in steps:
+            old = self.arbiter.workers[step.pid]
+            if step.action == "spawn":
+                new = self.arbiter.start_worker(old.slot)
+                new.replaces, old.replaced_by = old.pid, new.pid
+            elif step.action == "stop":
+                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+            else:
+                log.warning(
+                    "%s: no memory for a replacement beside it (%d of %d MiB used): "
+                    "draining it first",
+                    old.tag(), self.memory_used() // MIB, (self.memory_limit or 0) // MIB,
+                    extra=old.extra("drain_first", reason=step.reason),
+                )  # fmt: skip
+                old.hold_slot = True
+                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+
+    def booting(self) -> int:
+        return sum(w.replaces is not None and w.state is State.BOOTING for w in self.arbiter.live())
+
+    def memory_used(self) -> int:
+        return sum(w.rss for w in self.arbiter.live()) + psutil.Process().memory_info().rss
+
+    def one_more_worker(self) -> int:
+        sampled = [w.rss for w in self.arbiter.live() if w.rss]
+        return max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
+
+    def finish(self, outcome: str) -> None:
+        if self.reload_started is None:
+            return
+        took = time.monotonic() - self.reload_started
+        self.reload_started = None
+        if outcome == "completed":
+            log.info(
+                "reload complete in %.2fs: %d workers on the new code",
+                took,
+                len(self.arbiter.live()),
+                extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
+            )
+
+    def start(self, why: str) -> None:
+        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
+        if not self.arbiter.running:
+            return
+        self.generation += 1
+        restarting = self.reload_started is not None
+        self.reload_started = self.reload_started or time.monotonic()
+        log.info(
+            "%s: rolling reload%s, %d at a time",
+            why,
+            " restarted from the current state" if restarting else "",
+            self.settings.reload_surge,
+            extra={"event": "reload", "generation": self.generation},
+        )
+        self.arbiter.wake()
