@@ -17,6 +17,7 @@ import time
 from collections import deque
 
 from asgi_supervise import logs, policy
+from asgi_supervise.notify import Notifier
 from asgi_supervise.process import State, Worker, spawn
 from asgi_supervise.reload import Watcher
 from asgi_supervise.rolling import Rollout
@@ -64,6 +65,8 @@ class Arbiter:
         self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
         self.watcher: Watcher | None = None
         self.rollout = Rollout(self, settings, memory_limit)
+        self.notify = Notifier()
+        self.announced_ready = False
         self._signals: deque[int] = deque()
         self._wake = asyncio.Event()
 
@@ -87,6 +90,7 @@ class Arbiter:
         """One pass: collect the dead, kill the hung, replace the due, fill the empty slots."""
         self.reap()
         self.check_timeouts()
+        self.notify.watchdog(time.monotonic())
         if self.phase is Phase.RUNNING and not self.waiting_for_fix:
             self.rollout.sample()
             self.rollout.step()
@@ -95,6 +99,7 @@ class Arbiter:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, kill what outlives the deadline."""
         started = time.monotonic()
+        self.notify.stopping()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.phase is Phase.DRAINING and self.settings.drain_delay > 0:
@@ -192,6 +197,9 @@ class Arbiter:
             log.info(
                 "%s ready in %.2fs", worker.tag(), took, extra=worker.extra("ready", boot_s=took)
             )
+            if not self.announced_ready and self.ready_count() >= self.target:
+                self.announced_ready = True
+                self.notify.ready(f"serving with {self.target} workers")
         if changed:
             self._wake.set()
 

@@ -154,6 +154,7 @@ class Rollout:
             return
         took = time.monotonic() - self.reload_started
         self.reload_started = None
+        self.arbiter.notify.ready(f"serving with {len(self.arbiter.live())} workers ({outcome})")
         if outcome == "completed":
             log.info(
                 "reload complete in %.2fs: %d workers on the new code",
@@ -169,6 +170,7 @@ class Rollout:
         self.generation += 1
         restarting = self.reload_started is not None
         self.reload_started = self.reload_started or time.monotonic()
+        self.arbiter.notify.reloading()
         log.info(
             "%s: rolling reload%s, %d at a time",
             why,

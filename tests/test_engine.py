@@ -312,3 +312,24 @@ def test_inherited_listening_fd(supervisor):
     wait_until(lambda: try_get(port, "/pid"), 15, f"serving on the inherited fd\n{server.log()}")
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
+
+
+def test_systemd_notify_ready_reloading_stopping(supervisor, tmp_path: Path):
+    """Type=notify-reload: systemd hears when we serve, reload and drain, over its socket."""
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(10)
+    try:
+        server = supervisor("testapp:app", "--workers", "2", env={"NOTIFY_SOCKET": address})
+        ready = listener.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=serving with 2 workers")
+        assert server.log().count(" ready in ") == 2  # only once both workers are ready
+        server.signal(signal.SIGHUP)
+        assert listener.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert listener.recv(4096).decode().startswith("READY=1")
+        server.signal(signal.SIGTERM)
+        assert listener.recv(4096).decode().startswith("STOPPING=1")
+        assert server.wait_exit() == 0
+    finally:
+        listener.close()
