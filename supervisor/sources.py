@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from asgi_supervise.profiles import ProfileError, find_profile
-from asgi_supervise.settings import ENV_PREFIX, FIELDS, Settings
+from asgi_supervise.settings import ENV_PREFIX, FIELDS, Settings, redact
 
 CONFIG_FILE = "asgi-supervise.toml"
 PYPROJECT_TABLE = ("tool", "asgi-supervise")
@@ -37,7 +37,7 @@ class Layer:
     profile: Any = None  # a config file may choose its profile: `profile = "prod"`
 
     def describe(self, name: str) -> str:
-        return f"{self.spell(name)}={self.values[name]!r} ({self.where})"
+        return f"{self.spell(name)}={redact(name, self.values[name])!r} ({self.where})"
 
 
 @dataclass(frozen=True)
@@ -87,22 +87,33 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
-def profile_layer(name: str) -> Layer:
+def profile_layer(name: str, chosen_by: str = "") -> Layer:
+    """A built-in profile or a profile file; `chosen_by` says who asked for it, for errors."""
+    chosen_by = chosen_by or f"--profile={name!r} (command line)"
     try:
         path = find_profile(name)
     except ProfileError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{chosen_by}: {exc}") from None
     table = read_toml(path, "profile")
     return _table_layer("profile", f"profile {name}", table)
 
 
-def file_layer(explicit: str | None, cwd: Path) -> Layer | None:
+def file_layer(explicit: str | None, cwd: Path, chosen_by: str = "") -> Layer | None:
     """--config FILE, else asgi-supervise.toml, else [tool.asgi-supervise] in pyproject."""
     if explicit:
+        chosen_by = chosen_by or f"--config={explicit!r} (command line)"
         path = Path(explicit)
-        return _table_layer("file", str(path), read_toml(path, "config file"))
+        if not path.is_absolute():
+            path = cwd / path
+        if not path.exists():
+            raise ConfigError(f"{chosen_by}: config file {explicit} does not exist")
+        return _table_layer("file", explicit, read_toml(path, "config file"))
     path = cwd / CONFIG_FILE
     if path.is_file():
         return _table_layer("file", CONFIG_FILE, read_toml(path, "config file"))
@@ -142,8 +153,12 @@ def web_concurrency_layer(environ: Mapping[str, str]) -> Layer:
     return Layer("env", "environment", values, spell=lambda n: "WEB_CONCURRENCY")
 
 
+def _flag_name(name: str) -> str:
+    return "APP" if name == "app" else "--" + _kebab(name)  # the app is positional
+
+
 def flag_layer(values: dict[str, Any]) -> Layer:
-    return Layer("flag", "command line", values, spell=lambda n: "--" + _kebab(n))
+    return Layer("flag", "command line", values, spell=_flag_name)
 
 
 def _expected(schema: dict[str, Any]) -> str:
@@ -171,23 +186,42 @@ def _expected(schema: dict[str, Any]) -> str:
     return noun + (" " + " and ".join(bounds) if bounds else "")
 
 
+def _describe(name: str, origins: dict[str, Layer | None]) -> str:
+    """`--port='70000' (command line)`, or the default when no layer set it."""
+    layer = origins.get(name)
+    if layer is not None:
+        return layer.describe(name)
+    default = FIELDS[name].default
+    return f"{name} not set" if default is None else f"{name}={default!r} (default)"
+
+
 def _explain(exc: ValidationError, origins: dict[str, Layer | None]) -> str:
     properties = Settings.model_json_schema()["properties"]
     messages = []
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
-        if name not in FIELDS:  # a whole-model rule: the message says it all
-            messages.append(str(error["msg"]).removeprefix("Value error, "))
-            continue
-        layer = origins.get(name)
-        where = layer.describe(name) if layer else f"{name} (default)"
-        messages.append(f"{where}: expected {_expected(properties[name])}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if name not in FIELDS:  # a whole-model rule: say where each clashing value came from
+            involved = (error.get("ctx") or {}).get("fields") or []
+            got = " and ".join(_describe(n, origins) for n in involved if n in FIELDS)
+            messages.append(f"{message}; got {got}" if got else message)
+        elif error["type"] == "value_error":  # a field's own check explains itself
+            messages.append(f"{_describe(name, origins)}: {message}")
+        else:
+            expected = _expected(properties[name])
+            messages.append(f"{_describe(name, origins)}: expected {expected}")
     return "; ".join(dict.fromkeys(messages))
 
 
 def _check_conflicts(origins: dict[str, Layer | None]) -> None:
-    """Options that make no sense together when the user set both."""
-    explicit = {name for name, layer in origins.items() if layer is not None}
+    """Options that make no sense together when the user set both.
+
+    A profile is a preset, not a choice: `--profile container --uds /run/app.sock` means
+    "the container settings, on this socket", not a clash with the profile's host.
+    """
+    explicit = {
+        name for name, layer in origins.items() if layer is not None and layer.source != "profile"
+    }
     for socket_opt in ("uds", "fd"):
         for other in ("host", "port"):
             if socket_opt in explicit and other in explicit:
@@ -210,15 +244,22 @@ def load(
     """Merge every layer, validate once, and keep where each value came from."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
-    file = file_layer(config_file or environ.get(ENV_PREFIX + "CONFIG"), cwd)
-    profile = profile or environ.get(ENV_PREFIX + "PROFILE")
-    if profile is None and file is not None and file.profile is not None:
-        if not isinstance(file.profile, str):
+    config_by = ""  # who chose the config file and the profile, for error messages
+    if not config_file and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = environ[ENV_PREFIX + "CONFIG"]
+        config_by = f"{ENV_PREFIX}CONFIG={config_file!r} (environment)"
+    file = file_layer(config_file, cwd, config_by)
+    profile_by = ""
+    if not profile and environ.get(ENV_PREFIX + "PROFILE"):
+        profile = environ[ENV_PREFIX + "PROFILE"]
+        profile_by = f"{ENV_PREFIX}PROFILE={profile!r} (environment)"
+    if not profile and file is not None and file.profile is not None:
+        if not isinstance(file.profile, str) or not file.profile:
             raise ConfigError(f"profile={file.profile!r} ({file.where}): expected a profile name")
-        profile = file.profile
+        profile, profile_by = file.profile, f"profile={file.profile!r} ({file.where})"
 
     layers = [
-        profile_layer(profile) if profile else None,
+        profile_layer(profile, profile_by) if profile else None,
         file,
         web_concurrency_layer(environ),
         env_layer(environ),

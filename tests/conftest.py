@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ import pytest
 
 APPS = Path(__file__).parent / "apps"
 REPO = Path(__file__).parent.parent
-# Every process the tests start inherits this, so the leak check recognises ours (masters,
-# workers, orphans) and never touches anyone else's servers on the machine.
-SESSION_MARKER = "SUPERVISE_TEST_SESSION"
-os.environ[SESSION_MARKER] = f"{os.getpid()}-{time.time_ns()}"
+# Every process a test starts inherits this per-test token (run_cli and Supervisor copy
+# os.environ; workers inherit the master's), so the leak check recognises that test's
+# masters, workers and orphans, and never touches anyone else's servers on the machine.
+OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
@@ -182,29 +183,22 @@ def supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
         server.stop()
 
 
-def _ours(proc: psutil.Process) -> bool:
-    try:
-        return proc.environ().get(SESSION_MARKER) == os.environ[SESSION_MARKER]
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
 @pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
-    """Fail any test that leaves a master or worker running; end those by PID."""
-    me = os.getpid()
-    before = {p.pid for p in psutil.process_iter() if _ours(p)}
+def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any test that leaves a process it started running; end those by PID."""
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    monkeypatch.setenv(OWNER, token)
     yield
 
     def leftovers() -> list[psutil.Process]:
         found = []
         for proc in psutil.process_iter():
-            if proc.pid in before or proc.pid == me or not _ours(proc):
-                continue
             try:
-                if proc.status() != psutil.STATUS_ZOMBIE:
+                if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if proc.environ().get(OWNER) == token:
                     found.append(proc)
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 pass
         return found
 
