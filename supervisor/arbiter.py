@@ -15,14 +15,19 @@ import signal
 import socket
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from asgi_supervise import logs, policy
 from asgi_supervise.notify import Notifier
+from asgi_supervise.observe import Observability
 from asgi_supervise.process import State, Worker, spawn
-from asgi_supervise.reload import Watcher
 from asgi_supervise.rolling import Rollout
 from asgi_supervise.settings import Settings
+from asgi_supervise.sizing import Plan
 from asgi_supervise.sockets import cleanup, describe
+
+if TYPE_CHECKING:
+    from asgi_supervise.reload import Watcher
 
 log = logging.getLogger("asgi_supervise.master")
 
@@ -31,6 +36,7 @@ TICK = 0.25  # seconds between health checks when nothing else happens
 # Exit codes of the master (documented in README.md).
 EXIT_OK = 0  # drained cleanly
 EXIT_UNCLEAN = 1  # forced stop, or workers killed at the graceful timeout
+EXIT_USAGE = 2  # bad configuration found late: the metrics port is taken
 EXIT_BOOT_FAILURE = 3  # the app could not start: import error, lifespan failure, ...
 
 HANDLED_SIGNALS = (
@@ -50,12 +56,12 @@ class Arbiter:
         self,
         settings: Settings,
         sockets: list[socket.socket],
-        workers: int,
+        plan: Plan,
         memory_limit: int | None = None,
     ):
         self.settings = settings
         self.sockets = sockets
-        self.target = workers
+        self.target = workers = plan.workers
         self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
         self.slots = {slot: policy.SlotHealth() for slot in range(1, workers + 1)}
         self.boot = policy.BootBudget(settings.boot_failure_limit)
@@ -66,6 +72,7 @@ class Arbiter:
         self.watcher: Watcher | None = None
         self.rollout = Rollout(self, settings, memory_limit)
         self.notify = Notifier()
+        self.observe = Observability(settings, plan)
         self.announced_ready = False
         self._signals: deque[int] = deque()
         self._wake = asyncio.Event()
@@ -75,8 +82,16 @@ class Arbiter:
     async def run(self) -> int:
         self.install_signal_handlers()
         where = ", ".join(describe(s) for s in self.sockets)
+        try:
+            await self.observe.start(self)
+        except OSError as exc:
+            logs.say(str(exc))
+            cleanup(self.sockets)
+            return EXIT_USAGE
         log.info("master %d serving %s with %d workers", os.getpid(), where, self.target)
         if self.settings.reload:
+            from asgi_supervise.reload import Watcher  # watchfiles only when watching
+
             self.watcher = Watcher(self.settings, self.files_changed)
             self.watcher.start()
         while self.phase is Phase.RUNNING:
@@ -92,7 +107,9 @@ class Arbiter:
         self.check_timeouts()
         self.notify.watchdog(time.monotonic())
         if self.phase is Phase.RUNNING and not self.waiting_for_fix:
-            self.rollout.sample()
+            if self.rollout.sample():
+                self.observe.sampled(self.live())
+            self.rollout.mark_recycling()
             self.rollout.step()
             self.fill_slots()
 
@@ -100,6 +117,7 @@ class Arbiter:
         """Stop accepting, let in-flight requests finish, kill what outlives the deadline."""
         started = time.monotonic()
         self.notify.stopping()
+        self.observe.draining()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.phase is Phase.DRAINING and self.settings.drain_delay > 0:
@@ -124,10 +142,13 @@ class Arbiter:
         outcome = {EXIT_OK: "cleanly", EXIT_BOOT_FAILURE: "(app failed to start)"}.get(
             self.exit_code, "uncleanly"
         )
+        took = time.monotonic() - started
+        self.observe.drained(took)
+        await self.observe.stop()
         log.info(
             "master stopped %s in %.2fs",
             outcome,
-            time.monotonic() - started,
+            took,
             extra={"event": "stopped", "exit_code": self.exit_code},
         )
 
@@ -174,7 +195,10 @@ class Arbiter:
 
     def start_worker(self, slot: int) -> Worker:
         s = self.settings
-        worker = spawn(slot, s, self.sockets, self.rollout.generation)
+        worker = spawn(
+            slot, s, self.sockets, self.rollout.generation, self.observe.worker_environ()
+        )
+        self.observe.worker_started(worker)
         worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
         self.workers[worker.pid] = worker
         loop = asyncio.get_running_loop()
@@ -197,6 +221,7 @@ class Arbiter:
             log.info(
                 "%s ready in %.2fs", worker.tag(), took, extra=worker.extra("ready", boot_s=took)
             )
+            self.observe.worker_ready(worker, took)
             if not self.announced_ready and self.ready_count() >= self.target:
                 self.announced_ready = True
                 self.notify.ready(f"serving with {self.target} workers")
@@ -259,6 +284,7 @@ class Arbiter:
             worker.control.close()
             worker.exited(status)
             del self.workers[pid]
+            self.observe.worker_exited(worker)
             self.worker_exited(worker)
 
     def worker_exited(self, worker: Worker) -> None:
@@ -412,6 +438,7 @@ class Arbiter:
             return
         slot = max(self.slots)
         del self.slots[slot]
+        self.observe.slot_removed(slot)
         self.target -= 1
         log.info(
             "SIGTTOU: %d workers", self.target, extra={"event": "scale", "workers": self.target}

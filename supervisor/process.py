@@ -28,6 +28,9 @@ class State(enum.StrEnum):
     EXITED = "exited"
 
 
+_STOP_REASONS = {"max-requests": "requests", "scale-down": "scale"}
+
+
 class Worker:
     """One worker process as the master sees it. The master's table of these is the truth."""
 
@@ -74,6 +77,17 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self.state is not State.EXITED
+
+    @property
+    def exit_reason(self) -> str:
+        """Why it is gone, in the vocabulary of the restart metrics."""
+        if self.stop_reason is not None:
+            return _STOP_REASONS.get(self.stop_reason, self.stop_reason)
+        if self.ready_at is None:
+            return "boot-failure"
+        if self.failure is not None:
+            return "timeout"
+        return "crash"
 
     def uptime(self, now: float) -> float:
         return now - (self.ready_at or self.started)

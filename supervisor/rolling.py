@@ -72,16 +72,22 @@ class Rollout:
         delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, 30.0)
         log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
 
-    def sample(self) -> None:
-        """Once a second: RSS and CPU of every worker, and which ones are due for recycling."""
+    def sample(self) -> bool:
+        """Once a second: RSS and CPU of every worker (memory strikes come from these)."""
         now = time.monotonic()
         if now - self.last_sample < SAMPLE_INTERVAL:
-            return
+            return False
         self.last_sample = now
         limit = self.settings.max_worker_memory
         max_rss = None if limit is None else limit * MIB
         for worker in self.arbiter.live():
             worker.sample(max_rss)
+        return True
+
+    def mark_recycling(self) -> None:
+        """Every pass (request counts arrive with each heartbeat): who is due, and why."""
+        now = time.monotonic()
+        for worker in self.arbiter.live():
             if worker.state is not State.READY or worker.recycle or worker.stop_reason:
                 continue
             worker.recycle = policy.recycle_reason(
@@ -117,7 +123,7 @@ class Rollout:
             progress = None if new is None else new.state.value
             due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
         if not due:
-            if self.reload_started is not None and not self.booting():
+            if self.reload_started is not None and not self.old_generation_alive():
                 self.finish("completed")
             return
         room = policy.has_room(self.memory_used(), self.one_more_worker(), self.memory_limit)
@@ -139,6 +145,10 @@ class Rollout:
                 old.hold_slot = True
                 self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
 
+    def old_generation_alive(self) -> bool:
+        """A reload is complete once the last old worker has drained and exited."""
+        return any(w.generation < self.generation for w in self.arbiter.live())
+
     def booting(self) -> int:
         return sum(w.replaces is not None and w.state is State.BOOTING for w in self.arbiter.live())
 
@@ -154,12 +164,13 @@ class Rollout:
             return
         took = time.monotonic() - self.reload_started
         self.reload_started = None
-        self.arbiter.notify.ready(f"serving with {len(self.arbiter.live())} workers ({outcome})")
+        self.arbiter.observe.reload_finished(took, outcome)
+        self.arbiter.notify.ready(f"serving with {self.arbiter.target} workers ({outcome})")
         if outcome == "completed":
             log.info(
                 "reload complete in %.2fs: %d workers on the new code",
                 took,
-                len(self.arbiter.live()),
+                sum(w.generation == self.generation for w in self.arbiter.live()),
                 extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
             )
 

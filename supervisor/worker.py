@@ -23,13 +23,16 @@ import socket
 import sys
 import traceback
 from collections.abc import Generator
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from asgi_supervise import apploader, logs
-from asgi_supervise.settings import Settings
+
+if TYPE_CHECKING:
+    from asgi_supervise.settings import Settings
 
 BOOT_FAILURE = 3  # exit code of a worker that never became ready
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
@@ -121,6 +124,7 @@ class WorkerServer(uvicorn.Server):
         self.idle_grace = idle_grace
         self.draining = False
         self.reopen_logs = False
+        self.request_metrics: Any = None  # metrics.RequestMetrics when --metrics is on
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -160,6 +164,8 @@ class WorkerServer(uvicorn.Server):
             self.reopen_logs = False
             logs.reopen()
         if counter % HEARTBEAT_TICKS == 0:
+            if self.request_metrics is not None:
+                self.request_metrics.flush()
             state = self.server_state
             self.control.send(
                 "beat", requests=state.total_requests, connections=len(state.connections)
@@ -191,6 +197,8 @@ class WorkerServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         while self.server_state.tasks and not self.force_exit:
             await asyncio.sleep(0.05)
+        if self.request_metrics is not None:
+            self.request_metrics.flush()
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -259,7 +267,8 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     _die_with_master(spec["master_pid"])
     faulthandler.enable()  # SIGABRT from the master's timeout shows where the loop was stuck
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without leaving a core file
-    settings = Settings.model_validate(spec["settings"])
+    # Validated by the master already: plain values keep pydantic (and ~20 MB) out of workers.
+    settings = cast("Settings", SimpleNamespace(**spec["settings"]))
     s = settings
     logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors)
 
@@ -274,7 +283,12 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
         _boot_error(control, "config", exc)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, spec["master_pid"], idle_grace)
-    config.loaded_app = DrainAware(config.loaded_app, server)
+    app = config.loaded_app
+    if settings.metrics and settings.request_metrics:
+        from asgi_supervise.metrics import RequestMetrics  # after PROMETHEUS_MULTIPROC_DIR
+
+        app = server.request_metrics = RequestMetrics(app)
+    config.loaded_app = DrainAware(app, server)
     server.run(sockets=listeners)
 
 
