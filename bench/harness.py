@@ -1,0 +1,423 @@
+"""The pieces every scenario uses: the server under test, an HTTP client, open-loop load.
+
+Rules kept everywhere: every loop is bounded in count and in time, and only processes this
+harness started are signalled, by PID, after checking the PID still names the same process
+(its create_time). Nothing here uses pkill/killall or process names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+HOST = "127.0.0.1"
+MB = 1024 * 1024
+LOGS: list[str] = []  # every server log of this process, newest last (run.py records them)
+
+
+# --- the server under test -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server process tree, started from a command template.
+
+    The template is split with shlex and exec'd without a shell, so the process started is
+    the master. It runs in bench/ with bench/ on PYTHONPATH (so `apps.hello:app` imports)
+    and the harness interpreter's bin/ first on PATH (so `uvicorn`, `gunicorn` and
+    `asgi-supervise` are this venv's). A thread polls the tree every `poll` seconds and
+    remembers each process once: pid -> (create_time, first seen).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        template: str,
+        app: str,
+        workers: int,
+        log_dir: str,
+        poll: float = 0.05,
+        **extra: Any,
+    ):
+        self.name = name
+        self.port = free_port()
+        values = {"app": app, "host": HOST, "port": self.port, "workers": workers, **extra}
+        cmd = template
+        for key, value in values.items():
+            cmd = cmd.replace("{" + key + "}", str(value))
+        self.cmd = cmd
+        self.poll = poll
+        self.log_path = os.path.join(log_dir, f"{name}-{self.port}.log")
+        self.known: dict[int, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.t_start = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Server:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env["PYTHONPATH"] = BENCH
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.t_start = time.monotonic()
+            self.proc = subprocess.Popen(
+                shlex.split(self.cmd),
+                cwd=BENCH,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.remember([self.pid])
+        LOGS.append(self.log_path)
+        threading.Thread(target=self._track, daemon=True).start()
+        return self
+
+    def remember(self, pids: list[int]) -> None:
+        now = time.monotonic()
+        for pid in pids:
+            with self.lock:
+                if pid in self.known:
+                    continue
+            try:
+                created = psutil.Process(pid).create_time()
+            except psutil.Error:
+                continue
+            with self.lock:
+                self.known.setdefault(pid, (created, now))
+
+    def tree(self) -> list[int]:
+        """The live descendants of the master (recorded as seen)."""
+        try:
+            kids = [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+        self.remember(kids)
+        return [p for p in kids if self.alive(p)]
+
+    def _track(self) -> None:
+        while not self.done.is_set() and self.running():  # ends with the master
+            self.tree()
+            self.done.wait(self.poll)
+
+    def first_seen(self, pid: int) -> float | None:
+        with self.lock:
+            return self.known[pid][1] if pid in self.known else None
+
+    def alive(self, pid: int) -> bool:
+        """True if pid is still the process we recorded, and not a zombie."""
+        with self.lock:
+            rec = self.known.get(pid)
+        try:
+            p = psutil.Process(pid)
+            if rec is not None and abs(p.create_time() - rec[0]) > 0.01:
+                return False
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int, pid: int | None = None) -> float:
+        """Signal the master, or one recorded process of the tree; returns when."""
+        pid = self.pid if pid is None else pid
+        if pid != self.pid and not self.alive(pid):
+            raise RuntimeError(f"pid {pid} is not a live process of {self.name}")
+        os.kill(pid, sig)
+        return time.monotonic()
+
+    async def wait_exit(self, timeout: float, step: float = 0.01) -> float | None:
+        """Monotonic time the master was seen gone (polled every `step`), or None."""
+        assert self.proc is not None
+        for _ in range(int(timeout / step) + 1):
+            if self.proc.poll() is not None:
+                return time.monotonic()
+            await asyncio.sleep(step)
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; then SIGKILL any recorded process still alive."""
+        if self.proc is None:
+            return
+        self.tree()
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.tree()
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.done.set()
+        with self.lock:
+            leftovers = [pid for pid in self.known if pid != self.pid]
+        for pid in leftovers:
+            if self.alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def log_tail(self, n: int = 1500) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def started_at(pid: int) -> float | None:
+    """When pid started, in CLOCK_BOOTTIME seconds (10 ms ticks). psutil's create_time()
+    adds the boot time rounded to whole seconds, too coarse to time a respawn."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+# --- HTTP/1.1 client that names every failure ----------------------------------------------
+
+
+def failure_kind(exc: BaseException, phase: str) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "reset"
+    if isinstance(exc, (asyncio.IncompleteReadError, EOFError)):
+        return "eof"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "connect_timeout" if phase == "connect" else "timeout"
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, "oserror").lower()
+    return type(exc).__name__
+
+
+class Pool:
+    """Idle keep-alive connections, newest first. Like urllib3 and nginx, a connection the
+    server closed while it sat idle is skipped, and `Connection: close` is obeyed."""
+
+    def __init__(self) -> None:
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def get(
+    port: int, path: str = "/pid", timeout: float = 5.0, pool: Pool | None = None
+) -> dict[str, Any]:
+    """One GET; never raises. outcome: ok, http_NNN, refused, reset, eof, timeout,
+    connect_timeout, or stale_keepalive (a reused connection that failed before any
+    byte of a response: the keep-alive close race)."""
+    r: dict[str, Any] = {"t0": time.monotonic(), "outcome": None, "body": None, "reused": False}
+    phase, got_bytes, writer = "connect", False, None
+    try:
+        async with asyncio.timeout(timeout):
+            conn = pool.take() if pool is not None else None
+            if conn is None:
+                conn = await asyncio.open_connection(HOST, port)
+            else:
+                r["reused"] = True
+            reader, writer = conn
+            phase = "request"
+            keep = b"keep-alive" if pool is not None else b"close"
+            writer.write(
+                b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n\r\n"
+                % (path.encode(), HOST.encode(), keep)
+            )
+            await writer.drain()
+            phase = "response"
+            status_line = await reader.readuntil(b"\r\n")
+            got_bytes = True
+            status = int(status_line.split()[1])
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = {}
+            for line in head.split(b"\r\n"):
+                k, _, v = line.partition(b":")
+                headers[k.strip().lower()] = v.strip().lower()
+            if b"content-length" in headers:
+                r["body"] = await reader.readexactly(int(headers[b"content-length"]))
+            else:
+                r["body"] = await reader.read()
+            r["outcome"] = "ok" if status == 200 else f"http_{status}"
+            if pool is not None and headers.get(b"connection") != b"close":
+                pool.idle.append((reader, writer))
+                writer = None
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        r["outcome"] = failure_kind(exc, phase)
+        if r["reused"] and not got_bytes and r["outcome"] in ("eof", "reset"):
+            r["outcome"] = "stale_keepalive"
+    finally:
+        if writer is not None:
+            writer.close()
+    r["t1"] = time.monotonic()
+    r["ok"] = r["outcome"] == "ok"
+    return r
+
+
+def pid_of(r: dict[str, Any]) -> int | None:
+    if r["ok"] and r["body"] and r["body"].isdigit():
+        return int(r["body"])
+    return None
+
+
+async def open_loop(
+    port: int,
+    rate: float,
+    duration: float,
+    keepalive: bool = False,
+    events: dict[float, Any] | None = None,
+    timeout: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Request i starts at i/rate whatever earlier ones did: exactly rate*duration requests,
+    each bounded by `timeout`. `events` maps an offset in seconds to a callable run then."""
+    pool = Pool() if keepalive else None
+    start = time.monotonic()
+    tasks = []
+    pending = sorted((events or {}).items())
+    for i in range(int(rate * duration)):
+        due = start + i / rate
+        while pending and pending[0][0] <= due - start:
+            await asyncio.sleep(max(0.0, start + pending[0][0] - time.monotonic()))
+            pending.pop(0)[1]()
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        tasks.append(asyncio.ensure_future(get(port, "/pid", timeout, pool)))
+    for _, fn in pending:
+        fn()
+    results = list(await asyncio.gather(*tasks))
+    if pool:
+        pool.close()
+    return results
+
+
+async def wait_workers(
+    srv: Server, n: int, timeout: float = 30.0, every: float = 0.01
+) -> dict[str, Any]:
+    """A new-connection probe of /pid every `every` s (not waiting for earlier ones, so a
+    request held in the listen backlog is timed by when it really completes), until n
+    distinct pids have answered. Times are from the server's start."""
+    seen: dict[int, float] = {}
+    first: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        r = await get(srv.port, "/pid", timeout=2.0)
+        pid = pid_of(r)
+        if pid is not None:
+            first.append(r["t1"])
+            seen.setdefault(pid, r["t1"])
+            if len(seen) >= n:
+                done.set()
+
+    for _ in range(int(timeout / every)):
+        if done.is_set() or not srv.running():
+            break
+        if len(tasks) < 64:
+            task = asyncio.ensure_future(probe())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every)
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    times = sorted(seen.values())
+    return {
+        "pids": sorted(seen),
+        "t_first_200": min(first) - srv.t_start if first else None,
+        "t_all": times[n - 1] - srv.t_start if len(times) >= n else None,
+    }
+
+
+async def start_ready(
+    name: str, template: str, app: str, o: Any, **extra: Any
+) -> tuple[Server, dict[str, Any]]:
+    srv = Server(name, template, app, o.workers, o.log_dir, **extra).start()
+    ready = await wait_workers(srv, o.workers)
+    if ready["t_all"] is None:
+        srv.stop()
+        raise RuntimeError(
+            f"{name}: {len(ready['pids'])}/{o.workers} workers answered; "
+            f"log tail:\n{srv.log_tail()}"
+        )
+    return srv, ready
+
+
+# --- small statistics ----------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile."""
+    v = sorted(values)
+    if not v:
+        return None
+    return v[min(len(v) - 1, max(0, int(-(-p * len(v) // 100)) - 1))]
+
+
+def median(values: list[Any]) -> float | None:
+    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return statistics.median(v) if v else None
+
+
+def kinds(results: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(r["outcome"] for r in results if not r["ok"]))
+
+
+def r3(x: float | None, nd: int = 3) -> float | None:
+    return None if x is None else round(x, nd)
