@@ -18,7 +18,8 @@ from asgi_supervise.sizing import Plan
 if TYPE_CHECKING:
     from asgi_supervise.arbiter import Arbiter
     from asgi_supervise.health import HealthServer
-    from asgi_supervise.metrics import MultiprocDir, SupervisorMetrics
+    from asgi_supervise.metrics import SupervisorMetrics
+    from asgi_supervise.multiproc import MultiprocDir
 
 log = logging.getLogger("asgi_supervise.master")
 
@@ -38,7 +39,8 @@ class Observability:
             return
         # Imported only when used: prometheus_client and uvicorn cost the master ~30 MB.
         from asgi_supervise.health import HealthApp, readiness, start_server
-        from asgi_supervise.metrics import MultiprocDir, SupervisorMetrics, render
+        from asgi_supervise.metrics import SupervisorMetrics, render
+        from asgi_supervise.multiproc import MultiprocDir
 
         self.metrics = metrics = SupervisorMetrics()
         self.dir = MultiprocDir.create(s.multiproc_dir)

@@ -18,13 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, values
 from prometheus_client.parser import text_string_to_metric_families
 
-from asgi_supervise.metrics import (
-    UNMATCHED,
-    MultiprocDir,
-    RequestMetrics,
-    SupervisorMetrics,
-    render,
-)
+from asgi_supervise.metrics import UNMATCHED, RequestMetrics, SupervisorMetrics, render
+from asgi_supervise.multiproc import MultiprocDir
 
 # --- the multiprocess directory ----------------------------------------------------------
 
