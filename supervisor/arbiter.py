@@ -181,11 +181,6 @@ class Arbiter:
     def ready_count(self) -> int:
         return sum(w.state is State.READY for w in self.workers.values())
 
-    @property
-    def accepting_traffic(self) -> bool:
-        """What /readyz reports: false from the first SIGTERM on."""
-        return self.phase is Phase.RUNNING and self.ready_count() >= self.settings.min_ready
-
     def fill_slots(self) -> None:
         now = time.monotonic()
         occupied = {w.slot for w in self.live() if w.stop_reason is None or w.hold_slot}

@@ -126,3 +126,20 @@ def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
         _no_failures(load)
     after = server.worker_pids()
     assert len(after) == 2 and not after & before
+
+
+def test_sigterm_during_a_reload_drains_everything_cleanly(supervisor):
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(100)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "rolling reload" in server.log(), 5, "the reload to start")
+        wait_until(lambda: " booting" in server.log().split("rolling reload", 1)[1], 5, "a spawn")
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(20) == 0
+        stats = load.stop()
+    # Once the listeners close, new connections are refused: what a load balancer wants.
+    # Nothing accepted may be reset or closed without a response.
+    assert set(stats.failures) <= {"refused"}, (stats.failures, stats.examples)
+    assert "master stopped cleanly" in server.log()
