@@ -155,7 +155,13 @@ def run(loaded: sources.Loaded) -> int:
         )
     apploader.check(settings.app, settings.app_dir)
     s = settings
-    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors)
+    try:
+        logs.configure(
+            s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config
+        )
+    except Exception as exc:  # any logging.config failure: the file is what is wrong
+        where = f"--log-config {s.log_config}" if s.log_config else f"--log-file {s.log_file}"
+        raise sources.ConfigError(f"{where}: cannot set up logging: {exc}") from None
     host = sizing.read_host()
     plan = sizing.plan(settings, host)
     if not plan.forced:
@@ -172,7 +178,7 @@ def run(loaded: sources.Loaded) -> int:
     except BindError as exc:
         logs.say(str(exc))
         return EXIT_USAGE
-    arbiter = Arbiter(settings, sockets, plan.workers, memory_limit=host.memory_limit)
+    arbiter = Arbiter(settings, sockets, plan, memory_limit=host.memory_limit)
     return asyncio.run(arbiter.run())
 
 

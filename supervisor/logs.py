@@ -106,8 +106,26 @@ def configure(
     access_log: bool = True,
     log_file: str | None = None,
     use_colors: bool | None = None,
+    log_config: str | None = None,
 ) -> None:
-    logging.config.dictConfig(dict_config(log_format, level, access_log, log_file, use_colors))
+    if log_config:
+        load_config_file(log_config)
+    else:
+        logging.config.dictConfig(dict_config(log_format, level, access_log, log_file, use_colors))
+
+
+def load_config_file(path: str) -> None:
+    """--log-config, read the way uvicorn reads it, so master and workers log alike."""
+    if path.endswith(".json"):
+        with open(path) as fh:
+            logging.config.dictConfig(json.load(fh))
+    elif path.endswith((".yaml", ".yml")):
+        import yaml  # PyYAML comes with uvicorn[standard]
+
+        with open(path) as fh:
+            logging.config.dictConfig(yaml.safe_load(fh))
+    else:
+        logging.config.fileConfig(path, disable_existing_loggers=False)
 
 
 def reopen() -> None:

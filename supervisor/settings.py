@@ -7,10 +7,11 @@ so adding an option means adding one field here.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -86,7 +87,16 @@ class Settings(BaseSettings):
 
     # --- uvicorn server ------------------------------------------------------------------
     loop: Literal["auto", "asyncio", "uvloop", "none"] = opt("auto", "Event loop.", "server")
-    http: Literal["auto", "h11", "httptools"] = opt("auto", "HTTP/1.1 implementation.", "server")
+    http: Literal["auto", "h11", "httptools", "zttp"] = opt(
+        "auto", "HTTP implementation.", "server"
+    )
+    http2: bool = opt(False, "Enable HTTP/2 (needs --http zttp).", "server")
+    interface: Literal["auto", "asgi3", "asgi2", "wsgi"] = opt(
+        "auto", "The application interface.", "app"
+    )
+    reset_contextvars: bool = opt(
+        False, "Run each request in a fresh contextvars.Context.", "server"
+    )
     ws: Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"] = opt(
         "auto", "WebSocket implementation.", "server"
     )
@@ -118,11 +128,16 @@ class Settings(BaseSettings):
     ssl_certfile: str | None = opt(None, "TLS certificate file.", "tls")
     ssl_keyfile_password: str | None = opt(None, "Password of the TLS key.", "tls", secret=True)
     ssl_ca_certs: str | None = opt(None, "CA certificates file.", "tls")
+    ssl_version: int = opt(17, "TLS protocol (stdlib ssl constant; 17 = TLS server).", "tls")
+    ssl_cert_reqs: int = opt(0, "Client certificates: 0 none, 1 optional, 2 required.", "tls")
     ssl_ciphers: str = opt("TLSv1", "TLS ciphers.", "tls")
 
     # --- logging -------------------------------------------------------------------------
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = opt(
         "info", "Log level of master and workers.", "logging"
+    )
+    log_config: str | None = opt(
+        None, "Logging config file (.json, .yaml, .ini), instead of --log-format.", "logging"
     )
     log_format: Literal["text", "json"] = opt(
         "text", "Log lines for humans or for collectors.", "logging"
@@ -245,6 +260,14 @@ class Settings(BaseSettings):
         None, "Connections one worker may hold (pool + overflow).", "sizing", ge=1
     )
     replicas: int = opt(1, "Instances sharing the database (e.g. the HPA maximum).", "sizing", ge=1)
+
+    @field_validator("log_config", "env_file", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
+    @classmethod
+    def _file_exists(cls, path: str | None) -> str | None:
+        """Caught here, a typo is a usage error; caught in a worker, it is a crash loop."""
+        if path is not None and not os.path.isfile(path):
+            raise ValueError("no such file")
+        return path
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

@@ -213,6 +213,11 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         app,
         loop=s.loop,
         http=s.http,
+        http2=s.http2,
+        interface=s.interface,
+        reset_contextvars=s.reset_contextvars,
+        ssl_version=s.ssl_version,
+        ssl_cert_reqs=s.ssl_cert_reqs,
         ws=s.ws,
         ws_max_size=s.ws_max_size,
         ws_max_queue=s.ws_max_queue,
@@ -221,9 +226,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=s.ws_per_message_deflate,
         lifespan=s.lifespan,
         env_file=s.env_file,
-        log_config=logs.dict_config(
-            s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors
-        ),
+        log_config=s.log_config
+        or logs.dict_config(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors),
         log_level=s.log_level,
         access_log=s.access_log,
         use_colors=s.use_colors,
@@ -270,7 +274,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     # Validated by the master already: plain values keep pydantic (and ~20 MB) out of workers.
     settings = cast("Settings", SimpleNamespace(**spec["settings"]))
     s = settings
-    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors)
+    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config)
 
     try:
         app = apploader.load(settings.app or "", settings.app_dir, settings.factory)

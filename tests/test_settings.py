@@ -264,7 +264,9 @@ SECRETS = ("hunter2", "s3cret", "t0ps3cret")
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_config_redacts_secrets(tmp_path: Path, as_json: bool):
-    write_table(tmp_path / "asgi-supervise.toml", {"env-file": "redis://:t0ps3cret@cache:6379/0"})
+    write_table(
+        tmp_path / "asgi-supervise.toml", {"ssl-ciphers": "redis://:t0ps3cret@cache:6379/0"}
+    )
     env = {"ASGI_SUPERVISE_SSL_KEYFILE_PASSWORD": "hunter2"}
     args = ["--root-path", "postgres://user:s3cret@db/x"]
     args += ["--headers", "X-Upstream: https://svc:s3cret@example.com/"]
@@ -276,7 +278,7 @@ def test_config_redacts_secrets(tmp_path: Path, as_json: bool):
         data = json.loads(result.stdout)
         assert setting(data, "ssl_keyfile_password") == ("***", "env: environment")
         assert setting(data, "root_path") == ("postgres://user:***@db/x", "flag: command line")
-        assert setting(data, "env_file") == (
+        assert setting(data, "ssl_ciphers") == (
             "redis://:***@cache:6379/0",
             "file: asgi-supervise.toml",
         )
@@ -285,7 +287,7 @@ def test_config_redacts_secrets(tmp_path: Path, as_json: bool):
         rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
         assert '"***"' in rows["ssl-keyfile-password"]
         assert "postgres://user:***@db/x" in rows["root-path"]
-        assert "redis://:***@cache:6379/0" in rows["env-file"]
+        assert "redis://:***@cache:6379/0" in rows["ssl-ciphers"]
 
 
 def test_errors_do_not_echo_secrets(tmp_path: Path):
@@ -348,6 +350,17 @@ PORT = "{port}"
 RUN = [APP, "--port", PORT]
 
 BAD_INPUTS = [
+    # --- files named by options must exist and load
+    case("log-config-missing", [*RUN, "--log-config", "nowhere.json"],
+         "--log-config='nowhere.json' (command line): no such file", exact=True),
+    case("ssl-keyfile-missing", [*RUN, "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"],
+         "--ssl-keyfile='k.pem' (command line): no such file"),
+    case("env-file-missing-env", RUN, "ASGI_SUPERVISE_ENV_FILE='.env.prod' (environment)",
+         "no such file", env={"ASGI_SUPERVISE_ENV_FILE": ".env.prod"}),
+    case("log-config-broken", ["okapp:app", "--port", PORT, "--log-config", "log.json"],
+         "--log-config log.json: cannot set up logging",
+         files={"okapp.py": "app = None\n", "log.json": '{"version": 1, "handlers": 7}'}),
+    case("interface-bad", [*RUN, "--interface", "cgi"], "--interface='cgi' (command line)"),
     # --- types and ranges on the command line
     case("workers-abc-flag", [*RUN, "--workers", "abc"],
          "--workers='abc' (command line): expected an integer >= 1 or 'auto'"),
@@ -394,7 +407,8 @@ BAD_INPUTS = [
          env={"ASGI_SUPERVISE_FD": "3"}),
     case("ssl-key-without-cert", [*RUN, "--ssl-keyfile", "key.pem"],
          "TLS needs both ssl_keyfile and ssl_certfile",
-         "--ssl-keyfile='key.pem' (command line)", "ssl_certfile not set"),
+         "--ssl-keyfile='key.pem' (command line)", "ssl_certfile not set",
+         files={"key.pem": "not really a key\n"}),
     case("max-below-min-workers", [*RUN, "--min-workers", "4", "--max-workers", "2"],
          "max_workers (2) is below min_workers (4)",
          "--max-workers='2' (command line)", "--min-workers='4' (command line)"),
