@@ -77,11 +77,13 @@ def dict_config(
         formatter = {"()": JSONFormatter}
     elif colour:
         formatter["()"] = ColourFormatter
-    handler = {
+    handler: dict[str, Any] = {
         "class": "logging.StreamHandler",
         "formatter": "default",
         "stream": "ext://sys.stderr",
     }
+    if log_file:  # append: master and workers share the file, one line per write
+        handler = {"class": "logging.FileHandler", "filename": log_file, "formatter": "default"}
     return {
         "version": 1,
         "disable_existing_loggers": False,

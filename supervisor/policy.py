@@ -21,7 +21,8 @@ def respawn_delay(crashes: int, cap: float) -> float:
     """
     if crashes <= 0:
         return 0.0
-    return min(cap, BACKOFF_BASE * 2 ** (crashes - 1))
+    # The exponent is capped: 2**1024 overflows a float after ~8 h of crashing at the cap.
+    return min(cap, BACKOFF_BASE * 2 ** min(crashes - 1, 64))
 
 
 @dataclass

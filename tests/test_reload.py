@@ -143,3 +143,22 @@ def test_sigterm_during_a_reload_drains_everything_cleanly(supervisor):
     # Nothing accepted may be reset or closed without a response.
     assert set(stats.failures) <= {"refused"}, (stats.failures, stats.examples)
     assert "master stopped cleanly" in server.log()
+
+
+def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
+    log_file = tmp_path / "app.log"
+    server = supervisor("testapp:app", "--log-file", str(log_file))
+    wait_until(lambda: log_file.exists() and " ready in " in log_file.read_text(), 15, "ready")
+    (worker,) = server.worker_pids()
+    rotated = tmp_path / "app.log.1"
+    log_file.rename(rotated)  # what logrotate does before it signals
+    server.signal(signal.SIGUSR1)
+    wait_until(lambda: log_file.exists() and "log files reopened" in log_file.read_text(), 5,
+               "the master to write to the new file")  # fmt: skip
+
+    def worker_reopened() -> bool:
+        try_get(server.port, "/pid")  # an access line from the worker
+        return log_file.exists() and f"[{worker}]" in log_file.read_text()
+
+    wait_until(worker_reopened, 5, "the worker to write to the new file")
+    assert "log files reopened" not in rotated.read_text()

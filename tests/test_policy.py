@@ -1,0 +1,110 @@
+"""The master's pure decisions: backoff, boot budget, recycling, the rolling planner."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asgi_supervise import policy
+from asgi_supervise.policy import Candidate, Step
+
+
+def test_first_crash_respawns_at_once_then_backs_off_exponentially():
+    delays = [policy.respawn_delay(n, cap=30) for n in range(8)]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+
+
+@given(st.integers(min_value=0, max_value=10_000), st.floats(min_value=0, max_value=600))
+def test_backoff_never_exceeds_its_cap(crashes, cap):
+    assert 0 <= policy.respawn_delay(crashes, cap) <= cap
+
+
+def test_slot_crash_count_resets_after_a_stable_period():
+    slot = policy.SlotHealth()
+    assert slot.crashed(now=100, uptime=1, cap=30) == 0.0
+    assert slot.crashed(now=101, uptime=1, cap=30) == 0.5
+    assert slot.not_before == 101.5
+    assert slot.crashed(now=102, uptime=1, cap=30) == 1.0
+    # Up long enough to count as recovered: the next crash is a first crash again.
+    assert slot.crashed(now=500, uptime=policy.STABLE_AFTER, cap=30) == 0.0
+
+
+def test_boot_budget_stops_after_the_limit_and_resets_on_success():
+    budget = policy.BootBudget(limit=3)
+    assert not budget.failed("ImportError: x")
+    assert not budget.failed("ImportError: x")
+    budget.succeeded()
+    assert not budget.failed("ImportError: x")
+    assert not budget.failed(None)
+    assert budget.failed(None)
+    assert budget.last_error == "ImportError: x"
+
+
+def test_worker_limits_draw_jitter_within_bounds():
+    rng = random.Random(7)
+    for _ in range(200):
+        requests, lifetime = policy.worker_limits(1000, 100, 3600.0, 60.0, rng)
+        assert requests is not None and 1000 <= requests <= 1100
+        assert lifetime is not None and 3600 <= lifetime <= 3660
+    assert policy.worker_limits(None, 100, None, 60.0, rng) == (None, None)
+
+
+def test_recycle_reason_order_memory_then_requests_then_lifetime():
+    strikes = policy.MEMORY_STRIKES
+    assert policy.recycle_reason(10, 5, 100, 50, strikes) == "memory"
+    assert policy.recycle_reason(10, 5, 100, 50, strikes - 1) == "max-requests"
+    assert policy.recycle_reason(4, 5, 100, 50, 0) == "lifetime"
+    assert policy.recycle_reason(4, 5, 10, 50, 0) is None
+    assert policy.recycle_reason(10**9, None, 10**9, None, 0) is None
+
+
+def due(pid: int, slot: int, replacement: str | None = None) -> Candidate:
+    return Candidate(pid, slot, "reload", replacement)
+
+
+def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
+    plan = policy.plan_replacements(
+        [due(30, 3), due(10, 1), due(20, 2)], booting=0, surge=2, room_for_one_more=True
+    )
+    assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
+
+
+def test_planner_drains_the_old_worker_only_once_its_replacement_is_ready():
+    plan = policy.plan_replacements(
+        [due(10, 1, "ready"), due(20, 2, "booting"), due(30, 3)],
+        booting=1,
+        surge=1,
+        room_for_one_more=True,
+    )
+    assert plan == [Step("stop", 10, "reload")]  # slot 3 waits: one replacement is booting
+
+
+def test_planner_drains_first_when_there_is_no_memory_for_one_more():
+    plan = policy.plan_replacements([due(10, 1)], booting=0, surge=1, room_for_one_more=False)
+    assert plan == [Step("drain-first", 10, "reload")]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 50), st.sampled_from([None, "booting", "ready"])),
+        unique_by=lambda t: t[0],
+    ),
+    st.integers(0, 5),
+    st.integers(1, 5),
+    st.booleans(),
+)
+def test_planner_never_exceeds_the_surge(workers, booting, surge, room):
+    candidates = [due(slot * 10, slot, state) for slot, state in workers]
+    plan = policy.plan_replacements(candidates, booting, surge, room)
+    started = [s for s in plan if s.action in ("spawn", "drain-first")]
+    assert booting + len(started) <= max(surge, booting)
+    stopped = {s.pid for s in plan if s.action == "stop"}
+    assert stopped == {c.pid for c in candidates if c.replacement == "ready"}
+
+
+def test_has_room():
+    assert policy.has_room(used=600, one_more=300, limit=None)
+    assert policy.has_room(used=600, one_more=400, limit=1000)
+    assert not policy.has_room(used=700, one_more=400, limit=1000)
