@@ -26,15 +26,25 @@ REPO = Path(__file__).parent.parent
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
-    """Poll until `predicate()` is truthy; fail the test with `what` at the deadline."""
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str | Callable[[], str],
+    interval: float = 0.02,
+):
+    """Poll until `predicate()` is truthy; fail the test with `what` at the deadline.
+
+    `what` may be a callable, evaluated only on failure: a server log read then shows what
+    happened, not the empty log of when the wait began.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            message = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
 
 
@@ -139,7 +149,7 @@ class Supervisor:
                 seen.add(int(answer[1]))
             return len(seen) >= want
 
-        wait_until(enough, timeout, f"{want} workers serving (saw {seen})\n{self.log()}")
+        wait_until(enough, timeout, lambda: f"{want} workers serving (saw {seen})\n{self.log()}")
         return seen
 
     def wait_ready(self, workers: int = 1, timeout: float = 15.0) -> None:
@@ -147,7 +157,7 @@ class Supervisor:
         wait_until(
             lambda: self.log().count(" ready in ") >= workers and try_get(self.port, "/pid"),
             timeout,
-            f"{workers} workers ready\n{self.log()}",
+            lambda: f"{workers} workers ready\n{self.log()}",
         )
 
     def signal(self, sig: int) -> None:

@@ -309,7 +309,7 @@ def test_inherited_listening_fd(supervisor):
     os.set_inheritable(fd, True)
     server = supervisor("testapp:app", "--fd", str(fd), pass_fds=(fd,))
     listener.close()  # the supervisor holds its own copy now
-    wait_until(lambda: try_get(port, "/pid"), 15, f"serving on the inherited fd\n{server.log()}")
+    wait_until(lambda: try_get(port, "/pid"), 15, lambda: f"serving on fd {fd}\n{server.log()}")
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
 
