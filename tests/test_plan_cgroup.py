@@ -35,6 +35,29 @@ print(json.dumps(read_host().to_dict()))
 """
 
 
+# The same, then becomes `asgi-supervise plan --json` (exec keeps the pid, so the cgroups).
+CLI_CHILD = """
+import os, sys
+for procs in sys.argv[1:]:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "asgi_supervise", "plan", "--json",
+                          "--workers", "auto", "--worker-memory-estimate", "128"])
+"""
+
+
+def _run_plan_cli(*procs: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CLI_CHILD, *map(str, procs)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+        cwd="/",  # no asgi-supervise.toml or pyproject.toml of ours in the way
+    )
+    return json.loads(out.stdout)
+
+
 def _need_root() -> None:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("needs root to create cgroups")
@@ -153,8 +176,13 @@ def test_v1_cfs_quota_and_memory_limit_are_read_from_inside_the_cgroup() -> None
         except OSError as exc:
             pytest.skip(f"cannot set up cgroup v1 hierarchies: {exc}")
         facts = _run_child(*procs)
+        cli_plan = _run_plan_cli(*procs)
     assert facts.cpu_quota == 1.5
     assert f"cpu.cfs_quota_us 150000/100000 at {cpu_mount}/{NAME}" in facts.cpu_quota_source
+    # The real command, run inside the cgroups, reads and explains the quota.
+    assert (cli_plan["workers"], cli_plan["limited_by"]) == (1, "cpu")
+    (cpu_budget,) = [b for b in cli_plan["budgets"] if b["name"] == "cpu"]
+    assert "cpu.cfs_quota_us 150000/100000" in cpu_budget["detail"]
     if has_memory:
         assert facts.memory_limit == 512 * MIB
         assert f"at {memory_mount}/{NAME}" in facts.memory_limit_source
