@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings
+from asgi_supervise.settings import Settings
 
 MIB = 1024**2
 GIB = 1024**3

@@ -65,8 +65,9 @@ class Control:
 
 def _die_with_master(master_pid: int) -> None:
     """SIGKILL from the kernel when the master dies, so no worker outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if sys.platform == "linux":  # elsewhere only the parent check below protects us
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != master_pid:  # the master died before prctl took effect
         os._exit(1)
 
