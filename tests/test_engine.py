@@ -82,9 +82,15 @@ def _probe(port: int) -> str:
         return "timeout"
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_path: Path):
-    inflight = tmp_path / "inflight"
-    inflight.mkdir()
+@pytest.fixture
+def inflight(tmp_path: Path) -> Path:
+    """Where testapp's /sleep marks each request it has started: in flight for sure."""
+    path = tmp_path / "inflight"
+    path.mkdir()
+    return path
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, inflight: Path):
     server = supervisor(
         "testapp:app", "--workers", "2", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
     )
@@ -123,9 +129,7 @@ def test_drain_delay_keeps_serving_new_requests(supervisor):
     assert "serving 2.0s more" in server.log()
 
 
-def test_graceful_timeout_kills_busy_workers_and_exits_unclean(supervisor, tmp_path: Path):
-    inflight = tmp_path / "inflight"
-    inflight.mkdir()
+def test_graceful_timeout_kills_busy_workers_and_exits_unclean(supervisor, inflight: Path):
     server = supervisor(
         "testapp:app", "--graceful-timeout", "1", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
     )
