@@ -44,6 +44,7 @@ EXIT_REASONS = (
     "crash", "timeout", "memory", "requests", "lifetime", "reload", "scale", "boot-failure",
 )  # fmt: skip
 NOT_A_RESTART = "shutdown"
+RELOAD_OUTCOMES = ("completed", "aborted")  # what rolling.Rollout.finish reports
 STATES = ("booting", "ready", "draining")
 SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SLOT_GAUGES = (  # label `slot`, not pid: a recycled worker continues its slot's series
@@ -247,7 +248,7 @@ class SupervisorMetrics:
         self.boot = _Buckets(SECONDS_BUCKETS)
         self.drain = _Buckets(SECONDS_BUCKETS)
         self.reload = _Buckets(SECONDS_BUCKETS)
-        self.reloads = dict.fromkeys(("success", "failure"), 0)
+        self.reloads = dict.fromkeys(RELOAD_OUTCOMES, 0)
         self.samples: dict[int, tuple[float, float, float]] = {}
         self.plan: dict[str, Any] | None = None
         self.draining = False

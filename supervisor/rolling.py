@@ -178,6 +178,8 @@ class Rollout:
         """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
         if not self.arbiter.running:
             return
+        if self.reload_started is not None and not self.old_generation_alive():
+            self.finish("completed")  # its last old worker exited in this same batch
         self.generation += 1
         restarting = self.reload_started is not None
         self.reload_started = self.reload_started or time.monotonic()

@@ -227,7 +227,9 @@ class Settings(BaseSettings):
         "dev",
         aliases=("--reload-exclude",),
     )
-    reload_delay: float = opt(0.25, "Debounce window for bursts of saves, in seconds.", "dev", ge=0)
+    reload_delay: float = opt(
+        0.05, "Quiet time that ends a burst of saves (one reload per burst), in s.", "dev", ge=0
+    )
 
     # --- metrics and health --------------------------------------------------------------
     metrics: bool = opt(

@@ -198,3 +198,21 @@ def test_metrics_port_in_use_is_a_usage_error(supervisor):
         holder.close()
     assert "cannot serve metrics and health on" in server.log()
     assert "booting" not in server.log()
+
+
+def test_reload_is_counted_by_outcome_and_replacements_by_reason(supervisor):
+    mport = free_port()
+    server = supervisor("testapp:app", "--workers", "2", *_metrics_args(mport))
+    server.wait_ready(2)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload complete" in server.log(), 15, "the reload")
+
+    def counted() -> bool:
+        text = scrape(mport)
+        return (
+            value(text, "asgi_supervise_reloads_total", outcome="completed") == 1
+            and value(text, "asgi_supervise_worker_restarts_total", reason="reload") == 2
+        )
+
+    wait_until(counted, 5, lambda: "reload metrics\n" + scrape(mport))
+    assert value(scrape(mport), "asgi_supervise_reload_duration_seconds_count") == 1

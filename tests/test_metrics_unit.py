@@ -412,7 +412,7 @@ def test_supervisor_metrics() -> None:
     supervisor.worker_exited(1, "scale-down")
     supervisor.worker_exited(1, "shutdown")
     supervisor.set_worker_states({"ready": 2, "draining": 1})
-    supervisor.observe_reload(4.2, "success")
+    supervisor.observe_reload(4.2, "completed")
     supervisor.observe_drain(0.7)
     supervisor.sample_worker(1, rss_bytes=50e6, cpu_percent=150.0, requests=42)
     supervisor.sample_worker(2, rss_bytes=60e6, cpu_percent=0.0, requests=7)
@@ -442,7 +442,7 @@ def test_supervisor_metrics() -> None:
     assert value(got["asgi_supervise_workers"], state="ready") == 2
     assert value(got["asgi_supervise_worker_boot_seconds"], "_bucket", le="0.5") == 1
     assert value(got["asgi_supervise_reload_duration_seconds"], "_sum") == 4.2
-    assert value(got["asgi_supervise_reloads"], "_total", outcome="success") == 1
+    assert value(got["asgi_supervise_reloads"], "_total", outcome="completed") == 1
     assert value(got["asgi_supervise_worker_drain_seconds"], "_count") == 1
     assert value(got["asgi_supervise_worker_cpu_ratio"], slot="1") == 1.5
     assert value(got["asgi_supervise_worker_requests"], slot="1") == 42
