@@ -8,9 +8,13 @@ worker, in the same run, on 127.0.0.1.
 
 Scenarios: throughput, reload (new connection per request, then a keep-alive pool),
 drain (default graceful timeout, then 1 s), crash, ready, rss; `all` runs them in that
-order. Each round runs every server once; the order alternates between rounds. Medians over
-rounds and ratios to uvicorn's median go to bench/results/<stamp>-<what>.json (every run in
-full, rewritten after each run) and a markdown summary next to it. Progress goes to stderr.
+order. Three more run their own fixed set of servers (not in `all`, `--servers` ignored):
+`metrics` (request-metrics overhead under wrk), `scrape` (/metrics with 8 workers and 51
+routes, before and after ~1000 recycles) and `reload-latency` (--reload: save -> first
+response from the new code), from `metrics_reload.py`. Each round runs every server
+once; the order alternates between rounds. Medians over rounds and ratios to uvicorn's
+median go to bench/results/<stamp>-<what>.json (every run in full, rewritten after each
+run) and a markdown summary next to it. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import contextlib
 
 import harness
+import metrics_reload
 import scenarios
 from harness import BENCH, median
 
@@ -57,6 +62,42 @@ SERVERS = {
         "--graceful-timeout {g}",
     ),
 }
+# Servers of the issue-6/7 scenarios; {metrics_port}, {multiproc_dir}, {dir}: see
+# metrics_reload.py. Not in the default --servers.
+SUP = "asgi-supervise {app} --workers {workers} --host {host} --port {port} --no-access-log"
+EXTRA_SERVERS = {
+    "asgi-supervise+metrics": (SUP + " --metrics --metrics-port {metrics_port}", ""),
+    "asgi-supervise+metrics-no-request": (
+        SUP + " --metrics --no-request-metrics --metrics-port {metrics_port}",
+        "",
+    ),
+    "asgi-supervise-8w-metrics": (
+        SUP + " --metrics --metrics-port {metrics_port} --multiproc-dir {multiproc_dir}"
+        " --reload-surge 4",
+        "",
+    ),
+    "asgi-supervise-reload": (
+        "asgi-supervise {app} --workers 1 --host {host} --port {port} --no-access-log"
+        " --reload --reload-dir {dir} --app-dir {dir}",
+        "",
+    ),
+    "uvicorn-reload": (
+        "uvicorn {app} --host {host} --port {port} --no-access-log"
+        " --reload --reload-dir {dir} --app-dir {dir}",
+        "",
+    ),
+}
+ALL_SERVERS = {**SERVERS, **EXTRA_SERVERS}
+VARIANT_SERVERS = {  # variants that always run these servers, whatever --servers says
+    "metrics": [
+        "asgi-supervise+metrics",
+        "asgi-supervise+metrics-no-request",
+        "asgi-supervise",
+        "uvicorn",
+    ],
+    "scrape": ["asgi-supervise-8w-metrics"],
+    "reload_latency": ["asgi-supervise-reload", "uvicorn-reload"],
+}
 BASELINE = "uvicorn"
 COUNTS = {
     "failed",
@@ -69,6 +110,9 @@ COUNTS = {
     "orphans",
     "exit_code",
     "procs",
+    "files_before_n",
+    "files_after_n",
+    "missed",
 }  # no ratio for these
 
 # variant -> (function, default rounds, short graceful timeout or None, summary keys)
@@ -127,9 +171,37 @@ VARIANTS: dict[str, tuple[Any, int, float | None, list[str]]] = {
         None,
         ["master_rss_mb", "master_uss_mb", "total_rss_mb", "total_pss_mb", "total_uss_mb", "procs"],
     ),
+    "metrics": (
+        metrics_reload.metrics,
+        3,
+        None,
+        ["rps", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_1k"],
+    ),
+    "scrape": (
+        metrics_reload.scrape,
+        1,
+        None,
+        [
+            "scrape_before_median_ms",
+            "scrape_before_p95_ms",
+            "files_before_n",
+            "recycled",
+            "scrape_recycled_median_ms",
+            "scrape_after_median_ms",
+            "scrape_after_p95_ms",
+            "files_after_n",
+        ],
+    ),
+    "reload_latency": (
+        metrics_reload.reload_latency,
+        2,
+        None,
+        ["median_latency_s", "max_latency_s", "missed", "failed", "total", "slowest_poll_ms"],
+    ),
 }
 GROUPS = {
     "reload": ["reload", "reload_keepalive"],
+    "reload-latency": ["reload_latency"],
     "drain": ["drain", "drain_graceful1"],
     "all": [
         "throughput",
@@ -167,14 +239,17 @@ def order(servers: list[str], rnd: int) -> list[str]:
     return rotated[::-1] if rnd % 2 else rotated
 
 
-def run_one(fn: Any, name: str, template: str, o: argparse.Namespace) -> dict[str, Any]:
+def run_one(
+    fn: Any, name: str, template: str, o: argparse.Namespace, timeout: float | None = None
+) -> dict[str, Any]:
     t = time.monotonic()
     first_log = len(harness.LOGS)
     try:
-        res = asyncio.run(asyncio.wait_for(fn(name, template, o), o.run_timeout))
+        res = asyncio.run(asyncio.wait_for(fn(name, template, o), timeout or o.run_timeout))
     except Exception as exc:
         res = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     res["wall_s"] = round(time.monotonic() - t, 2)
+    res["loadavg_1m_after"] = round(os.getloadavg()[0], 2)  # others' load on the machine
     res["logs"] = harness.LOGS[first_log:]
     return res
 
@@ -301,6 +376,7 @@ def markdown(out: dict[str, Any]) -> str:
                     notes.append(f"- {s} {key} per run: {seen}")
         if notes:
             lines += [*notes, ""]
+        lines += metrics_reload.markdown_extra(variant, v["runs"])
     return "\n".join(lines) + "\n"
 
 
@@ -337,6 +413,26 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--crash-duration", type=float, default=8.0)
     g.add_argument("--kill-at", type=float, default=2.5)
     g.add_argument("--settle", type=float, default=2.0)
+    g = p.add_argument_group("scrape (issue 6)")
+    g.add_argument("--scrape-workers", type=int, default=8)
+    g.add_argument("--scrape-requests", type=int, default=4000, help="first traffic")
+    g.add_argument("--scrapes", type=int, default=50, help="timed scrapes, before and after")
+    g.add_argument("--flush-wait", type=float, default=1.5, help="workers flush once a second")
+    g.add_argument("--recycles", type=int, default=1000, help="workers to replace (SIGHUPs)")
+    g.add_argument("--recycle-budget", type=float, default=300.0, help="seconds at most")
+    g.add_argument("--recycle-rate", type=float, default=100.0, help="req/s while recycling")
+    g = p.add_argument_group("reload-latency (issue 7)")
+    g.add_argument("--saves", type=int, default=3, help="saves per run")
+    g.add_argument("--save-gap", type=float, default=1.5, help="seconds before each save")
+    g.add_argument("--poll-every", type=float, default=0.01)
+    g.add_argument("--poll-timeout", type=float, default=5.0)
+    g.add_argument("--reload-timeout", type=float, default=15.0, help="per save, at most")
+    g.add_argument("--tail", type=float, default=0.5, help="polling after the new code")
+    g.add_argument(
+        "--reload-delays",
+        default="",
+        help="comma-separated: also run asgi-supervise --reload --reload-delay S for each",
+    )
     o = p.parse_args(argv)
     if o.report:
         with open(o.report) as f:
@@ -352,11 +448,18 @@ def main(argv: list[str] | None = None) -> int:
         o.rounds = o.rounds or 1
         o.duration, o.warmup, o.reload_duration, o.reload_at = 2, 1, 4, 1.0
         o.crash_duration, o.kill_at, o.settle = 4, 1.0, 0.5
+        o.scrape_requests, o.scrapes, o.recycles, o.recycle_budget = 1000, 10, 40, 30.0
+        o.saves = 2
     servers = o.servers.split(",")
     unknown = set(servers) - set(SERVERS)
     if unknown:
         p.error(f"unknown servers {sorted(unknown)}; known: {', '.join(SERVERS)}")
     variants = list(dict.fromkeys(v for w in o.what for v in GROUPS.get(w, [w])))
+    for delay in filter(None, o.reload_delays.split(",")):
+        name = f"asgi-supervise-reload-delay{float(delay):g}"
+        template = ALL_SERVERS["asgi-supervise-reload"][0] + f" --reload-delay {float(delay):g}"
+        ALL_SERVERS[name] = (template, "")
+        VARIANT_SERVERS["reload_latency"].append(name)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(o.out, f"{stamp}-{'-'.join(o.what)}")
     os.makedirs(o.out, exist_ok=True)
@@ -375,14 +478,20 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "throughput" and not o.quick:
             rounds = max(3, rounds)
         out["rounds"][variant] = rounds
-        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
+        these = VARIANT_SERVERS.get(variant, servers)
+        for name in these:
+            out["servers"].setdefault(name, ALL_SERVERS[name][0])
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in these}
         out["variants"][variant] = {"runs": runs}
         for rnd in range(rounds):
-            for name in order(servers, rnd):
-                template, flag = SERVERS[name]
+            for name in order(these, rnd):
+                template, flag = ALL_SERVERS[name]
                 if graceful is not None:
                     template += " " + flag.replace("{g}", f"{graceful:g}")
-                res = run_one(fn, name, template, o)
+                timeout = o.run_timeout
+                if variant == "scrape":  # the recycling alone may take --recycle-budget
+                    timeout = max(timeout, o.recycle_budget + 240)
+                res = run_one(fn, name, template, o, timeout)
                 runs[name].append(res)
                 brief = res.get("error", "")[:300] or json.dumps({k: res.get(k) for k in keys})
                 log(f"[{variant} {rnd + 1}/{rounds}] {name}: {brief}")
