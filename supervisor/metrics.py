@@ -165,13 +165,13 @@ class RequestMetrics:
         status = 500  # what the server answers if the app fails before responding
         size = 0
 
-        async def counting_send(message: Any) -> None:
+        def counting_send(message: Any) -> Any:  # sync: hands back send's awaitable, no frame
             nonlocal status, size
             if message["type"] == "http.response.body":
                 size += len(message.get("body", b""))
             elif message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         start = perf_counter()
         try:

@@ -72,26 +72,26 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(1)
 
 
-class DrainAware:
-    """ASGI middleware: once draining, every response says `Connection: close`.
+class ClosingApp:
+    """Wraps a connection's app once draining: every response says `Connection: close`.
 
     Closing an idle keep-alive connection races a client that is sending on it; asking the
     client to close after its next response moves it to another worker without an error.
+    Installed per connection at drain time, so serving costs no extra ASGI layer.
     """
 
-    def __init__(self, app: Any, server: WorkerServer) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.server = server
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if not self.server.draining or scope["type"] != "http":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
-        async def send_closing(message: Any) -> None:
+        def send_closing(message: Any) -> Any:
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), (b"connection", b"close")]
                 message = {**message, "headers": headers}
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_closing)
 
@@ -123,7 +123,6 @@ class WorkerServer(uvicorn.Server):
         self.control = control
         self.master_pid = master_pid
         self.idle_grace = idle_grace
-        self.draining = False
         self.reopen_logs = False
         self.request_metrics: Any = None  # metrics.RequestMetrics when --metrics is on
 
@@ -175,7 +174,6 @@ class WorkerServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
-        self.draining = True
         self.control.send("draining")
         for server in self.servers:
             server.close()
@@ -183,6 +181,7 @@ class WorkerServer(uvicorn.Server):
             sock.close()
         for connection in list(self.server_state.connections):
             if isinstance(connection, HTTP_PROTOCOLS):
+                connection.app = ClosingApp(connection.app)  # its next request: close after
                 if connection.cycle is not None and not connection.cycle.response_complete:
                     connection.cycle.keep_alive = False
             else:
@@ -288,12 +287,10 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
         _boot_error(control, "config", exc)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, spec["master_pid"], idle_grace)
-    app = config.loaded_app
     if settings.metrics and settings.request_metrics:
         from asgi_supervise.metrics import RequestMetrics  # after PROMETHEUS_MULTIPROC_DIR
 
-        app = server.request_metrics = RequestMetrics(app)
-    config.loaded_app = DrainAware(app, server)
+        config.loaded_app = server.request_metrics = RequestMetrics(config.loaded_app)
     server.run(sockets=listeners)
 
 

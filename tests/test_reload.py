@@ -162,3 +162,35 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
 
     wait_until(worker_reopened, 5, "the worker to write to the new file")
     assert "log files reopened" not in rotated.read_text()
+
+
+def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor):
+    """The race uvicorn loses: an idle keep-alive connection closed while a client sends.
+
+    While its worker drains, a connection that was idle gets its next request answered,
+    with `Connection: close`; then the client reconnects elsewhere.
+    """
+    import http.client
+
+    server = supervisor("testapp:app")
+    server.wait_ready(1)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("GET", "/pid")
+    first = conn.getresponse()
+    old_pid = int(first.read())
+    assert first.getheader("connection") is None  # kept alive
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: f"(pid {old_pid}) stopping: reload" in server.log(), 10, "the drain")
+
+    answers = []
+
+    def answered_with_close() -> bool:
+        conn.request("GET", "/pid")  # raises if the server cut the connection
+        response = conn.getresponse()
+        answers.append((response.status, int(response.read())))
+        return response.getheader("connection") == "close"
+
+    wait_until(answered_with_close, 4, "a response saying Connection: close", interval=0.05)
+    conn.close()
+    assert answers[-1] == (200, old_pid)  # the draining worker answered it
+    assert all(status == 200 for status, _ in answers)
