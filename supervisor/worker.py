@@ -174,7 +174,6 @@ class WorkerServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
-        self.control.send("draining")
         for server in self.servers:
             server.close()
         for sock in sockets or []:
