@@ -145,7 +145,8 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
 
 def run(loaded: sources.Loaded) -> int:
     from asgi_supervise.arbiter import Arbiter
-    from asgi_supervise.sockets import BindError, bind
+    from asgi_supervise.pidfile import PidFileError, pid_file
+    from asgi_supervise.sockets import BindError, bind, cleanup
 
     settings = loaded.settings
     if not settings.app:
@@ -179,7 +180,13 @@ def run(loaded: sources.Loaded) -> int:
         logs.say(str(exc))
         return EXIT_USAGE
     arbiter = Arbiter(settings, sockets, plan, memory_limit=host.memory_limit)
-    return asyncio.run(arbiter.run())
+    try:
+        with pid_file(settings.pid_file):
+            return asyncio.run(arbiter.run())
+    except PidFileError as exc:
+        cleanup(sockets)
+        logs.say(str(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -171,6 +171,10 @@ class Settings(BaseSettings):
         30.0, "Cap of the crash-respawn delay in seconds.", "workers", ge=0
     )
 
+    pid_file: str | None = opt(
+        None, "Write the master's pid here (for kill -HUP); removed on exit.", "workers"
+    )
+
     # --- shutdown and drain --------------------------------------------------------------
     graceful_timeout: float = opt(
         30.0,

@@ -337,3 +337,16 @@ def test_systemd_notify_ready_reloading_stopping(supervisor, tmp_path: Path):
         assert server.wait_exit() == 0
     finally:
         listener.close()
+
+
+def test_pid_file_names_the_master_and_goes_away(supervisor, tmp_path: Path):
+    path = tmp_path / "app.pid"
+    server = supervisor("testapp:app", "--pid-file", str(path))
+    server.wait_ready(1)
+    assert path.read_text() == f"{server.pid}\n"
+    second = run_cli("testapp:app", "--pid-file", str(path), "--port", str(free_port()))
+    assert second.returncode == 2
+    assert f"process {server.pid} is running and owns it" in second.stderr
+    os.kill(int(path.read_text()), signal.SIGTERM)  # what an operator's script does
+    assert server.wait_exit() == 0
+    assert not path.exists()
