@@ -48,7 +48,11 @@ class Loaded:
 
     def origin(self, name: str) -> str:
         layer = self.origins.get(name)
-        return "default" if layer is None else f"{layer.source}: {layer.where}"
+        if layer is None:
+            return "default"
+        if layer.source == "profile":  # its `where` already says "profile NAME"
+            return layer.where
+        return f"{layer.source}: {layer.where}"
 
 
 def _normalise_key(key: str) -> str:

@@ -96,7 +96,7 @@ def test_profile_loads_and_holds_its_documented_values(tmp_path: Path, name: str
     settings = loaded.settings
     for field, value in DOCUMENTED[name].items():
         assert getattr(settings, field) == value, field
-        assert loaded.origin(field) == f"profile: profile {name}", field
+        assert loaded.origin(field) == f"profile {name}", field
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -108,7 +108,7 @@ def test_every_profile_key_is_a_setting_and_nothing_else_changes(tmp_path: Path,
     defaults = Settings.model_validate({})
     for field in FIELDS:
         if field in table:
-            assert loaded.origin(field) == f"profile: profile {name}"
+            assert loaded.origin(field) == f"profile {name}"
         else:
             assert loaded.origin(field) == "default", field
             assert getattr(loaded.settings, field) == getattr(defaults, field), field
@@ -147,7 +147,7 @@ def test_profile_through_the_cli(tmp_path: Path, name: str):
     assert data["profile"] == name
     for field, value in DOCUMENTED[name].items():
         entry = data["settings"][field]
-        assert entry == {"value": value, "source": f"profile: profile {name}"}, field
+        assert entry == {"value": value, "source": f"profile {name}"}, field
 
 
 def test_container_profile_text_output(tmp_path: Path):
@@ -164,7 +164,7 @@ def test_container_profile_text_output(tmp_path: Path):
     ]:
         value, _, source = rows[key].partition("#")
         assert value.split("=", 1)[1].strip() == shown, key
-        assert source.strip() == "profile: profile container", key
+        assert source.strip() == "profile container", key
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

@@ -49,7 +49,7 @@ def setting(data: dict[str, Any], name: str) -> tuple[Any, str]:
 # --- precedence: default < profile < config file < environment < command line --------------
 
 PROFILE_PATH = "conf/custom-profile.toml"  # `--profile path/to/file.toml`
-PROFILE_SOURCE = f"profile: profile {PROFILE_PATH}"
+PROFILE_SOURCE = f"profile {PROFILE_PATH}"
 
 # name: (profile, file, env, flag args, expected value at each layer, default)
 PRECEDENCE = {
@@ -116,7 +116,7 @@ def test_flag_beats_env_beats_file_beats_builtin_profile(tmp_path: Path):
     assert setting(data, "host") == ("10.1.1.1", "file: asgi-supervise.toml")
     assert setting(data, "drain_delay") == (4.0, "flag: command line")
     assert setting(data, "log_format") == ("text", "env: environment")
-    assert setting(data, "graceful_timeout") == (20.0, "profile: profile container")
+    assert setting(data, "graceful_timeout") == (20.0, "profile container")
     assert setting(data, "port") == (8000, "default")
 
 
@@ -161,27 +161,27 @@ def test_profile_chosen_inside_the_config_file(tmp_path: Path):
     data = config_json(cwd=tmp_path)
     assert data["profile"] == "prod"
     assert setting(data, "max_requests") == (500, "file: asgi-supervise.toml")  # file > profile
-    assert setting(data, "max_requests_jitter") == (1000, "profile: profile prod")
-    assert setting(data, "log_format") == ("json", "profile: profile prod")
+    assert setting(data, "max_requests_jitter") == (1000, "profile prod")
+    assert setting(data, "log_format") == ("json", "profile prod")
     # The command line and the environment choose the profile above the file's choice.
     data = config_json("--profile", "dev", cwd=tmp_path)
     assert data["profile"] == "dev"
-    assert setting(data, "reload") == (True, "profile: profile dev")
+    assert setting(data, "reload") == (True, "profile dev")
     assert setting(data, "max_requests_jitter") == (0, "default")
     data = config_json(cwd=tmp_path, env={"ASGI_SUPERVISE_PROFILE": "container"})
     assert data["profile"] == "container"
-    assert setting(data, "host") == ("0.0.0.0", "profile: profile container")
+    assert setting(data, "host") == ("0.0.0.0", "profile container")
 
 
 def test_profile_from_a_path(tmp_path: Path):
     write_table(tmp_path / "deploy" / "mine.toml", {"workers": 3, "log-format": "json"})
     data = config_json("--profile", "deploy/mine.toml", cwd=tmp_path)
     assert data["profile"] == "deploy/mine.toml"
-    assert setting(data, "workers") == (3, "profile: profile deploy/mine.toml")
-    assert setting(data, "log_format") == ("json", "profile: profile deploy/mine.toml")
+    assert setting(data, "workers") == (3, "profile deploy/mine.toml")
+    assert setting(data, "log_format") == ("json", "profile deploy/mine.toml")
     absolute = str(tmp_path / "deploy" / "mine.toml")
     data = config_json("--profile", absolute, cwd=tmp_path)
-    assert setting(data, "workers") == (3, f"profile: profile {absolute}")
+    assert setting(data, "workers") == (3, f"profile {absolute}")
 
 
 def test_app_from_file_env_or_command_line(tmp_path: Path):
@@ -218,7 +218,7 @@ def test_socket_options_do_not_clash_with_a_profile_host(tmp_path: Path):
     sock = str(tmp_path / "app.sock")
     data = config_json("--profile", "container", "--uds", sock, cwd=tmp_path)
     assert setting(data, "uds") == (sock, "flag: command line")
-    assert setting(data, "host") == ("0.0.0.0", "profile: profile container")
+    assert setting(data, "host") == ("0.0.0.0", "profile container")
 
 
 def test_text_output_names_profile_values_and_sources(tmp_path: Path):
@@ -228,7 +228,7 @@ def test_text_output_names_profile_values_and_sources(tmp_path: Path):
     assert lines[0] == "# profile: container"
     rows = {line.split()[0]: line for line in lines[1:]}
     assert rows["host"].split("=", 1)[1].split("#")[0].strip() == '"0.0.0.0"'
-    assert rows["host"].endswith("# profile: profile container")
+    assert rows["host"].endswith("# profile container")
     assert rows["port"].endswith("# flag: command line")
     assert rows["backlog"].endswith("# default")
     assert len(rows) == len(Settings.model_fields)

@@ -94,12 +94,12 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
     assert "Traceback" not in result.stderr
     host = next(line for line in result.stdout.splitlines() if line.startswith("host "))
     assert '"0.0.0.0"' in host
-    assert host.endswith("# profile: profile container")
+    assert host.endswith("# profile container")
 
     result = _run([str(script), "config", "--json", "--profile", "container"], outside, 60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["settings"]["host"] == {"value": "0.0.0.0", "source": "profile: profile container"}
+    assert data["settings"]["host"] == {"value": "0.0.0.0", "source": "profile container"}
 
     result = _run([str(script), "--version"], outside, 60)
     assert result.returncode == 0 and result.stdout.startswith("asgi-supervise "), result.stderr
