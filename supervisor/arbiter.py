@@ -61,9 +61,8 @@ class Arbiter:
     ):
         self.settings = settings
         self.sockets = sockets
-        self.target = workers = plan.workers
         self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
-        self.slots = {slot: policy.SlotHealth() for slot in range(1, workers + 1)}
+        self.slots = {slot: policy.SlotHealth() for slot in range(1, plan.workers + 1)}
         self.boot = policy.BootBudget(settings.boot_failure_limit)
         self.phase = Phase.RUNNING
         self.exit_code = EXIT_OK
@@ -134,11 +133,7 @@ class Arbiter:
             else:
                 self.stop_worker(worker, "shutdown", self.settings.graceful_timeout)
         while self.live():
-            self.handle_signals()
-            self.reap()
-            self.check_timeouts()
-            if self.live():
-                await self.wait_for_event()
+            await self.pump(TICK)
         outcome = {EXIT_OK: "cleanly", EXIT_BOOT_FAILURE: "(app failed to start)"}.get(
             self.exit_code, "uncleanly"
         )
@@ -156,10 +151,19 @@ class Arbiter:
         """Keep supervising (but not respawning) for the drain delay; a second signal cuts it."""
         deadline = time.monotonic() + seconds
         while self.phase is Phase.DRAINING and time.monotonic() < deadline:
-            self.reap()
-            self.check_timeouts()
-            await self.wait_for_event(min(TICK, deadline - time.monotonic()))
-            self.handle_signals()
+            await self.pump(min(TICK, deadline - time.monotonic()))
+
+    async def pump(self, timeout: float) -> None:
+        """While stopping: collect exits, enforce deadlines, wait, take signals. No respawns."""
+        self.reap()
+        self.check_timeouts()
+        await self.wait_for_event(timeout)
+        self.handle_signals()
+
+    @property
+    def target(self) -> int:
+        """Workers wanted: one per slot (SIGTTIN/SIGTTOU add and remove slots)."""
+        return len(self.slots)
 
     @property
     def running(self) -> bool:
@@ -421,7 +425,6 @@ class Arbiter:
         log.info("SIGUSR1: log files reopened", extra={"event": "reopen_logs"})
 
     def handle_sigttin(self) -> None:
-        self.target += 1
         self.slots[max(self.slots, default=0) + 1] = policy.SlotHealth()
         log.info(
             "SIGTTIN: %d workers", self.target, extra={"event": "scale", "workers": self.target}
@@ -434,7 +437,6 @@ class Arbiter:
         slot = max(self.slots)
         del self.slots[slot]
         self.observe.slot_removed(slot)
-        self.target -= 1
         log.info(
             "SIGTTOU: %d workers", self.target, extra={"event": "scale", "workers": self.target}
         )

@@ -203,7 +203,7 @@ def spawn(
     finally:
         theirs.close()
     # The settings travel over the channel, never argv or environ: they may hold secrets.
-    spec = {"master_pid": os.getpid(), "slot": slot, "settings": settings.model_dump(mode="json")}
+    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
     ours.sendall(json.dumps(spec).encode())
     ours.setblocking(False)
     return Worker(slot, process, ours, generation)

@@ -18,6 +18,7 @@ import psutil
 from asgi_supervise import policy
 from asgi_supervise.process import State, Worker
 from asgi_supervise.settings import Settings
+from asgi_supervise.sizing import MIB
 
 if TYPE_CHECKING:
     from asgi_supervise.arbiter import Arbiter
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("asgi_supervise.master")
 
 SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
-MIB = 1024 * 1024
 
 
 class Rollout:
@@ -69,7 +69,8 @@ class Rollout:
                 extra={"event": "reload_aborted", "error": headline},
             )
             return
-        delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, 30.0)
+        cap = self.settings.restart_backoff_max
+        delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, cap)
         log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
 
     def sample(self) -> bool:
@@ -126,7 +127,9 @@ class Rollout:
             if self.reload_started is not None and not self.old_generation_alive():
                 self.finish("completed")
             return
-        room = policy.has_room(self.memory_used(), self.one_more_worker(), self.memory_limit)
+        room = self.memory_limit is None or policy.has_room(
+            self.memory_used(), self.one_more_worker(), self.memory_limit
+        )
         steps = policy.plan_replacements(due, self.booting(), self.settings.reload_surge, room)
         for step in steps:
             old = self.arbiter.workers[step.pid]

@@ -45,8 +45,6 @@ try:
 except ImportError:  # httptools not installed
     HTTP_PROTOCOLS = (H11Protocol,)
 
-log = logging.getLogger("asgi_supervise.worker")
-
 
 class Control:
     """The worker's end of the master's channel. Message boundaries come from SEQPACKET."""
@@ -116,12 +114,9 @@ class _CaptureErrors(logging.Filter):
 
 
 class WorkerServer(uvicorn.Server):
-    def __init__(
-        self, config: uvicorn.Config, control: Control, master_pid: int, idle_grace: float
-    ):
+    def __init__(self, config: uvicorn.Config, control: Control, idle_grace: float):
         super().__init__(config)
         self.control = control
-        self.master_pid = master_pid
         self.idle_grace = idle_grace
         self.reopen_logs = False
         self.request_metrics: Any = None  # metrics.RequestMetrics when --metrics is on
@@ -153,7 +148,7 @@ class WorkerServer(uvicorn.Server):
             await super().startup(sockets=sockets)
         except SystemExit:
             reason = "\n".join(errors.lines) or "lifespan startup failed"
-            self.control.send("boot_error", stage="lifespan", error=reason)
+            self.control.send("boot_error", error=reason)
             raise SystemExit(BOOT_FAILURE) from None
         finally:
             error_log.removeFilter(errors)
@@ -225,8 +220,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         ws_per_message_deflate=s.ws_per_message_deflate,
         lifespan=s.lifespan,
         env_file=s.env_file,
-        log_config=s.log_config
-        or logs.dict_config(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors),
+        log_config=None,  # run() configured logging already, the master's way
         log_level=s.log_level,
         access_log=s.access_log,
         use_colors=s.use_colors,
@@ -259,9 +253,8 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _boot_error(control: Control, stage: str, exc: BaseException) -> None:
-    text = _user_traceback(exc)
-    control.send("boot_error", stage=stage, error=text)
+def _boot_error(control: Control, exc: BaseException) -> None:
+    control.send("boot_error", error=_user_traceback(exc))
     sys.exit(BOOT_FAILURE)
 
 
@@ -278,14 +271,14 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     try:
         app = apploader.load(settings.app or "", settings.app_dir, settings.factory)
     except Exception as exc:
-        _boot_error(control, "import", exc)
+        _boot_error(control, exc)
     config = uvicorn_config(app, settings)
     try:
         config.load()
     except Exception as exc:
-        _boot_error(control, "config", exc)
+        _boot_error(control, exc)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
-    server = WorkerServer(config, control, spec["master_pid"], idle_grace)
+    server = WorkerServer(config, control, idle_grace)
     if settings.metrics and settings.request_metrics:
         from asgi_supervise.metrics import RequestMetrics  # after PROMETHEUS_MULTIPROC_DIR
 
