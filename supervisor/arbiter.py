@@ -138,7 +138,6 @@ class Arbiter:
             self.exit_code, "uncleanly"
         )
         took = time.monotonic() - started
-        self.observe.drained(took)
         await self.observe.stop()
         log.info(
             "master stopped %s in %.2fs",

@@ -265,8 +265,7 @@ class SupervisorMetrics:
         self.boot.observe(seconds)
 
     def worker_exited(self, slot: int, reason: str) -> None:
-        if reason != NOT_A_RESTART:
-            reason = "scale" if reason.startswith("scale") else reason
+        if reason != NOT_A_RESTART:  # reasons as `process.Worker.exit_reason` names them
             self.restarts[reason] = self.restarts.get(reason, 0) + 1
 
     def set_worker_states(self, counts: Mapping[str, int]) -> None:

@@ -80,6 +80,8 @@ class Observability:
             self.dir.worker_exited(worker.pid)
         if self.metrics:
             self.metrics.worker_exited(worker.slot, worker.exit_reason)
+            if worker.stopping_since is not None:  # it drained: from the stop request to now
+                self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
 
     def sampled(self, workers: list[Worker]) -> None:
         if not self.metrics:
@@ -102,10 +104,6 @@ class Observability:
     def draining(self) -> None:
         if self.metrics:
             self.metrics.set_draining(True)
-
-    def drained(self, seconds: float) -> None:
-        if self.metrics:
-            self.metrics.observe_drain(seconds)
 
     async def stop(self) -> None:
         """Last thing the master does, so /readyz says 503 through the whole drain."""

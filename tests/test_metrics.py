@@ -216,3 +216,5 @@ def test_reload_is_counted_by_outcome_and_replacements_by_reason(supervisor):
 
     wait_until(counted, 5, lambda: "reload metrics\n" + scrape(mport))
     assert value(scrape(mport), "asgi_supervise_reload_duration_seconds_count") == 1
+    # Each replaced worker's own drain, stop request to exit, once per worker.
+    assert value(scrape(mport), "asgi_supervise_worker_drain_seconds_count") == 2

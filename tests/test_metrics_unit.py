@@ -409,7 +409,7 @@ def test_supervisor_metrics() -> None:
     supervisor.worker_ready(1, 0.3)
     supervisor.worker_exited(1, "crash")
     supervisor.worker_exited(1, "memory")
-    supervisor.worker_exited(1, "scale-down")
+    supervisor.worker_exited(1, "scale")
     supervisor.worker_exited(1, "shutdown")
     supervisor.set_worker_states({"ready": 2, "draining": 1})
     supervisor.observe_reload(4.2, "completed")
