@@ -17,6 +17,8 @@ from typing import Any
 
 import uvicorn
 
+from asgi_supervise.sockets import listen_tcp
+
 log = logging.getLogger("asgi_supervise.master")
 
 Status = Callable[[], dict[str, Any]]
@@ -152,10 +154,7 @@ class HealthServer:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so "port in use" reaches the caller as OSError."""
     try:
-        family, *_, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        return socket.create_server(address, family=family, backlog=128)
+        return listen_tcp(host, port, backlog=128)
     except OSError as exc:
         raise OSError(
             exc.errno, f"cannot serve metrics and health on {host}:{port}: {exc.strerror}"

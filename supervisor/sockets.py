@@ -33,12 +33,9 @@ def bind(settings: Settings) -> list[socket.socket]:
     return [_bind_tcp(settings.host, settings.port, settings.backlog)]
 
 
-def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise BindError(f"cannot bind {where}: unknown host ({exc.strerror})") from None
+def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket; OSError (socket.gaierror for a bad host) if it cannot be."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -47,8 +44,19 @@ def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
         sock.listen(backlog)
-    except OSError as exc:
+    except OSError:
         sock.close()
+        raise
+    return sock
+
+
+def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        sock = listen_tcp(host, port, backlog)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {where}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
         raise BindError(f"cannot bind {where}: {_reason(exc)}") from None
     sock.set_inheritable(True)
     return sock
