@@ -312,8 +312,9 @@ def test_load_ignores_the_process_environment_when_given_one(tmp_path, monkeypat
     assert loaded.origin("forwarded_allow_ips") == "env: environment"
 
 
-def test_worker_revalidation_is_not_affected_by_list_variables(monkeypatch):
-    """Workers rebuild Settings from the master's dump, with the master's environment."""
+def test_settings_never_read_the_process_environment_themselves(monkeypatch):
+    """Only sources.load reads the environment (once, with names in errors); the model,
+    validated again from a dump, must not pick up ASGI_SUPERVISE_* on its own."""
     monkeypatch.setenv("ASGI_SUPERVISE_FORWARDED_ALLOW_IPS", "10.0.0.1,10.0.0.2")
     monkeypatch.setenv("ASGI_SUPERVISE_WORKERS", "7")
     dump = Settings().model_dump(mode="json")
