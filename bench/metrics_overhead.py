@@ -2,18 +2,24 @@
 
     python bench/metrics_overhead.py [N]        # middleware calls, no server
     python bench/metrics_overhead.py --wrk [S [R]]  # one uvicorn under wrk: R rounds of S s
+    python bench/metrics_overhead.py --instructions [V ...]  # callgrind, per request
 
-Both run in prometheus_client multiprocess mode (a temporary PROMETHEUS_MULTIPROC_DIR set
-before prometheus_client is imported, as in a worker). The first calls the middleware N
-times around a no-op ASGI app inside one coroutine: the middleware's own CPU per request,
-best of 5. The second serves a hello-world app from one uvicorn process (httptools,
-uvloop, flushing from ``on_tick`` once a second as the worker does) with metrics off and
-on, alternating, and reports wrk's requests/s.
+The first calls the middleware N times around a no-op ASGI app inside one coroutine: its
+own CPU per request, best of 5, next to prometheus_client in multiprocess mode (a
+temporary PROMETHEUS_MULTIPROC_DIR). The second serves a hello-world app from one uvicorn
+process (httptools, uvloop, delivering from ``on_tick`` once a second as the worker does)
+with metrics off and on, alternating, and reports wrk's requests/s and the server's CPU
+per request. The third counts the server's instructions per request under valgrind's
+callgrind, which does not depend on what else the machine is doing: one keep-alive client
+sends 500 and then 2,500 requests, and the difference is divided by 2,000. Variants:
+`off`, `on`, and two floors for any ASGI middleware: `layer` (an `async def` that awaits
+the app) and `layer+send` (the same, passing a plain-function wrapper of `send`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -32,13 +38,13 @@ DIRECTORY = os.environ["PROMETHEUS_MULTIPROC_DIR"]  # set before prometheus_clie
 
 from prometheus_client import Gauge, Histogram  # noqa: E402
 
-from asgi_supervise.metrics import (  # noqa: E402
+from asgi_supervise.httpmetrics import (  # noqa: E402
     DURATION_BUCKETS,
-    HTTP_LABELS,
     SIZE_BUCKETS,
+    UNMATCHED,
     RequestMetrics,
-    route_of,
 )
+from asgi_supervise.metrics import HTTP_LABELS  # noqa: E402
 
 Scope = dict[str, Any]
 HEADERS = [(b"content-type", b"text/plain")]
@@ -92,65 +98,99 @@ class DirectMetrics:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            labels = (method, route_of(scope), str(status))
+            labels = (method, scope.get("http_route", UNMATCHED), str(status))
             self.duration.labels(*labels).observe(time.perf_counter() - start)
             self.size.labels(*labels).observe(size)
             self.active.labels(method).dec()
 
 
-async def calls(app: Any, n: int, routes: int = 1) -> float:
+async def calls(app: Any, n: int, routes: int = 1) -> None:
     scopes: list[Scope] = [
         {"type": "http", "method": "GET", "path": "/", "headers": [], "http_route": f"/r{i}"}
         for i in range(routes)
     ]
-    begin = time.perf_counter()
     for i in range(n):
         await app(scopes[i % routes], receive, send)
-    return (time.perf_counter() - begin) / n * 1e6
 
 
-def best(app: Any, n: int, flush: Any = None) -> float:
+def delivered(message: Any) -> bool:
+    json.dumps(message)  # what the control channel costs the worker
+    return True
+
+
+def best(app: Any, n: int, deliver: Any = None) -> float:
     runs = []
     for _ in range(5):
-        runs.append(asyncio.run(calls(app, n)))
-        if flush is not None:
-            flush()
+        begin = time.perf_counter()
+        asyncio.run(calls(app, n))
+        if deliver is not None:
+            deliver(delivered)
+        runs.append((time.perf_counter() - begin) / n * 1e6)
     return min(runs)
 
 
 def micro(n: int) -> None:
     bare = best(hello, n)
     metrics = RequestMetrics(hello)
-    ours = best(metrics, n, metrics.flush)
+    ours = best(metrics, n, metrics.deliver)
     direct = best(DirectMetrics(hello), n)
-    flushes = []
-    for _ in range(2):  # the first flush creates the label sets' mmap entries
-        asyncio.run(calls(metrics, 10_000, routes=50))  # a busy second over 50 routes
-        begin = time.perf_counter()
-        metrics.flush()
-        flushes.append((time.perf_counter() - begin) * 1e3)
-    print(f"N={n}, multiprocess mode, best of 5")
-    print(f"no metrics (bare app call)   {bare:6.2f} us/request")
-    print(f"RequestMetrics (dict+flush)  {ours:6.2f} us/request  (+{ours - bare:.2f})")
-    print(f"prometheus_client directly   {direct:6.2f} us/request  (+{direct - bare:.2f})")
-    first, then = flushes
-    print(f"flush() after 10k requests on 50 routes: first {first:.1f} ms, then {then:.2f} ms")
+    asyncio.run(calls(metrics, 10_000, routes=50))  # a busy second over 50 routes
+    begin = time.perf_counter()
+    metrics.deliver(delivered)
+    took = (time.perf_counter() - begin) * 1e3
+    print(f"N={n}, best of 5 (each includes asyncio.run and one delivery)")
+    print(f"no metrics (bare app call)       {bare:6.2f} us/request")
+    print(f"RequestMetrics (lists+delivery)  {ours:6.2f} us/request  (+{ours - bare:.2f})")
+    print(f"prometheus_client, multiprocess  {direct:6.2f} us/request  (+{direct - bare:.2f})")
+    print(f"delivery after 10k requests on 50 routes: {took:.1f} ms")
 
 
-def serve(metrics_on: bool, port: int) -> None:
+def layer(app: Any) -> Any:
+    async def layer(scope: Scope, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+
+    return layer
+
+
+def layer_and_send(app: Any) -> Any:
+    async def layer(scope: Scope, receive: Any, send: Any) -> None:
+        def wrapper(message: Any) -> Any:
+            return send(message)
+
+        await app(scope, receive, wrapper)
+
+    return layer
+
+
+VARIANTS = {"off": lambda app: app, "on": RequestMetrics, "layer": layer}
+VARIANTS["layer+send"] = layer_and_send
+VARIANTS["on-bound"] = lambda app: RequestMetrics(app).__call__
+
+
+def serve(variant: str, port: int, every_second: bool) -> None:
+    """Deliver once a second as a worker does, or (under callgrind, where a second is ~50x
+    fewer requests) once at exit: then the count holds each sample's share of the
+    bucketing, as at full speed, and not 50x the per-second fixed cost."""
     import uvicorn
 
-    app = RequestMetrics(hello) if metrics_on else hello
+    app = VARIANTS[variant](hello)
+    metrics = getattr(app, "__self__", app)
+    metrics = metrics if isinstance(metrics, RequestMetrics) else None
 
     class Server(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:
-            if metrics_on and counter % 10 == 0:
-                app.flush()  # type: ignore[union-attr]
+            if metrics and every_second and counter % 10 == 0:
+                metrics.deliver(delivered)
             return await super().on_tick(counter)
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets)
+            if metrics:
+                metrics.deliver(delivered)
 
     config = uvicorn.Config(
         app, port=port, http="httptools", loop="uvloop", lifespan="off",
-        access_log=False, log_level="warning",
+        access_log=False, log_level="warning", interface="asgi3",
     )  # fmt: skip
     Server(config).run()
 
@@ -172,23 +212,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def server_run(metrics_on: bool, seconds: int) -> tuple[float, float]:
-    """wrk's requests/s, and the server's CPU microseconds per request."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def server_run(metrics_on: bool, seconds: int) -> tuple[float, float]:
+    """wrk's requests/s, and the server's CPU microseconds per request."""
+    port = free_port()
     flag = "on" if metrics_on else "off"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", flag, str(port)])
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", flag, str(port), "second"])
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_listening(port, 10)
         wrk(port, 2)  # warm-up
         before = cpu_seconds(proc.pid)
         rate, requests = wrk(port, seconds)
@@ -219,13 +267,60 @@ def macro(seconds: int = 8, rounds: int = 3) -> None:
     )
 
 
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def sequential(port: int, n: int) -> None:
+    """n requests, one after another, on one keep-alive connection: the same path each."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        for _ in range(n):
+            conn.sendall(REQUEST)
+            answer = b""
+            while not answer.endswith(b"\r\n0\r\n\r\n"):  # the chunked body ends
+                chunk = conn.recv(4096)
+                assert chunk, "server closed the connection"
+                answer += chunk
+
+
+def instructions(variant: str, n: int) -> int:
+    """The callgrind instruction count of one server's whole life serving n requests."""
+    port = free_port()
+    out = tempfile.mktemp(prefix="callgrind-", dir=DIRECTORY)
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    proc = subprocess.Popen(
+        [*command, sys.executable, __file__, "--serve", variant, str(port), "exit"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port, 120)
+        sequential(port, n)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    with open(out) as profile:
+        totals = re.search(r"^totals:\s+(\d+)", profile.read(), re.MULTILINE)
+    assert totals, f"no totals in {out}"
+    return int(totals.group(1))
+
+
+def per_request(variants: list[str]) -> None:
+    print("callgrind instructions per request, one keep-alive client, (I(2500) - I(500)) / 2000")
+    base = None
+    for variant in variants or ["off", "on", "layer", "layer+send"]:
+        cost = (instructions(variant, 2500) - instructions(variant, 500)) / 2000
+        base = base or cost
+        print(f"{variant:12s} {cost:9,.0f}  {cost / base:.3f}x  (+{cost - base:,.0f})", flush=True)
+
+
 def main(argv: list[str]) -> None:
     if SERVING:
-        serve(argv[1] == "on", int(argv[2]))
+        serve(argv[1], int(argv[2]), argv[3] == "second")
         return
     try:
         if argv[:1] == ["--wrk"]:
             macro(*(int(a) for a in argv[1:3]))
+        elif argv[:1] == ["--instructions"]:
+            per_request(argv[1:])
         else:
             micro(int(argv[0]) if argv else 100_000)
     finally:

@@ -213,6 +213,8 @@ class Arbiter:
         changed, eof = worker.read_messages()
         if eof:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
+        if worker.reports:
+            self.observe.requests_reported(worker)
         if changed and worker.state is State.READY and worker.ready_at is not None:
             self.boot.succeeded()
             took = worker.ready_at - worker.started

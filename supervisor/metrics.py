@@ -1,19 +1,19 @@
-"""Prometheus metrics: request metrics in the workers, supervisor metrics in the master.
+"""Prometheus metrics, as the master serves them.
 
-One ``/metrics`` (served by the master, see ``health.py``) shows two sources together:
-what the workers wrote into a prometheus_client multiprocess directory (our request
-metrics and the app's own metrics), and the master's in-memory facts about its workers.
+One ``/metrics`` (served by the master, see ``health.py``) shows three sources together:
+the master's facts about its workers, the request totals the workers ship to it
+(``httpmetrics``), and whatever the app itself wrote into the prometheus_client
+multiprocess directory the master owns (``multiproc``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -24,19 +24,11 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from asgi_supervise.httpmetrics import DURATION_BUCKETS, SIZE_BUCKETS
 from asgi_supervise.multiproc import MultiprocDir
 
 log = logging.getLogger("asgi_supervise.master")
-perf_counter = time.perf_counter
 
-
-# OpenTelemetry HTTP semantic conventions, as Prometheus names.
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
-SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
-KNOWN_METHODS = frozenset(
-    ("CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
-)
-UNMATCHED = "unmatched"  # the one route label of everything no router claimed
 HTTP_LABELS = ("http_request_method", "http_route", "http_response_status_code")
 
 # The master's own metrics.
@@ -52,9 +44,6 @@ SLOT_GAUGES = (  # label `slot`, not pid: a recycled worker continues its slot's
     ("worker_cpu_ratio", "CPU use of the worker in a slot (1.0 = one core)."),
     ("worker_requests", "Requests served by the worker now in a slot."),
 )
-
-
-# --- request metrics, in each worker -------------------------------------------------------
 
 
 class _Buckets:
@@ -78,152 +67,91 @@ class _Buckets:
             out.append((floatToGoString(bound), running))
         return out
 
-    def add_to(self, child: Histogram) -> None:
-        """Bulk-add into a prometheus_client histogram: one file write per bucket touched.
-
-        prometheus_client has no public bulk observe; `_sum` and `_buckets` (per-bucket,
-        not cumulative, counts) are its storage, and the unit tests would notice a change.
-        """
-        for index, count in enumerate(self.counts):
-            if count:
-                child._buckets[index].inc(count)
-        child._sum.inc(self.total)
+    def add(self, counts: list[int], total: float) -> None:
+        for index, count in enumerate(counts):
+            self.counts[index] += count
+        self.total += total
 
 
-class _Pending:
-    """One label set's observations since the last flush."""
+class RequestTotals:
+    """The workers' request metrics added up: what ``httpmetrics.RequestMetrics`` ships.
 
-    __slots__ = ("duration", "size")
+    Counters and histograms are deltas and simply add up, so they survive worker deaths
+    and recycling without any files. Gauges (requests in flight, open WebSockets) are each
+    worker's latest value, forgotten when it exits.
+    """
 
     def __init__(self) -> None:
-        self.duration = _Buckets(DURATION_BUCKETS)
-        self.size = _Buckets(SIZE_BUCKETS)
+        self.requests: dict[tuple[str, str, str], tuple[_Buckets, _Buckets]] = {}
+        self.active: dict[int, dict[str, int]] = {}  # by worker pid, then method
+        self.ws_active: dict[int, int] = {}
+        self.ws_opened = 0
 
+    def add(self, pid: int, report: Mapping[str, Any]) -> None:
+        """One "metrics" message; a malformed one raises ValueError and changes nothing."""
+        try:
+            entries = [_entry(entry) for entry in report.get("http", ())]
+            active = {str(m): int(n) for m, n in report.get("active", {}).items()}
+            ws_active, ws_opened = int(report.get("ws_active", 0)), int(report.get("ws_opened", 0))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"unreadable metrics report: {exc}") from None
+        for key, durations, duration_sum, sizes, size_sum in entries:
+            histograms = self.requests.get(key)
+            if histograms is None:
+                histograms = _Buckets(DURATION_BUCKETS), _Buckets(SIZE_BUCKETS)
+                self.requests[key] = histograms
+            histograms[0].add(durations, duration_sum)
+            histograms[1].add(sizes, size_sum)
+        if "active" in report:
+            self.active[pid] = active
+            self.ws_active[pid] = ws_active
+        self.ws_opened += ws_opened
 
-def route_of(scope: Mapping[str, Any]) -> str:
-    """The route template, never the raw path: raw paths make unbounded label sets.
+    def worker_gone(self, pid: int) -> None:
+        self.active.pop(pid, None)
+        self.ws_active.pop(pid, None)
 
-    Starlette-based routers (FastAPI) leave the matched route in ``scope["route"]``;
-    other apps may set ``scope["http_route"]``; everything else shares one label.
-    """
-    route = scope.get("route")
-    if route is not None:
-        template = getattr(route, "path_format", None) or getattr(route, "path", None)
-        if isinstance(template, str):
-            return template
-    template = scope.get("http_route")
-    return template if isinstance(template, str) else UNMATCHED
-
-
-class RequestMetrics:
-    """ASGI middleware: OpenTelemetry-named request metrics, cheap on the request path.
-
-    A prometheus_client observation in multiprocess mode takes a lock and writes an mmap,
-    about 2-3 us each, and a request needs four (see ``bench/metrics_overhead.py``). So a
-    request only touches plain dicts here; `flush` moves the totals into prometheus_client
-    once a second and at shutdown. Observations since the last flush die with a killed
-    worker; in-flight gauges lag by up to a flush interval.
-    """
-
-    def __init__(self, app: Any, registry: CollectorRegistry | None = None) -> None:
-        self.app = app
-        self._pending: dict[tuple[str, str, int], _Pending] = {}
-        self._active: dict[str, int] = {}
-        self._ws_active = 0
-        self._ws_opened = 0
-        self._children: dict[tuple[str, str, int], tuple[Histogram, Histogram]] = {}
-        self.duration = Histogram(
+    def collect(self) -> Iterator[Metric]:
+        duration = HistogramMetricFamily(
             "http_server_request_duration_seconds", "Duration of HTTP server requests.",
-            HTTP_LABELS, registry=registry, buckets=DURATION_BUCKETS,
+            labels=HTTP_LABELS,
         )  # fmt: skip
-        self.size = Histogram(
+        size = HistogramMetricFamily(
             "http_server_response_body_size_bytes", "Size of HTTP server response bodies.",
-            HTTP_LABELS, registry=registry, buckets=SIZE_BUCKETS,
+            labels=HTTP_LABELS,
         )  # fmt: skip
-        self.active = Gauge(
+        for key, (durations, sizes) in sorted(self.requests.items()):
+            duration.add_metric(key, durations.cumulative(), durations.total)
+            size.add_metric(key, sizes.cumulative(), sizes.total)
+        active = GaugeMetricFamily(
             "http_server_active_requests", "HTTP server requests in flight.",
-            ("http_request_method",), registry=registry, multiprocess_mode="livesum",
+            labels=("http_request_method",),
         )  # fmt: skip
-        self.ws_active = Gauge(
+        by_method: dict[str, int] = {}
+        for counts in self.active.values():
+            for method, number in counts.items():
+                by_method[method] = by_method.get(method, 0) + number
+        for method, number in sorted(by_method.items()):
+            active.add_metric((method,), number)
+        yield duration
+        yield size
+        yield active
+        yield GaugeMetricFamily(
             "websocket_server_active_connections", "Accepted WebSocket connections open.",
-            registry=registry, multiprocess_mode="livesum",
+            sum(self.ws_active.values()),
         )  # fmt: skip
-        self.ws_total = Counter(
-            "websocket_server_connections", "WebSocket connections accepted.", registry=registry
+        yield CounterMetricFamily(
+            "websocket_server_connections", "WebSocket connections accepted.", self.ws_opened
         )
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":  # inline below: every coroutine level costs ~0.1 us
-            if scope["type"] == "websocket":
-                return await self._websocket(scope, receive, send)
-            return await self.app(scope, receive, send)  # lifespan, and anything newer
-        method = scope["method"]
-        if method not in KNOWN_METHODS:
-            method = "_OTHER"  # OTel: arbitrary methods must not become label values
-        active = self._active
-        active[method] = active.get(method, 0) + 1
-        status = 500  # what the server answers if the app fails before responding
-        size = 0
 
-        def counting_send(message: Any) -> Any:  # sync: hands back send's awaitable, no frame
-            nonlocal status, size
-            if message["type"] == "http.response.body":
-                size += len(message.get("body", b""))
-            elif message["type"] == "http.response.start":
-                status = message["status"]
-            return send(message)
-
-        start = perf_counter()
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            active[method] -= 1
-            self._record((method, route_of(scope), status), perf_counter() - start, size)
-
-    def _record(self, key: tuple[str, str, int], seconds: float, size: int) -> None:
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = _Pending()
-        duration, body = pending.duration, pending.size  # _Buckets.observe, inlined
-        duration.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        duration.total += seconds
-        body.counts[bisect_left(SIZE_BUCKETS, size)] += 1
-        body.total += size
-
-    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
-        accepted = False
-
-        async def watching_send(message: Any) -> None:
-            nonlocal accepted
-            if message["type"] == "websocket.accept" and not accepted:
-                accepted = True
-                self._ws_active += 1
-                self._ws_opened += 1
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watching_send)
-        finally:
-            if accepted:
-                self._ws_active -= 1
-
-    def flush(self) -> None:
-        """Move what the requests recorded into prometheus_client (the mmap files)."""
-        pending, self._pending = self._pending, {}
-        for key, observed in pending.items():
-            children = self._children.get(key)
-            if children is None:
-                labels = (key[0], key[1], str(key[2]))
-                children = (self.duration.labels(*labels), self.size.labels(*labels))
-                self._children[key] = children
-            observed.duration.add_to(children[0])
-            observed.size.add_to(children[1])
-        for method, count in self._active.items():
-            self.active.labels(method).set(count)
-        self.ws_active.set(self._ws_active)
-        if self._ws_opened:
-            self.ws_total.inc(self._ws_opened)
-            self._ws_opened = 0
+def _entry(entry: Any) -> tuple[tuple[str, str, str], list[int], float, list[int], float]:
+    method, route, status, durations, duration_sum, sizes, size_sum = entry
+    if len(durations) != len(DURATION_BUCKETS) + 1 or len(sizes) != len(SIZE_BUCKETS) + 1:
+        raise ValueError("bucket counts do not match the buckets")
+    key = (str(method), str(route), str(status))
+    durations, sizes = [int(n) for n in durations], [int(n) for n in sizes]
+    return key, durations, float(duration_sum), sizes, float(size_sum)
 
 
 # --- supervisor metrics, in the master -----------------------------------------------------
@@ -252,7 +180,9 @@ class SupervisorMetrics:
         self.samples: dict[int, tuple[float, float, float]] = {}
         self.plan: dict[str, Any] | None = None
         self.draining = False
+        self.requests = RequestTotals()
         self.registry.register(self)
+        self.registry.register(self.requests)
         ProcessCollector(registry=self.registry)  # the master's own CPU, memory, fds
 
     def worker_started(self, slot: int) -> None:

@@ -79,9 +79,20 @@ class Observability:
         if self.dir is not None:
             self.dir.worker_exited(worker.pid)
         if self.metrics:
+            self.metrics.requests.worker_gone(worker.pid)
             self.metrics.worker_exited(worker.slot, worker.exit_reason)
             if worker.stopping_since is not None:  # it drained: from the stop request to now
                 self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
+
+    def requests_reported(self, worker: Worker) -> None:
+        reports, worker.reports = worker.reports, []
+        if not self.metrics:
+            return
+        for report in reports:
+            try:
+                self.metrics.requests.add(worker.pid, report)
+            except ValueError as exc:
+                log.warning("%s: %s", worker.tag(), exc)
 
     def sampled(self, workers: list[Worker]) -> None:
         if not self.metrics:

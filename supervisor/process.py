@@ -68,6 +68,7 @@ class Worker:
         self.memory_strikes = 0
         self.rss = 0
         self.cpu_percent = 0.0
+        self.reports: list[dict[str, Any]] = []  # request metrics, until observe takes them
         self._ps: psutil.Process | None = None
 
     @property
@@ -169,6 +170,8 @@ class Worker:
         elif kind == "ready" and self.state is State.BOOTING:
             self.state = State.READY
             self.ready_at = self.last_beat = time.monotonic()
+        elif kind == "metrics":
+            self.reports.append(message)
         elif kind == "boot_error":
             self.boot_error = str(message.get("error", "")).strip()
 

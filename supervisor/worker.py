@@ -30,6 +30,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from asgi_supervise import apploader, logs
+from asgi_supervise.httpmetrics import RequestMetrics
 
 if TYPE_CHECKING:
     from asgi_supervise.settings import Settings
@@ -56,9 +57,26 @@ class Control:
         return json.loads(self.sock.recv(1 << 20))
 
     def send(self, kind: str, **fields: Any) -> None:
-        """Never blocks the event loop: a heartbeat the master cannot take now is dropped."""
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+        """For what must arrive (ready, boot errors): may wait while the channel is full."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.sock.send(json.dumps({"t": kind, **fields}).encode())
+
+    def offer(self, message: dict[str, Any], timeout: float = 0.0) -> bool:
+        """Send unless the channel stays full for `timeout`: the event loop never stalls
+        on a busy or stopped master. False if the message was not sent."""
+        data = json.dumps(message).encode()
+        try:
+            if timeout <= 0:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+                return True
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.send(data)
+            finally:
+                self.sock.settimeout(None)
+        except OSError:  # full, gone, or too large: the caller keeps what it offered
+            return False
+        return True
 
 
 def _die_with_master(master_pid: int) -> None:
@@ -119,7 +137,7 @@ class WorkerServer(uvicorn.Server):
         self.control = control
         self.idle_grace = idle_grace
         self.reopen_logs = False
-        self.request_metrics: Any = None  # metrics.RequestMetrics when --metrics is on
+        self.request_metrics: RequestMetrics | None = None  # when --metrics is on
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -160,11 +178,10 @@ class WorkerServer(uvicorn.Server):
             logs.reopen()
         if counter % HEARTBEAT_TICKS == 0:
             if self.request_metrics is not None:
-                self.request_metrics.flush()
+                self.request_metrics.deliver(self.control.offer)
             state = self.server_state
-            self.control.send(
-                "beat", requests=state.total_requests, connections=len(state.connections)
-            )
+            beat = {"requests": state.total_requests, "connections": len(state.connections)}
+            self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -191,8 +208,8 @@ class WorkerServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         while self.server_state.tasks and not self.force_exit:
             await asyncio.sleep(0.05)
-        if self.request_metrics is not None:
-            self.request_metrics.flush()
+        if self.request_metrics is not None:  # the last second's requests, before exiting
+            self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -280,8 +297,6 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, idle_grace)
     if settings.metrics and settings.request_metrics:
-        from asgi_supervise.metrics import RequestMetrics  # after PROMETHEUS_MULTIPROC_DIR
-
         config.loaded_app = server.request_metrics = RequestMetrics(config.loaded_app)
     server.run(sockets=listeners)
 

@@ -1,9 +1,8 @@
-"""Metrics building blocks: compaction of real prometheus_client files, the request
-middleware called through the ASGI interface, and the master's own metrics."""
+"""Metrics building blocks: compaction of real prometheus_client files (the app's own
+metrics), and the master's metrics and exposition. Request metrics: test_httpmetrics.py."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
 import subprocess
@@ -11,14 +10,13 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, values
+from prometheus_client import Counter, Gauge, Histogram, Summary, values
 from prometheus_client.parser import text_string_to_metric_families
 
-from asgi_supervise.metrics import UNMATCHED, RequestMetrics, SupervisorMetrics, render
+from asgi_supervise.metrics import SupervisorMetrics, render
 from asgi_supervise.multiproc import MultiprocDir
 
 # --- the multiprocess directory ----------------------------------------------------------
@@ -181,212 +179,6 @@ def test_create_wipes_and_only_removes_what_it_made(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(fresh.path).st_mode) == 0o700
     fresh.cleanup()
     assert not os.path.exists(fresh.path)
-
-
-# --- request metrics -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> CollectorRegistry:
-    monkeypatch.setattr(values, "ValueClass", values.MutexValue)  # single-process mode
-    return CollectorRegistry()
-
-
-class Exchange:
-    """Drive one ASGI call the way a server does: scope, receive, send."""
-
-    def __init__(self, app: Any, scope: dict[str, Any], incoming: list[Any] | None = None):
-        self.app, self.scope = app, scope
-        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
-        for message in incoming or [{"type": "http.request", "body": b""}]:
-            self.incoming.put_nowait(message)
-        self.sent: list[dict[str, Any]] = []
-
-    async def receive(self) -> Any:
-        return await self.incoming.get()
-
-    async def send(self, message: dict[str, Any]) -> None:
-        self.sent.append(message)
-
-    async def run(self) -> None:
-        await self.app(self.scope, self.receive, self.send)
-
-
-def http(path: str = "/", method: str = "GET") -> dict[str, Any]:
-    return {"type": "http", "method": method, "path": path, "headers": []}
-
-
-async def hello(scope: Any, receive: Any, send: Any) -> None:
-    if scope["path"].startswith("/items/"):
-        scope["route"] = SimpleNamespace(path="/items/{id}")  # what a Starlette router does
-    elif scope["path"].startswith("/typed/"):
-        scope["route"] = SimpleNamespace(path="/typed/{id:int}", path_format="/typed/{id}")
-    elif scope["path"] == "/raw-routed":
-        scope["http_route"] = "/raw-routed"
-    elif scope["path"] == "/boom":
-        raise RuntimeError("boom")
-    status = 404 if scope["path"].startswith("/missing") else 200
-    await send({"type": "http.response.start", "status": status, "headers": []})
-    await send({"type": "http.response.body", "body": b"hello", "more_body": True})
-    await send({"type": "http.response.body", "body": b", world"})
-
-
-def serve(metrics: RequestMetrics, *scopes: dict[str, Any]) -> None:
-    async def main() -> None:
-        for scope in scopes:
-            await Exchange(metrics, scope).run()
-
-    asyncio.run(main())
-
-
-def duration_count(registry: CollectorRegistry, method: str, route: str, status: str) -> Any:
-    labels = {"http_request_method": method, "http_route": route}
-    return registry.get_sample_value(
-        "http_server_request_duration_seconds_count",
-        {**labels, "http_response_status_code": status},
-    )
-
-
-def test_route_label_is_the_template(registry: CollectorRegistry) -> None:
-    metrics = RequestMetrics(hello, registry)
-    serve(metrics, http("/items/1"), http("/items/2"), http("/typed/3"), http("/raw-routed"))
-    metrics.flush()
-    assert duration_count(registry, "GET", "/items/{id}", "200") == 2
-    assert duration_count(registry, "GET", "/typed/{id}", "200") == 1
-    assert duration_count(registry, "GET", "/raw-routed", "200") == 1
-    assert duration_count(registry, "GET", "/items/1", "200") is None
-
-
-def test_unmatched_paths_share_one_label(registry: CollectorRegistry) -> None:
-    metrics = RequestMetrics(hello, registry)
-    serve(metrics, *(http(f"/missing/{n}") for n in range(20)), http("/"))
-    metrics.flush()
-    assert duration_count(registry, "GET", UNMATCHED, "404") == 20
-    assert duration_count(registry, "GET", UNMATCHED, "200") == 1
-    routes = {
-        s.labels["http_route"]
-        for m in registry.collect()
-        if m.name == "http_server_request_duration_seconds"
-        for s in m.samples
-    }
-    assert routes == {UNMATCHED}
-
-
-def test_sizes_methods_and_buckets(registry: CollectorRegistry) -> None:
-    metrics = RequestMetrics(hello, registry)
-    serve(metrics, http("/items/1", "POST"), http("/items/1", "BREW"))
-    metrics.flush()
-    assert duration_count(registry, "POST", "/items/{id}", "200") == 1
-    assert duration_count(registry, "_OTHER", "/items/{id}", "200") == 1
-    labels = {"http_request_method": "POST", "http_route": "/items/{id}"}
-    labels["http_response_status_code"] = "200"
-    size = registry.get_sample_value("http_server_response_body_size_bytes_sum", labels)
-    assert size == len(b"hello, world")
-    fast = registry.get_sample_value(
-        "http_server_request_duration_seconds_bucket", {**labels, "le": "0.005"}
-    )
-    assert fast == 1
-
-
-def test_flush_moves_each_observation_once(registry: CollectorRegistry) -> None:
-    metrics = RequestMetrics(hello, registry)
-    serve(metrics, http("/items/1"))
-    assert duration_count(registry, "GET", "/items/{id}", "200") is None  # not flushed yet
-    metrics.flush()
-    metrics.flush()
-    serve(metrics, http("/items/1"))
-    metrics.flush()
-    assert duration_count(registry, "GET", "/items/{id}", "200") == 2
-
-
-def test_an_app_error_counts_as_500_and_propagates(registry: CollectorRegistry) -> None:
-    metrics = RequestMetrics(hello, registry)
-    with pytest.raises(RuntimeError):
-        serve(metrics, http("/boom"))
-    metrics.flush()
-    assert duration_count(registry, "GET", UNMATCHED, "500") == 1
-    assert registry.get_sample_value(
-        "http_server_active_requests", {"http_request_method": "GET"}
-    ) == 0  # fmt: skip
-
-
-def test_active_requests_while_in_flight(registry: CollectorRegistry) -> None:
-    release = asyncio.Event()
-
-    async def slow(scope: Any, receive: Any, send: Any) -> None:
-        await release.wait()
-        await hello(scope, receive, send)
-
-    metrics = RequestMetrics(slow, registry)
-    active = {"http_request_method": "GET"}
-
-    async def main() -> None:
-        request = asyncio.create_task(Exchange(metrics, http()).run())
-        await asyncio.sleep(0)
-        metrics.flush()
-        assert registry.get_sample_value("http_server_active_requests", active) == 1
-        release.set()
-        await request
-        metrics.flush()
-        assert registry.get_sample_value("http_server_active_requests", active) == 0
-
-    asyncio.run(main())
-
-
-def test_websocket_connections(registry: CollectorRegistry) -> None:
-    async def echo(scope: Any, receive: Any, send: Any) -> None:
-        await receive()  # websocket.connect
-        await send({"type": "websocket.accept"})
-        await receive()
-        await send({"type": "websocket.close", "code": 1000})
-
-    metrics = RequestMetrics(echo, registry)
-    scope = {"type": "websocket", "path": "/ws", "headers": []}
-
-    async def main() -> None:
-        exchange = Exchange(metrics, scope, [{"type": "websocket.connect"}])
-        task = asyncio.create_task(exchange.run())
-        await asyncio.sleep(0)
-        metrics.flush()
-        assert registry.get_sample_value("websocket_server_active_connections") == 1
-        exchange.incoming.put_nowait({"type": "websocket.receive", "text": "hi"})
-        await task
-
-    asyncio.run(main())
-    metrics.flush()
-    assert registry.get_sample_value("websocket_server_active_connections") == 0
-    assert registry.get_sample_value("websocket_server_connections_total") == 1
-
-
-def test_lifespan_passes_through_untouched(registry: CollectorRegistry) -> None:
-    seen: list[Any] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append((scope, receive, send))
-
-    async def receive() -> Any:
-        return {}
-
-    async def send(message: Any) -> None:
-        return None
-
-    scope = {"type": "lifespan"}
-    asyncio.run(RequestMetrics(app, registry)(scope, receive, send))
-    assert seen == [(scope, receive, send)]
-
-
-def test_request_metrics_in_multiprocess_mode(directory: MultiprocDir) -> None:
-    """The worker's path end to end: flush into mmap files, then compaction keeps them."""
-    for pid in (501, 502):
-        values.ValueClass = values.MultiProcessValue(lambda pid=pid: pid)
-        metrics = RequestMetrics(hello)
-        serve(metrics, http("/items/1"), http("/items/2"))
-        metrics.flush()
-    directory.worker_exited(501)
-    registry = directory.collect_registry()
-    assert duration_count(registry, "GET", "/items/{id}", "200") == 4
-    active = {"http_request_method": "GET"}
-    assert registry.get_sample_value("http_server_active_requests", active) == 0
 
 
 # --- supervisor metrics and exposition -----------------------------------------------------
