@@ -1,19 +1,20 @@
 """Per-request cost of `RequestMetrics`, against prometheus_client observed directly.
 
     python bench/metrics_overhead.py [N]        # middleware calls, no server
-    python bench/metrics_overhead.py --wrk [S [R]]  # one uvicorn under wrk: R rounds of S s
+    python bench/metrics_overhead.py --wrk [S [R [V]]]  # one uvicorn under wrk: off vs V
     python bench/metrics_overhead.py --instructions [V ...]  # callgrind, per request
 
 The first calls the middleware N times around a no-op ASGI app inside one coroutine: its
 own CPU per request, best of 5, next to prometheus_client in multiprocess mode (a
 temporary PROMETHEUS_MULTIPROC_DIR). The second serves a hello-world app from one uvicorn
 process (httptools, uvloop, delivering from ``on_tick`` once a second as the worker does)
-with metrics off and on, alternating, and reports wrk's requests/s and the server's CPU
-per request. The third counts the server's instructions per request under valgrind's
-callgrind, which does not depend on what else the machine is doing: one keep-alive client
-sends 500 and then 2,500 requests, and the difference is divided by 2,000. Variants:
-`off`, `on`, and two floors for any ASGI middleware: `layer` (an `async def` that awaits
-the app) and `layer+send` (the same, passing a plain-function wrapper of `send`).
+with metrics off and on (or variant V), alternating, and reports wrk's requests/s and
+the server's CPU per request. The third counts the server's instructions per request
+under valgrind's callgrind, which does not depend on what else the machine is doing: one
+keep-alive client sends 500 and then 2,500 requests; the difference is divided by 2,000.
+Variants: `off`, `on`, and two floors for any ASGI middleware: `layer` (an `async def`
+that awaits the app) and `layer+send` (the same, passing a plain-function wrapper of
+`send`, which any middleware that sees the status needs).
 """
 
 from __future__ import annotations
@@ -164,7 +165,6 @@ def layer_and_send(app: Any) -> Any:
 
 VARIANTS = {"off": lambda app: app, "on": RequestMetrics, "layer": layer}
 VARIANTS["layer+send"] = layer_and_send
-VARIANTS["on-bound"] = lambda app: RequestMetrics(app).__call__
 
 
 def serve(variant: str, port: int, every_second: bool) -> None:
@@ -174,8 +174,7 @@ def serve(variant: str, port: int, every_second: bool) -> None:
     import uvicorn
 
     app = VARIANTS[variant](hello)
-    metrics = getattr(app, "__self__", app)
-    metrics = metrics if isinstance(metrics, RequestMetrics) else None
+    metrics = app if isinstance(app, RequestMetrics) else None
 
     class Server(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:
@@ -230,11 +229,10 @@ def wait_listening(port: int, seconds: float) -> None:
             time.sleep(0.05)
 
 
-def server_run(metrics_on: bool, seconds: int) -> tuple[float, float]:
+def server_run(variant: str, seconds: int) -> tuple[float, float]:
     """wrk's requests/s, and the server's CPU microseconds per request."""
     port = free_port()
-    flag = "on" if metrics_on else "off"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", flag, str(port), "second"])
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", variant, str(port), "second"])
     try:
         wait_listening(port, 10)
         wrk(port, 2)  # warm-up
@@ -246,24 +244,21 @@ def server_run(metrics_on: bool, seconds: int) -> tuple[float, float]:
         proc.wait(timeout=10)
 
 
-def macro(seconds: int = 8, rounds: int = 3) -> None:
-    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+def macro(seconds: int = 8, rounds: int = 3, variant: str = "on") -> None:
+    runs: dict[str, list[tuple[float, float]]] = {"off": [], variant: []}
     for i in range(rounds):
-        for metrics_on in (False, True) if i % 2 == 0 else (True, False):
-            runs[metrics_on].append(server_run(metrics_on, seconds))
+        for name in ("off", variant) if i % 2 == 0 else (variant, "off"):
+            runs[name].append(server_run(name, seconds))
     print(f"wrk -t1 -c32 -d{seconds}s, one uvicorn process, {rounds} rounds alternating")
     rate, cpu = {}, {}
-    for metrics_on, name in ((False, "off"), (True, "on ")):
-        rate[metrics_on] = statistics.median(r for r, _ in runs[metrics_on])
-        cpu[metrics_on] = statistics.median(c for _, c in runs[metrics_on])
-        each = ", ".join(f"{r:.0f}" for r, _ in runs[metrics_on])
-        print(
-            f"metrics {name}  {rate[metrics_on]:8.0f} req/s  {cpu[metrics_on]:6.1f} us CPU/req"
-            f"  (runs: {each})"
-        )
+    for name, results in runs.items():
+        rate[name] = statistics.median(r for r, _ in results)
+        cpu[name] = statistics.median(c for _, c in results)
+        each = ", ".join(f"{r:.0f}" for r, _ in results)
+        print(f"{name:10s}  {rate[name]:8.0f} req/s  {cpu[name]:6.1f} us CPU/req  (runs: {each})")
     print(
-        f"on/off: throughput {rate[True] / rate[False]:.3f}, CPU per request "
-        f"{cpu[True] / cpu[False]:.3f} (+{cpu[True] - cpu[False]:.1f} us)"
+        f"{variant}/off: throughput {rate[variant] / rate['off']:.3f}, CPU per request "
+        f"{cpu[variant] / cpu['off']:.3f} (+{cpu[variant] - cpu['off']:.1f} us)"
     )
 
 
@@ -318,7 +313,8 @@ def main(argv: list[str]) -> None:
         return
     try:
         if argv[:1] == ["--wrk"]:
-            macro(*(int(a) for a in argv[1:3]))
+            numbers = [int(a) for a in argv[1:3]]
+            macro(*numbers, *argv[3:4])
         elif argv[:1] == ["--instructions"]:
             per_request(argv[1:])
         else:

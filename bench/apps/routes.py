@@ -4,18 +4,25 @@
 worker saw which route; `/pid` does the same for the harness's readiness probe. Starlette
 leaves the matched route in ``scope["route"]``, so asgi-supervise's request metrics label
 each request with its template (`/r7/{id}`): 51 route label values in all.
+
+Like many production apps it also keeps a prometheus_client metric of its own (a counter
+per route, 51 series): in a worker those land in the master's multiprocess directory, so
+the scrape reads files too, and recycling shows whether they pile up.
 """
 
 import os
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 ROUTES = 50
+SERVED = Counter("app_served", "Requests the app answered, by route.", ["route"])
 
 
 async def pid(request):
+    SERVED.labels(request.scope["route"].path).inc()
     return PlainTextResponse(str(os.getpid()))
 
 
