@@ -305,3 +305,23 @@ def test_offers_to_a_full_channel_return_instead_of_blocking() -> None:
         assert 0.15 < time.monotonic() - began < 2
         assert json.loads(master.recv(1 << 16)) == message  # the master takes one ...
         assert control.offer(message)  # ... and there is room again
+
+
+def test_openmetrics_scrape_of_the_request_totals_parses() -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+
+    metrics, master = RequestMetrics(hello), Master()
+    serve(metrics, http("/items/1"), http("/missing"))
+    metrics.deliver(master.offer)
+    accept = "application/openmetrics-text;version=1.0.0"
+    body, content_type = render(accept, None, master.supervisor)
+    assert content_type.startswith("application/openmetrics-text")
+    got = {f.name: f for f in parse(body.decode())}
+    duration = got["http_server_request_duration_seconds"]
+    counts = {
+        (s.labels["http_route"], s.labels["http_response_status_code"]): s.value
+        for s in duration.samples
+        if s.name.endswith("_count")
+    }
+    assert counts == {("/items/{id}", "200"): 1, (UNMATCHED, "404"): 1}
+    assert got["websocket_server_connections"].type == "counter"
