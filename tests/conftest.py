@@ -86,6 +86,16 @@ def run_cli(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None, tim
     )
 
 
+JOIN_CGROUPS = """
+import os, sys
+end = sys.argv.index("--")
+for procs in sys.argv[1:end]:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+os.execv(sys.executable, [sys.executable, *sys.argv[end + 1:]])
+"""
+
+
 class Supervisor:
     """An `asgi-supervise` master started as users start it, with its output in a file."""
 
@@ -96,6 +106,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         cwd: Path = APPS,
         pass_fds: tuple[int, ...] = (),
+        cgroups: tuple[Path, ...] = (),
     ):
         self.port = free_port()
         self.log_path = tmp_path / f"supervisor-{self.port}.log"
@@ -105,8 +116,11 @@ class Supervisor:
         run_env.update(PYTHONUNBUFFERED="1", **(env or {}))
         bind = [] if {"--uds", "--fd"} & set(args) else ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
+            command = [sys.executable, "-m", "asgi_supervise", *args, *bind]
+            if cgroups:  # a small launcher joins them, then execs the master (same pid)
+                command[1:1] = ["-c", JOIN_CGROUPS, *map(str, cgroups), "--"]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "asgi_supervise", *args, *bind],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,

@@ -2,7 +2,8 @@
 
 Each test builds ``asgi-supervise-test-<pid>/inner`` with the limit on the *parent*, moves
 a fresh Python process into ``inner`` and lets it call ``read_host()``: so the walk up the
-hierarchy is exercised too. Needs root and a writable cgroup filesystem; skips otherwise.
+hierarchy is exercised too. The last test runs a whole master under a real memory limit.
+Needs root and a writable cgroup filesystem; skips otherwise.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import pytest
 
 from asgi_supervise.settings import Settings
 from asgi_supervise.sizing import MIB, HostFacts, plan
+from conftest import free_port, get, wait_until
 
 CGROUP = Path("/sys/fs/cgroup")
 NAME = f"asgi-supervise-test-{os.getpid()}"
@@ -188,3 +191,52 @@ def test_v1_cfs_quota_and_memory_limit_are_read_from_inside_the_cgroup() -> None
         assert f"at {memory_mount}/{NAME}" in facts.memory_limit_source
     p = plan(Settings.model_validate({"workers": "auto", "worker_memory_estimate": 128}), facts)
     assert (p.workers, p.limited_by) == (1, "cpu")
+
+
+@pytest.mark.timeout(90)
+def test_reload_drains_first_when_the_memory_limit_has_no_room(supervisor) -> None:
+    """Replacement first, unless a replacement beside the old worker would not fit the
+    instance's memory limit: then each old worker drains first (issue 5). Here the limit
+    is real, so a surge would have driven the cgroup into its limit."""
+    _need_root()
+    memory = CGROUP / "memory"
+    if not (memory / "memory.limit_in_bytes").is_file():
+        pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
+    mport = free_port()
+    with _nested(memory) as (parent, inner):
+        try:
+            _write(parent / "memory.limit_in_bytes", str(900 * MIB))
+            inner.mkdir()
+        except OSError as exc:
+            pytest.skip(f"cannot set up a cgroup v1 memory limit: {exc}")
+        # master ~40 MiB + 2 workers x ~330 MiB fit in 900; a third worker would not.
+        server = supervisor(
+            "testapp:app", "--workers", "2", "--reload-surge", "1",
+            "--metrics", "--metrics-port", str(mport),
+            env={"TESTAPP_BALLAST_MB": "300"}, cgroups=(inner / "cgroup.procs",),
+        )  # fmt: skip
+        try:
+            server.wait_ready(2, timeout=30)
+
+            def sampled() -> int:  # the decision uses the master's RSS samples
+                status = json.loads(get(mport, "/status")[1])
+                return sum(w["rss_bytes"] > 250 * MIB for w in status["workers"])
+
+            wait_until(lambda: sampled() == 2, 10, "RSS samples of both workers")
+            before = server.worker_pids()
+            most = 0
+
+            def reloaded() -> bool:
+                nonlocal most
+                most = max(most, len(server.worker_pids()))
+                return "reload complete" in server.log()
+
+            server.signal(signal.SIGHUP)
+            wait_until(reloaded, 40, server.log)
+            log = server.log()
+            assert log.count("draining it first") == 2, log
+            assert most <= 2, f"{most} workers at once under a limit with room for 2"
+            assert not server.serving_pids(2) & before
+            assert (parent / "memory.failcnt").read_text().strip() == "0"  # never at the limit
+        finally:
+            server.stop()

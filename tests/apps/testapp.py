@@ -11,6 +11,8 @@ from urllib.parse import parse_qs
 VERSION = os.environ.get("TESTAPP_VERSION", "1")
 INFLIGHT = os.environ.get("TESTAPP_INFLIGHT_DIR")
 _hoard: list[bytes] = []
+# Memory every worker holds from the start (touched, so it counts in RSS and the cgroup).
+_ballast = b"x" * int(os.environ.get("TESTAPP_BALLAST_MB", "0")) * 1024 * 1024
 
 
 async def _respond(send, status: int, body: bytes, headers=()) -> None:
