@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -55,25 +55,31 @@ def bucket_counts(values: list[float] | list[int], bounds: tuple[float, ...]) ->
     return counts
 
 
-class _Totals:
-    """One label set's bucketed observations not yet delivered to the master."""
+class Buckets:
+    """A histogram in plain Python: per-bucket counts (the last one +Inf) and a sum.
 
-    __slots__ = ("duration_sum", "durations", "size_sum", "sizes")
+    The worker fills them from its samples, the master adds up what workers send and
+    observes its own durations into them.
+    """
 
-    def __init__(self) -> None:
-        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
-        self.duration_sum = 0.0
-        self.sizes = [0] * (len(SIZE_BUCKETS) + 1)
-        self.size_sum = 0
+    __slots__ = ("bounds", "counts", "total")
 
-    def add(self, samples: Samples) -> None:
-        durations, sizes = samples
-        for index, count in enumerate(bucket_counts(durations, DURATION_BUCKETS)):
-            self.durations[index] += count
-        for index, count in enumerate(bucket_counts(sizes, SIZE_BUCKETS)):
-            self.sizes[index] += count
-        self.duration_sum += sum(durations)
-        self.size_sum += sum(sizes)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total: float = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.total += value
+
+    def add(self, counts: list[int], total: float) -> None:
+        for index, count in enumerate(counts):
+            self.counts[index] += count
+        self.total += total
+
+    def add_samples(self, values: list[float] | list[int]) -> None:
+        self.add(bucket_counts(values, self.bounds), sum(values))
 
 
 def method_label(method: str) -> str:
@@ -99,7 +105,7 @@ class RequestMetrics:
         self._samples: dict[tuple[str, Any, int], Samples] = {}
         self._started: list[str] = []
         self._counts: Counter[str] = Counter()  # requests started minus finished, by method
-        self._undelivered: dict[Key, _Totals] = {}
+        self._undelivered: dict[Key, tuple[Buckets, Buckets]] = {}  # durations, sizes
         self._ws_active = 0
         self._ws_opened = 0
 
@@ -170,9 +176,11 @@ class RequestMetrics:
             key = label_set(method, template, status)
             totals = self._undelivered.get(key)
             if totals is None:
-                totals = self._undelivered[key] = _Totals()
-            totals.add(observed)
-            counts[key[0]] -= len(observed[0])
+                totals = self._undelivered[key] = Buckets(DURATION_BUCKETS), Buckets(SIZE_BUCKETS)
+            durations, sizes = observed
+            counts[key[0]] -= len(durations)
+            totals[0].add_samples(durations)
+            totals[1].add_samples(sizes)
 
     def active(self) -> dict[str, int]:
         """Requests in flight by method, as of the last fold."""
@@ -197,12 +205,22 @@ class RequestMetrics:
         return True
 
 
-def _messages(totals: Mapping[Key, _Totals], first: dict[str, Any]) -> list[dict[str, Any]]:
+def _messages(
+    totals: Mapping[Key, tuple[Buckets, Buckets]], first: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Entries in messages of at most about MESSAGE_BYTES; `first` rides on the first."""
     groups: list[list[list[Any]]] = [[]]
     size = len(json.dumps(first))
-    for (method, route, status), t in totals.items():
-        entry = [method, route, status, t.durations, t.duration_sum, t.sizes, t.size_sum]
+    for (method, route, status), (durations, sizes) in totals.items():
+        entry = [
+            method,
+            route,
+            status,
+            durations.counts,
+            durations.total,
+            sizes.counts,
+            sizes.total,
+        ]
         length = len(json.dumps(entry)) + 2
         if groups[-1] and size + length > MESSAGE_BYTES:
             groups.append([])

@@ -9,7 +9,6 @@ multiprocess directory the master owns (``multiproc``).
 from __future__ import annotations
 
 import logging
-from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,7 +23,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from asgi_supervise.httpmetrics import DURATION_BUCKETS, SIZE_BUCKETS
+from asgi_supervise.httpmetrics import DURATION_BUCKETS, SIZE_BUCKETS, Buckets
 from asgi_supervise.multiproc import MultiprocDir
 
 log = logging.getLogger("asgi_supervise.master")
@@ -46,33 +45,6 @@ SLOT_GAUGES = (  # label `slot`, not pid: a recycled worker continues its slot's
 )
 
 
-class _Buckets:
-    """A histogram in plain Python: bucket counts (last one +Inf) and a sum."""
-
-    __slots__ = ("bounds", "counts", "total")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
-        self.total += value
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        running, out = 0, []
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            out.append((floatToGoString(bound), running))
-        return out
-
-    def add(self, counts: list[int], total: float) -> None:
-        for index, count in enumerate(counts):
-            self.counts[index] += count
-        self.total += total
-
-
 class RequestTotals:
     """The workers' request metrics added up: what ``httpmetrics.RequestMetrics`` ships.
 
@@ -82,7 +54,7 @@ class RequestTotals:
     """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], tuple[_Buckets, _Buckets]] = {}
+        self.requests: dict[tuple[str, str, str], tuple[Buckets, Buckets]] = {}
         self.active: dict[int, dict[str, int]] = {}  # by worker pid, then method
         self.ws_active: dict[int, int] = {}
         self.ws_opened = 0
@@ -98,7 +70,7 @@ class RequestTotals:
         for key, durations, duration_sum, sizes, size_sum in entries:
             histograms = self.requests.get(key)
             if histograms is None:
-                histograms = _Buckets(DURATION_BUCKETS), _Buckets(SIZE_BUCKETS)
+                histograms = Buckets(DURATION_BUCKETS), Buckets(SIZE_BUCKETS)
                 self.requests[key] = histograms
             histograms[0].add(durations, duration_sum)
             histograms[1].add(sizes, size_sum)
@@ -121,8 +93,8 @@ class RequestTotals:
             labels=HTTP_LABELS,
         )  # fmt: skip
         for key, (durations, sizes) in sorted(self.requests.items()):
-            duration.add_metric(key, durations.cumulative(), durations.total)
-            size.add_metric(key, sizes.cumulative(), sizes.total)
+            duration.add_metric(key, _cumulative(durations), durations.total)
+            size.add_metric(key, _cumulative(sizes), sizes.total)
         active = GaugeMetricFamily(
             "http_server_active_requests", "HTTP server requests in flight.",
             labels=("http_request_method",),
@@ -173,9 +145,9 @@ class SupervisorMetrics:
         self.starts = 0
         self.restarts = dict.fromkeys(EXIT_REASONS, 0)
         self.states = dict.fromkeys(STATES, 0)
-        self.boot = _Buckets(SECONDS_BUCKETS)
-        self.drain = _Buckets(SECONDS_BUCKETS)
-        self.reload = _Buckets(SECONDS_BUCKETS)
+        self.boot = Buckets(SECONDS_BUCKETS)
+        self.drain = Buckets(SECONDS_BUCKETS)
+        self.reload = Buckets(SECONDS_BUCKETS)
         self.reloads = dict.fromkeys(RELOAD_OUTCOMES, 0)
         self.samples: dict[int, tuple[float, float, float]] = {}
         self.plan: dict[str, Any] | None = None
@@ -258,10 +230,19 @@ def _family(
     return family
 
 
-def _histogram(name: str, doc: str, buckets: _Buckets) -> Metric:
+def _histogram(name: str, doc: str, buckets: Buckets) -> Metric:
     return HistogramMetricFamily(
-        "asgi_supervise_" + name, doc, buckets=buckets.cumulative(), sum_value=buckets.total
+        "asgi_supervise_" + name, doc, buckets=_cumulative(buckets), sum_value=buckets.total
     )
+
+
+def _cumulative(buckets: Buckets) -> list[tuple[str, float]]:
+    """Prometheus histogram buckets: cumulative counts under their `le` labels."""
+    running, out = 0, []
+    for bound, count in zip((*buckets.bounds, float("inf")), buckets.counts, strict=True):
+        running += count
+        out.append((floatToGoString(bound), running))
+    return out
 
 
 # --- exposition ----------------------------------------------------------------------------
