@@ -141,12 +141,19 @@ def test_killed_worker_counts_a_crash_restart(supervisor):
     server.wait_ready(2)
     reason = {"reason": "crash"}
     assert value(scrape(mport), "asgi_supervise_worker_restarts_total", **reason) == 0
+    put = {"http_request_method": "PUT"}
+    assert [_put(server.port) for _ in range(40)] == [200] * 40
+    wait_until(lambda: value(scrape(mport), REQUESTS, **put) == 40, 5, "40 delivered")
     os.kill(sorted(server.worker_pids())[0], signal.SIGKILL)
     wait_until(
         lambda: value(scrape(mport), "asgi_supervise_worker_restarts_total", **reason) == 1,
         5,
         "the crash to be counted",
     )
+    assert value(scrape(mport), REQUESTS, **put) == 40  # what it delivered outlives it
+    server.serving_pids(2)
+    assert [_put(server.port) for _ in range(20)] == [200] * 20
+    wait_until(lambda: value(scrape(mport), REQUESTS, **put) == 60, 5, "60 counted")
     status = json.loads(get(mport, "/status")[1])
     assert [w["state"] for w in status["workers"]].count("ready") >= 1
     assert status["plan"]["workers"] == 2
