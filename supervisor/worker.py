@@ -179,11 +179,11 @@ class WorkerServer(uvicorn.Server):
         if self.request_metrics is not None:
             self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
         if counter % HEARTBEAT_TICKS == 0:
-            if self.request_metrics is not None:
-                self.request_metrics.deliver(self.control.offer)
             state = self.server_state
             beat = {"requests": state.total_requests, "connections": len(state.connections)}
             self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
+            if self.request_metrics is not None:  # after the beat: it may fill the channel
+                self.request_metrics.deliver(self.control.offer)
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
