@@ -86,6 +86,14 @@ def run_cli(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None, tim
     )
 
 
+def in_cgroups(cgroups: tuple[Path, ...], *python_args: str) -> list[str]:
+    """A Python command line; with `cgroups` (their cgroup.procs files) a small launcher
+    joins them first and then execs it, so the pid and everything it starts are inside."""
+    if not cgroups:
+        return [sys.executable, *python_args]
+    return [sys.executable, "-c", JOIN_CGROUPS, *map(str, cgroups), "--", *python_args]
+
+
 JOIN_CGROUPS = """
 import os, sys
 end = sys.argv.index("--")
@@ -116,11 +124,8 @@ class Supervisor:
         run_env.update(PYTHONUNBUFFERED="1", **(env or {}))
         bind = [] if {"--uds", "--fd"} & set(args) else ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
-            command = [sys.executable, "-m", "asgi_supervise", *args, *bind]
-            if cgroups:  # a small launcher joins them, then execs the master (same pid)
-                command[1:1] = ["-c", JOIN_CGROUPS, *map(str, cgroups), "--"]
             self.process = subprocess.Popen(
-                command,
+                in_cgroups(cgroups, "-m", "asgi_supervise", *args, *bind),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,

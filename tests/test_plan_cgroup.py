@@ -13,45 +13,35 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from asgi_supervise.settings import Settings
 from asgi_supervise.sizing import MIB, HostFacts, plan
-from conftest import free_port, get, wait_until
+from conftest import free_port, get, in_cgroups, wait_until
 
 CGROUP = Path("/sys/fs/cgroup")
 NAME = f"asgi-supervise-test-{os.getpid()}"
 
-# Joins the given cgroup.procs files first, so everything after runs inside the cgroups.
-CHILD = """
-import json, os, sys
-for procs in sys.argv[1:]:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
-from asgi_supervise.sizing import read_host
-print(json.dumps(read_host().to_dict()))
-"""
+# What runs inside the cgroups: read_host() itself, and the real `asgi-supervise plan`.
+READ_HOST = (
+    "import json; from asgi_supervise.sizing import read_host; "
+    "print(json.dumps(read_host().to_dict()))"
+)
+PLAN = (
+    "-m", "asgi_supervise", "plan", "--json", "--workers", "auto",
+    "--worker-memory-estimate", "128",
+)  # fmt: skip
 
 
-# The same, then becomes `asgi-supervise plan --json` (exec keeps the pid, so the cgroups).
-CLI_CHILD = """
-import os, sys
-for procs in sys.argv[1:]:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
-os.execv(sys.executable, [sys.executable, "-m", "asgi_supervise", "plan", "--json",
-                          "--workers", "auto", "--worker-memory-estimate", "128"])
-"""
-
-
-def _run_plan_cli(*procs: Path) -> dict:
+def _output_inside(procs: tuple[Path, ...], *python_args: str) -> Any:
+    """JSON printed by a fresh Python process that ran inside the cgroups."""
     out = subprocess.run(
-        [sys.executable, "-c", CLI_CHILD, *map(str, procs)],
+        in_cgroups(procs, *python_args),
         capture_output=True,
         text=True,
         timeout=20,
@@ -59,6 +49,10 @@ def _run_plan_cli(*procs: Path) -> dict:
         cwd="/",  # no asgi-supervise.toml or pyproject.toml of ours in the way
     )
     return json.loads(out.stdout)
+
+
+def _run_plan_cli(*procs: Path) -> dict:
+    return _output_inside(procs, *PLAN)
 
 
 def _need_root() -> None:
@@ -98,14 +92,7 @@ def _nested(mount: Path) -> Iterator[tuple[Path, Path]]:
 
 
 def _run_child(*procs: Path) -> HostFacts:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, *map(str, procs)],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    )
-    data = json.loads(out.stdout)
+    data = _output_inside(procs, "-c", READ_HOST)
     return HostFacts(**{**data, "notes": tuple(data["notes"])})
 
 
