@@ -30,7 +30,6 @@ from typing import Any
 
 from harness import (
     Server,
-    cpu_seconds,
     free_port,
     get,
     kinds,
@@ -42,7 +41,7 @@ from harness import (
     wait_workers,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from scenarios import HELLO, _python_load, _wrk, parse_wrk
+from scenarios import HELLO, measure_load
 
 ROUTES = "apps.routes:app"
 N_ROUTES = 50
@@ -108,23 +107,8 @@ async def metrics(name: str, template: str, o: Any) -> dict[str, Any]:
     mport = free_port()
     srv, _ = await start_ready(name, template, HELLO, o, metrics_port=mport)
     try:
-        use_wrk = shutil.which("wrk") is not None
-        if use_wrk:
-            warm = parse_wrk(await _wrk(srv.port, o.warmup, o.conns, latency=False))
-        else:
-            warm = await _python_load(srv.port, o.warmup, o.conns)
-        pids = [srv.pid, *srv.tree()]
-        cpu0 = cpu_seconds(pids)
-        if use_wrk:
-            r = parse_wrk(await _wrk(srv.port, o.duration, o.conns, latency=True))
-        else:
-            r = await _python_load(srv.port, o.duration, o.conns)
-        cpu = cpu_seconds(pids) - cpu0
-        r["server_cpu_ms_per_1k"] = round(cpu * 1e6 / max(1, r["requests"]), 2)
-        r["rps"] = round(r["rps"], 1)
-        r["load_generator"] = "wrk" if use_wrk else "python"
-        r["procs_measured"] = len(pids)
-        if "--metrics" in template:  # did the request metrics count? (flush: once a second)
+        warm, r = await measure_load(srv, o)
+        if "--metrics" in template:  # did the request metrics count? (sent once a second)
             await asyncio.sleep(1.5)
             scraped = await fetch_metrics(mport)
             counts = request_counts(scraped["body"]) if scraped["ok"] else {}

@@ -112,25 +112,31 @@ async def _python_load(port: int, seconds: float, conns: int) -> dict[str, Any]:
     }
 
 
+async def measure_load(srv: Any, o: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A warm-up, then the measured load with the server tree's CPU: (warm-up, result)."""
+    use_wrk = shutil.which("wrk") is not None
+    if use_wrk:
+        warm = parse_wrk(await _wrk(srv.port, o.warmup, o.conns, latency=False))
+    else:
+        warm = await _python_load(srv.port, o.warmup, o.conns)
+    pids = [srv.pid, *srv.tree()]
+    cpu0 = cpu_seconds(pids)
+    if use_wrk:
+        r = parse_wrk(await _wrk(srv.port, o.duration, o.conns, latency=True))
+    else:
+        r = await _python_load(srv.port, o.duration, o.conns)
+    cpu = cpu_seconds(pids) - cpu0
+    r["server_cpu_ms_per_1k"] = round(cpu * 1e6 / max(1, r["requests"]), 2)
+    r["rps"] = round(r["rps"], 1)
+    r["load_generator"] = "wrk" if use_wrk else "python"
+    r["procs_measured"] = len(pids)
+    return warm, r
+
+
 async def throughput(name: str, template: str, o: Any) -> dict[str, Any]:
     srv, _ = await start_ready(name, template, HELLO, o)
     try:
-        use_wrk = shutil.which("wrk") is not None
-        if use_wrk:
-            await _wrk(srv.port, o.warmup, o.conns, latency=False)
-        else:
-            await _python_load(srv.port, o.warmup, o.conns)
-        pids = [srv.pid, *srv.tree()]
-        cpu0 = cpu_seconds(pids)
-        if use_wrk:
-            out = await _wrk(srv.port, o.duration, o.conns, latency=True)
-            r = parse_wrk(out)
-        else:
-            r = await _python_load(srv.port, o.duration, o.conns)
-        cpu = cpu_seconds(pids) - cpu0
-        r["server_cpu_ms_per_1k"] = round(cpu * 1e6 / max(1, r["requests"]), 2)
-        r["rps"] = round(r["rps"], 1)
-        r["load_generator"] = "wrk" if use_wrk else "python"
+        _, r = await measure_load(srv, o)
         return r
     finally:
         srv.stop()
