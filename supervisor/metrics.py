@@ -8,7 +8,6 @@ multiprocess directory the master owns (``multiproc``).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,8 +24,6 @@ from prometheus_client.utils import floatToGoString
 
 from asgi_supervise.httpmetrics import DURATION_BUCKETS, SIZE_BUCKETS, Buckets
 from asgi_supervise.multiproc import MultiprocDir
-
-log = logging.getLogger("asgi_supervise.master")
 
 HTTP_LABELS = ("http_request_method", "http_route", "http_response_status_code")
 
