@@ -20,6 +20,7 @@ that awaits the app) and `layer+send` (the same, passing a plain-function wrappe
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from asgi_supervise.httpmetrics import (  # noqa: E402
     DURATION_BUCKETS,
     SIZE_BUCKETS,
     UNMATCHED,
+    PythonMeter,
     RequestMetrics,
 )
 from asgi_supervise.metrics import HTTP_LABELS  # noqa: E402
@@ -165,6 +167,7 @@ def layer_and_send(app: Any) -> Any:
 
 VARIANTS = {"off": lambda app: app, "on": RequestMetrics, "layer": layer}
 VARIANTS["layer+send"] = layer_and_send
+VARIANTS["python"] = functools.partial(RequestMetrics, meter=PythonMeter)
 
 
 def serve(variant: str, port: int, every_second: bool) -> None:
@@ -175,6 +178,8 @@ def serve(variant: str, port: int, every_second: bool) -> None:
 
     app = VARIANTS[variant](hello)
     metrics = app if isinstance(app, RequestMetrics) else None
+    if metrics:
+        app = metrics.meter  # as the worker serves it
 
     class Server(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:

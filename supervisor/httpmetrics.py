@@ -1,24 +1,27 @@
 """HTTP request metrics, measured in each worker and shipped to the master.
 
-A request only appends its duration and body size to two lists of its label set. Every
-tick (0.1 s) the worker sorts the lists into bucket counts; once a second it sends the
-counts to the master over the control channel, and the master adds them up
-(``metrics.RequestTotals``) and serves them.
+A request only counts its duration and body size into two histograms of its label set.
+Every tick (0.1 s) the worker takes them; once a second it sends what it took to the
+master over the control channel, and the master adds them up (``metrics.RequestTotals``)
+and serves them.
 
 Why not prometheus_client in the worker: a multiprocess observation takes a lock and
 writes an mmap (2-3 us, four per request), and every scrape re-parses every live worker's
-files (~49,000 entries for 8 workers x 50 routes). Here a request's bookkeeping is a dict
-lookup and two list appends, and a scrape reads the master's totals. What remains per
-request is mostly the ASGI layer and the `send` wrapper any status-reading middleware
-needs (bench/metrics_overhead.py --instructions). This module imports nothing heavy: it
-runs in every worker.
+files (~49,000 entries for 8 workers x 50 routes). Here a request's bookkeeping is two
+bucket increments, and a scrape reads the master's totals.
+
+The per-request part, the Meter, is compiled (`_meter.c`): in Python, the coroutine frame
+and `send` wrapper any status-reading middleware needs cost more than all the rest
+(bench/metrics_overhead.py --instructions). PythonMeter is the same in Python, used where
+no C compiler built the extension. This module imports nothing heavy: it runs in every
+worker.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,30 +39,16 @@ MESSAGE_BYTES = 48 * 1024  # per control message: the master reads 64 KiB at a t
 
 perf_counter = time.perf_counter
 Key = tuple[str, str, str]  # method, route template, status code
-Samples = tuple[list[float], list[int]]  # durations, body sizes
+Tally = tuple[list[int], float]  # per-bucket counts, +Inf last; sum
+Tallies = dict[tuple[str, Any, int], tuple[list[int], float, list[int], float]]
 Offer = Callable[[dict[str, Any]], bool]  # sends one message without blocking
-
-
-def bucket_counts(values: list[float] | list[int], bounds: tuple[float, ...]) -> list[int]:
-    """Per-bucket (not cumulative) counts, the last one +Inf; `le`: value <= bound.
-
-    One sort and a bisect per bound instead of a bisect per observation.
-    """
-    values.sort()
-    counts, below = [], 0
-    for bound in bounds:
-        upto = bisect_right(values, bound)
-        counts.append(upto - below)
-        below = upto
-    counts.append(len(values) - below)
-    return counts
 
 
 class Buckets:
     """A histogram in plain Python: per-bucket counts (the last one +Inf) and a sum.
 
-    The worker fills them from its samples, the master adds up what workers send and
-    observes its own durations into them.
+    PythonMeter observes requests into them, RequestMetrics adds up what its meter
+    measured, and the master adds up what workers send and observes its own durations.
     """
 
     __slots__ = ("bounds", "counts", "total")
@@ -68,6 +57,9 @@ class Buckets:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.total: float = 0
+
+    def read(self) -> Tally:
+        return self.counts, self.total
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
@@ -78,11 +70,8 @@ class Buckets:
             self.counts[index] += count
         self.total += total
 
-    def add_samples(self, values: list[float] | list[int]) -> None:
-        self.add(bucket_counts(values, self.bounds), sum(values))
 
-
-def method_label(method: str) -> str:
+def method_label(method: str | None) -> str:
     return method if method in KNOWN_METHODS else OTHER_METHOD
 
 
@@ -92,45 +81,52 @@ def label_set(method: str, route: Any, status: Any) -> Key:
     return method_label(method), route, str(status)
 
 
-class RequestMetrics:
-    """ASGI middleware: request durations, statuses and sizes by route template.
+class PythonMeter:
+    """The per-request part of RequestMetrics in Python: `_meter.Meter` compiled.
 
-    The route label is the template a Starlette or FastAPI router leaves in
-    ``scope["route"]`` (or a string another framework puts in ``scope["http_route"]``),
-    never the raw path. Observations since the last delivery die with a killed worker.
+    An ASGI app that counts each HTTP request's duration and body size into two
+    histograms of its label set, and hands them over with ``take()``. This is the
+    reference for what the compiled one does, and what runs where it could not be built.
     """
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._samples: dict[tuple[str, Any, int], Samples] = {}
-        self._started: list[str] = []
-        self._counts: Counter[str] = Counter()  # requests started minus finished, by method
-        self._undelivered: dict[Key, tuple[Buckets, Buckets]] = {}  # durations, sizes
-        self._ws_active = 0
-        self._ws_opened = 0
+    def __init__(
+        self, app: Any, websocket: Any, durations: tuple[float, ...], sizes: tuple[float, ...]
+    ) -> None:
+        self.app, self.websocket = app, websocket
+        self.bounds = durations, sizes
+        self.tallies: dict[tuple[str, Any, int], tuple[Buckets, Buckets]] = {}
+        self.started: Counter[str] = Counter()
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        # Every line here runs per request: see bench/metrics_overhead.py before adding one.
+    def take(self) -> tuple[Tallies, dict[str | None, int]]:
+        """What was measured since the last take(); measuring starts afresh.
+
+        Also the requests begun by method (the compiled meter counts unknown ones as None).
+        """
+        tallies = {key: (*d.read(), *s.read()) for key, (d, s) in self.tallies.items()}
+        started, self.tallies, self.started = dict(self.started), {}, Counter()
+        return tallies, started
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                return await self._websocket(scope, receive, send)
+                return await self.websocket(scope, receive, send)
             return await self.app(scope, receive, send)  # lifespan, and anything newer
-        status = 500  # what the server answers if the app fails before responding
+        status = None  # until the first message, which ASGI makes the start
         size = 0
 
         def tap(message: Any) -> Any:  # sync: hands back send's awaitable, no extra frame
             nonlocal status, size
-            if message["type"] == "http.response.start":
+            if status is None and message["type"] == "http.response.start":
                 status = message["status"]
             else:
                 size += len(message.get("body", b""))
             return send(message)
 
         method = scope["method"]
-        self._started.append(method)
+        self.started[method] += 1
         start = perf_counter()
-        try:
-            await self.app(scope, receive, tap)
+        try:  # what the app returns goes through: the server warns unless it is None
+            return await self.app(scope, receive, tap)
         finally:
             seconds = perf_counter() - start
             route = scope.get("route")
@@ -138,11 +134,40 @@ class RequestMetrics:
                 template = scope.get("http_route")
             else:  # Starlette's Route: `path_format` is the template without converters
                 template = getattr(route, "path_format", None) or getattr(route, "path", None)
-            samples = self._samples.get((method, template, status))
-            if samples is None:
-                samples = self._samples[method, template, status] = ([], [])
-            samples[0].append(seconds)
-            samples[1].append(size)
+            key = method, template, 500 if status is None else status  # 500: the app failed
+            tally = self.tallies.get(key)
+            if tally is None:
+                tally = self.tallies[key] = Buckets(self.bounds[0]), Buckets(self.bounds[1])
+            tally[0].observe(seconds)
+            tally[1].observe(size)
+
+
+try:
+    from asgi_supervise._meter import Meter
+except ImportError:  # built without a C compiler: the same, at ~3x the cost per request
+    Meter = PythonMeter  # type: ignore[assignment,misc]
+COMPILED = Meter is not PythonMeter
+
+
+class RequestMetrics:
+    """Request durations, statuses and sizes by route template, folded and delivered.
+
+    The route label is the template a Starlette or FastAPI router leaves in
+    ``scope["route"]`` (or a string another framework puts in ``scope["http_route"]``),
+    never the raw path. Serve ``self.meter``, the ASGI app that measures; calling this
+    object calls it too. Observations since the last delivery die with a killed worker.
+    """
+
+    def __init__(self, app: Any, meter: Callable[..., Any] = Meter) -> None:
+        self.app = app
+        self.meter = meter(app, self._websocket, DURATION_BUCKETS, SIZE_BUCKETS)
+        self._counts: Counter[str] = Counter()  # requests started minus finished, by method
+        self._undelivered: dict[Key, tuple[Buckets, Buckets]] = {}  # durations, sizes
+        self._ws_active = 0
+        self._ws_opened = 0
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        return self.meter(scope, receive, send)
 
     async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
         accepted = False
@@ -162,25 +187,22 @@ class RequestMetrics:
                 self._ws_active -= 1
 
     def fold(self) -> None:
-        """Bucket the samples since the last fold into what awaits delivery.
+        """Add what the meter measured since the last fold to what awaits delivery.
 
-        The worker folds every tick (0.1 s): folding a whole second of 20,000 requests at
-        once would hold its event loop for ~4 ms (measured on a 2-core test machine).
+        The worker folds every tick (0.1 s): it costs per label set, not per request.
         """
-        samples, self._samples = self._samples, {}
-        started, self._started = self._started, []
+        tallies, started = self.meter.take()
         counts = self._counts
-        for method, number in Counter(started).items():
+        for method, number in started.items():
             counts[method_label(method)] += number
-        for (method, template, status), observed in samples.items():
+        for (method, template, status), (durations, seconds, sizes, size) in tallies.items():
             key = label_set(method, template, status)
             totals = self._undelivered.get(key)
             if totals is None:
                 totals = self._undelivered[key] = Buckets(DURATION_BUCKETS), Buckets(SIZE_BUCKETS)
-            durations, sizes = observed
-            counts[key[0]] -= len(durations)
-            totals[0].add_samples(durations)
-            totals[1].add_samples(sizes)
+            counts[key[0]] -= sum(durations)
+            totals[0].add(durations, seconds)
+            totals[1].add(sizes, size)
 
     def active(self) -> dict[str, int]:
         """Requests in flight by method, as of the last fold."""

@@ -299,7 +299,8 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, idle_grace)
     if settings.metrics and settings.request_metrics:
-        config.loaded_app = server.request_metrics = RequestMetrics(config.loaded_app)
+        server.request_metrics = RequestMetrics(config.loaded_app)
+        config.loaded_app = server.request_metrics.meter  # served directly: no extra call
     server.run(sockets=listeners)
 
 

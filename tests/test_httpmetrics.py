@@ -4,21 +4,25 @@ reports carried as JSON like the control channel does, and the master's totals."
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import json
+import shutil
 import socket
+import sysconfig
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from asgi_supervise import httpmetrics
 from asgi_supervise.httpmetrics import (
-    DURATION_BUCKETS,
     MESSAGE_BYTES,
     UNMATCHED,
     RequestMetrics,
-    bucket_counts,
 )
 from asgi_supervise.metrics import RequestTotals, SupervisorMetrics, render
 from asgi_supervise.worker import Control
@@ -61,6 +65,18 @@ async def hello(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": status, "headers": []})
     await send({"type": "http.response.body", "body": b"hello", "more_body": True})
     await send({"type": "http.response.body", "body": b", world"})
+
+
+Metered = Callable[[Any], RequestMetrics]
+METERS = {"python": httpmetrics.PythonMeter}
+if httpmetrics.COMPILED:
+    METERS["compiled"] = httpmetrics.Meter
+
+
+@pytest.fixture(params=list(METERS))
+def metered(request: pytest.FixtureRequest) -> Metered:
+    """RequestMetrics over each meter: every test holds for the C one and its reference."""
+    return functools.partial(RequestMetrics, meter=METERS[request.param])
 
 
 def serve(metrics: RequestMetrics, *scopes: dict[str, Any]) -> list[Exchange]:
@@ -110,16 +126,27 @@ class Master:
         )  # fmt: skip
 
 
-def test_bucket_counts_are_per_bucket_with_le_semantics() -> None:
-    assert bucket_counts([], (1, 2)) == [0, 0, 0]
-    assert bucket_counts([2.5, 0.5, 1, 1.0001, 2, 7], (1, 2)) == [2, 2, 2]
-    values = [i / 100 for i in range(1200)]
-    counts = bucket_counts(values, DURATION_BUCKETS)
-    assert sum(counts) == 1200 and counts[-1] == 199  # 10.01 .. 11.99: 10.00 is le="10"
+def test_buckets_count_values_up_to_and_including_their_bound(metered: Metered) -> None:
+    async def sized(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * int(scope["path"][1:])})
+
+    metrics, master = metered(sized), Master()
+    serve(metrics, *(http(f"/{n}") for n in (0, 100, 101, 1000, 20_000_000)))
+    metrics.deliver(master.offer)
+    labels = {"http_request_method": "GET", "http_route": UNMATCHED}
+    labels["http_response_status_code"] = "200"
+    name = "http_server_response_body_size_bytes"
+    cumulative = {"100.0": 2, "1000.0": 4, "1e+07": 4, "+Inf": 5}
+    for le, count in cumulative.items():
+        assert master.sample(f"{name}_bucket", **labels, le=le) == count, le
+    assert master.sample(f"{name}_sum", **labels) == 20_001_201
+    seconds = master.sample("http_server_request_duration_seconds_sum", **labels)
+    assert seconds is not None and 0 < seconds < 5
 
 
-def test_route_label_is_the_template() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_route_label_is_the_template(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     serve(metrics, http("/items/1"), http("/items/2"), http("/plain/3"), http("/raw-routed"))
     assert master.count("GET", "/items/{id}", "200") is None  # nothing delivered yet
     assert metrics.deliver(master.offer)
@@ -129,8 +156,8 @@ def test_route_label_is_the_template() -> None:
     assert master.count("GET", "/items/1", "200") is None
 
 
-def test_unmatched_paths_share_one_label() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_unmatched_paths_share_one_label(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     serve(metrics, *(http(f"/missing/{n}") for n in range(20)), http("/"))
     metrics.deliver(master.offer)
     assert master.count("GET", UNMATCHED, "404") == 20
@@ -139,8 +166,8 @@ def test_unmatched_paths_share_one_label() -> None:
     assert {s.labels["http_route"] for s in family.samples} == {UNMATCHED}
 
 
-def test_sizes_methods_buckets_and_the_response_untouched() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_sizes_methods_buckets_and_the_response_untouched(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     exchanges = serve(metrics, http("/items/1", "POST"), http("/items/1", "BREW"))
     assert [m["type"] for m in exchanges[0].sent] == [
         "http.response.start", "http.response.body", "http.response.body",
@@ -156,8 +183,8 @@ def test_sizes_methods_buckets_and_the_response_untouched() -> None:
     assert master.sample("http_server_request_duration_seconds_bucket", **labels, le="5.0") == 1
 
 
-def test_each_observation_is_delivered_once() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_each_observation_is_delivered_once(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     serve(metrics, http("/items/1"))
     metrics.deliver(master.offer)
     metrics.deliver(master.offer)
@@ -166,8 +193,8 @@ def test_each_observation_is_delivered_once() -> None:
     assert master.count("GET", "/items/{id}", "200") == 2
 
 
-def test_what_the_channel_refuses_is_kept_and_sent_later() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_what_the_channel_refuses_is_kept_and_sent_later(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     serve(metrics, http("/items/1"), http("/missing"))
     master.accept = False
     assert not metrics.deliver(master.offer)
@@ -179,12 +206,12 @@ def test_what_the_channel_refuses_is_kept_and_sent_later() -> None:
     assert master.count("GET", UNMATCHED, "404") == 1
 
 
-def test_many_routes_split_into_messages_the_master_can_read() -> None:
+def test_many_routes_split_into_messages_the_master_can_read(metered: Metered) -> None:
     async def routed(scope: Any, receive: Any, send: Any) -> None:
         scope["http_route"] = scope["path"] + "/{id}" + "x" * 200
         await hello({**scope, "path": "/"}, receive, send)
 
-    metrics, master = RequestMetrics(routed), Master()
+    metrics, master = metered(routed), Master()
     serve(metrics, *(http(f"/r{n}") for n in range(1500)))
     assert metrics.deliver(master.offer)
     assert len(master.messages) > 1
@@ -193,8 +220,8 @@ def test_many_routes_split_into_messages_the_master_can_read() -> None:
     assert sum(s.value for s in family.samples if s.name.endswith("_count")) == 1500
 
 
-def test_an_app_error_counts_as_500_and_propagates() -> None:
-    metrics, master = RequestMetrics(hello), Master()
+def test_an_app_error_counts_as_500_and_propagates(metered: Metered) -> None:
+    metrics, master = metered(hello), Master()
     with pytest.raises(RuntimeError):
         serve(metrics, http("/boom"))
     metrics.deliver(master.offer)
@@ -202,7 +229,7 @@ def test_an_app_error_counts_as_500_and_propagates() -> None:
     assert master.sample("http_server_active_requests", http_request_method="GET") is None
 
 
-def test_active_requests_while_in_flight_per_worker() -> None:
+def test_active_requests_while_in_flight_per_worker(metered: Metered) -> None:
     release = asyncio.Event()
 
     async def slow(scope: Any, receive: Any, send: Any) -> None:
@@ -210,7 +237,7 @@ def test_active_requests_while_in_flight_per_worker() -> None:
         await hello(scope, receive, send)
 
     supervisor = SupervisorMetrics()
-    metrics, master, other = RequestMetrics(slow), Master(1, supervisor), Master(2, supervisor)
+    metrics, master, other = metered(slow), Master(1, supervisor), Master(2, supervisor)
 
     async def main() -> None:
         requests = [asyncio.create_task(Exchange(metrics, http()).run()) for _ in range(3)]
@@ -229,14 +256,14 @@ def test_active_requests_while_in_flight_per_worker() -> None:
     asyncio.run(main())
 
 
-def test_websocket_connections() -> None:
+def test_websocket_connections(metered: Metered) -> None:
     async def echo(scope: Any, receive: Any, send: Any) -> None:
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         await receive()
         await send({"type": "websocket.close", "code": 1000})
 
-    metrics, master = RequestMetrics(echo), Master()
+    metrics, master = metered(echo), Master()
     scope = {"type": "websocket", "path": "/ws", "headers": []}
 
     async def main() -> None:
@@ -255,7 +282,7 @@ def test_websocket_connections() -> None:
     assert master.sample("websocket_server_connections_total") == 1
 
 
-def test_lifespan_passes_through_untouched() -> None:
+def test_lifespan_passes_through_untouched(metered: Metered) -> None:
     seen: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -268,7 +295,7 @@ def test_lifespan_passes_through_untouched() -> None:
         return None
 
     scope = {"type": "lifespan"}
-    asyncio.run(RequestMetrics(app)(scope, receive, send))
+    asyncio.run(metered(app)(scope, receive, send))
     assert seen == [(scope, receive, send)]
 
 
@@ -307,10 +334,10 @@ def test_offers_to_a_full_channel_return_instead_of_blocking() -> None:
         assert control.offer(message)  # ... and there is room again
 
 
-def test_openmetrics_scrape_of_the_request_totals_parses() -> None:
+def test_openmetrics_scrape_of_the_request_totals_parses(metered: Metered) -> None:
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
 
-    metrics, master = RequestMetrics(hello), Master()
+    metrics, master = metered(hello), Master()
     serve(metrics, http("/items/1"), http("/missing"))
     metrics.deliver(master.offer)
     accept = "application/openmetrics-text;version=1.0.0"
@@ -325,3 +352,123 @@ def test_openmetrics_scrape_of_the_request_totals_parses() -> None:
     }
     assert counts == {("/items/{id}", "200"): 1, (UNMATCHED, "404"): 1}
     assert got["websocket_server_connections"].type == "counter"
+
+
+def taken(metrics: RequestMetrics) -> tuple[dict[tuple[str, str, str], int], dict[str, int]]:
+    """Requests recorded by label set, and those still active, after a fold."""
+    metrics.fold()
+    recorded = {key: sum(durations.counts) for key, (durations, _) in metrics._undelivered.items()}
+    return recorded, metrics.active()
+
+
+def test_a_cancelled_request_is_recorded_and_the_cancellation_propagates(
+    metered: Metered,
+) -> None:
+    started = asyncio.Event()
+
+    async def stuck(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        started.set()
+        await asyncio.Event().wait()
+
+    metrics = metered(stuck)
+
+    async def main() -> None:
+        task = asyncio.create_task(Exchange(metrics, http()).run())
+        await started.wait()
+        assert taken(metrics) == ({}, {"GET": 1})
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert taken(metrics) == ({("GET", UNMATCHED, "200"): 1}, {})
+
+
+def test_an_app_that_handles_a_thrown_exception_goes_on_to_answer(metered: Metered) -> None:
+    started = asyncio.Event()
+
+    async def stubborn(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # awaits again after the throw: still the same request
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b"bye"})
+
+    metrics = metered(stubborn)
+
+    async def main() -> list[dict[str, Any]]:
+        exchange = Exchange(metrics, http())
+        task = asyncio.create_task(exchange.run())
+        await started.wait()
+        task.cancel()
+        await task
+        return exchange.sent
+
+    assert [m["type"] for m in asyncio.run(main())] == ["http.response.start", "http.response.body"]
+    assert taken(metrics) == ({("GET", UNMATCHED, "503"): 1}, {})
+
+
+def test_an_error_after_the_response_started_keeps_its_status(metered: Metered) -> None:
+    async def late(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        raise ValueError("late")
+
+    with pytest.raises(ValueError, match="late"):
+        serve(metrics := metered(late), http(method="PUT"))
+    assert taken(metrics) == ({("PUT", UNMATCHED, "201"): 1}, {})
+
+
+def test_apps_that_fail_on_call_or_return_other_awaitables(metered: Metered) -> None:
+    class Answer:
+        """An awaitable that is not a coroutine, as some frameworks return."""
+
+        def __init__(self, send: Any) -> None:
+            self.send = send
+
+        def __await__(self) -> Any:
+            yield from self.send({"type": "http.response.start", "status": 204}).__await__()
+            return "result"
+
+    def plain(scope: Any, receive: Any, send: Any) -> Any:
+        if scope["path"] == "/sync-error":
+            raise LookupError("before any await")
+        return Answer(send)
+
+    metrics = metered(plain)
+
+    async def main() -> Any:
+        with pytest.raises(LookupError):
+            await metrics(http("/sync-error"), Exchange.receive, Exchange(None, {}).send)
+        return await metrics(http(), Exchange.receive, Exchange(None, {}).send)
+
+    assert asyncio.run(main()) == "result"  # what the app returned reaches the server
+    assert taken(metrics) == ({("GET", UNMATCHED, "500"): 1, ("GET", UNMATCHED, "204"): 1}, {})
+
+
+def test_a_request_dropped_unfinished_is_recorded_when_collected(metered: Metered) -> None:
+    async def waits(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.get_running_loop().create_future()
+
+    metrics = metered(waits)
+
+    async def main() -> None:
+        awaitable = metrics(http(), Exchange.receive, Exchange(None, {}).send)
+        step = awaitable.__await__()
+        next(step)  # suspended inside the app: the request is in flight
+        assert taken(metrics) == ({}, {"GET": 1})
+        del awaitable, step
+        gc.collect()
+
+    asyncio.run(main())
+    assert taken(metrics) == ({("GET", UNMATCHED, "500"): 1}, {})
+
+
+def test_the_meter_is_compiled_wherever_there_is_a_c_compiler() -> None:
+    """A broken build falls back to PythonMeter silently; this makes it loud."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}): the pure-Python meter is expected")
+    assert httpmetrics.COMPILED, "asgi_supervise._meter did not build; see pip's output"
