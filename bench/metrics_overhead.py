@@ -12,9 +12,11 @@ with metrics off and on (or variant V), alternating, and reports wrk's requests/
 the server's CPU per request. The third counts the server's instructions per request
 under valgrind's callgrind, which does not depend on what else the machine is doing: one
 keep-alive client sends 500 and then 2,500 requests; the difference is divided by 2,000.
-Variants: `off`, `on`, and two floors for any ASGI middleware: `layer` (an `async def`
-that awaits the app) and `layer+send` (the same, passing a plain-function wrapper of
-`send`, which any middleware that sees the status needs).
+Variants: `off`, `on` (the compiled meter where it was built), `python` (PythonMeter), and
+two floors for any Python middleware: `layer` (an `async def` that awaits the app) and
+`layer+send` (the same, passing a plain-function wrapper of `send`, which any middleware
+that sees the status needs). Under callgrind the server runs with PYTHONHASHSEED=0: with
+random hashes, dict probing alone moves the count by a few hundred per request.
 """
 
 from __future__ import annotations
@@ -135,15 +137,15 @@ def best(app: Any, n: int, deliver: Any = None) -> float:
 def micro(n: int) -> None:
     bare = best(hello, n)
     metrics = RequestMetrics(hello)
-    ours = best(metrics, n, metrics.deliver)
+    ours = best(metrics.meter, n, metrics.deliver)
     direct = best(DirectMetrics(hello), n)
-    asyncio.run(calls(metrics, 10_000, routes=50))  # a busy second over 50 routes
+    asyncio.run(calls(metrics.meter, 10_000, routes=50))  # a busy second over 50 routes
     begin = time.perf_counter()
     metrics.deliver(delivered)
     took = (time.perf_counter() - begin) * 1e3
     print(f"N={n}, best of 5 (each includes asyncio.run and one delivery)")
     print(f"no metrics (bare app call)       {bare:6.2f} us/request")
-    print(f"RequestMetrics (lists+delivery)  {ours:6.2f} us/request  (+{ours - bare:.2f})")
+    print(f"RequestMetrics (meter+delivery)  {ours:6.2f} us/request  (+{ours - bare:.2f})")
     print(f"prometheus_client, multiprocess  {direct:6.2f} us/request  (+{direct - bare:.2f})")
     print(f"delivery after 10k requests on 50 routes: {took:.1f} ms")
 
@@ -292,6 +294,7 @@ def instructions(variant: str, n: int) -> int:
     proc = subprocess.Popen(
         [*command, sys.executable, __file__, "--serve", variant, str(port), "exit"],
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     try:
         wait_listening(port, 120)
@@ -308,7 +311,7 @@ def instructions(variant: str, n: int) -> int:
 def per_request(variants: list[str]) -> None:
     print("callgrind instructions per request, one keep-alive client, (I(2500) - I(500)) / 2000")
     base = None
-    for variant in variants or ["off", "on", "layer", "layer+send"]:
+    for variant in variants or ["off", "on", "python", "layer", "layer+send"]:
         cost = (instructions(variant, 2500) - instructions(variant, 500)) / 2000
         base = base or cost
         print(f"{variant:12s} {cost:9,.0f}  {cost / base:.3f}x  (+{cost - base:,.0f})", flush=True)

@@ -148,6 +148,7 @@ class Observability:
                     "cpu_percent": w.cpu_percent,
                     "generation": w.generation,
                     "stopping": w.stop_reason,
+                    "request_meter": w.meter,
                 }
                 for w in sorted(arbiter.live(), key=lambda w: (w.slot, w.started))
             ],

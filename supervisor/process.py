@@ -54,6 +54,7 @@ class Worker:
         self.stop_reason: str | None = None  # why the master asked it to go
         self.failure: str | None = None  # why the master killed it (timeouts)
         self.boot_error: str | None = None  # what the worker said when it failed to start
+        self.meter: str | None = None  # its request meter: "Meter" (compiled), "PythonMeter"
         self.kill_at: float | None = None  # SIGKILL deadline once stopping
         self.stopping_since: float | None = None
         self.exit_status: str | None = None
@@ -169,6 +170,7 @@ class Worker:
             self.connections = int(message.get("connections", 0))
         elif kind == "ready" and self.state is State.BOOTING:
             self.state = State.READY
+            self.meter = message.get("meter")
             self.ready_at = self.last_beat = time.monotonic()
         elif kind == "metrics":
             self.reports.append(message)

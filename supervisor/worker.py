@@ -170,7 +170,8 @@ class WorkerServer(uvicorn.Server):
             raise SystemExit(BOOT_FAILURE) from None
         finally:
             error_log.removeFilter(errors)
-        self.control.send("ready")
+        metrics = self.request_metrics
+        self.control.send("ready", meter=metrics and type(metrics.meter).__qualname__)
 
     async def on_tick(self, counter: int) -> bool:
         if self.reopen_logs:

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from asgi_supervise import httpmetrics
 from conftest import free_port, get, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -156,6 +157,8 @@ def test_killed_worker_counts_a_crash_restart(supervisor):
     wait_until(lambda: value(scrape(mport), REQUESTS, **put) == 60, 5, "60 counted")
     status = json.loads(get(mport, "/status")[1])
     assert [w["state"] for w in status["workers"]].count("ready") >= 1
+    meter = "Meter" if httpmetrics.COMPILED else "PythonMeter"
+    assert {w["request_meter"] for w in status["workers"] if w["state"] == "ready"} == {meter}
     assert status["plan"]["workers"] == 2
 
 

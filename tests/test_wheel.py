@@ -25,12 +25,17 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProce
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def has_c_compiler() -> bool:
+    return shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is not None
+
+
 def build_wheel(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
         if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            ignore = shutil.ignore_patterns("__pycache__", "*.so")  # the editable build's
+            shutil.copytree(REPO / name, src / name, ignore=ignore)
         else:
             shutil.copy2(REPO / name, src / name)
     out = tmp_path / "dist"
@@ -60,6 +65,9 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
     for module in ("__init__", "__main__", "cli", "settings", "sources", "sizing", "worker"):
         assert f"asgi_supervise/{module}.py" in names
     assert "asgi_supervise/profiles/__init__.py" in names
+    compiled = has_c_compiler()
+    if compiled:  # the optional extension: built wherever it can be
+        assert any(n.startswith("asgi_supervise/_meter.") and n.endswith(".so") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert (
         "asgi-supervise = asgi_supervise.cli:main"
@@ -87,6 +95,10 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
                  outside, 30)  # fmt: skip
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv), "not the installed copy"
+    meter = _run([str(python), "-c", "from asgi_supervise import httpmetrics as h; print(h.Meter)"],
+                 outside, 30)  # fmt: skip
+    expected = "asgi_supervise._meter.Meter" if compiled else "PythonMeter"
+    assert expected in meter.stdout, meter.stdout + meter.stderr
 
     script = venv / "bin" / "asgi-supervise"
     result = _run([str(script), "config", "--profile", "container"], outside, 60)
