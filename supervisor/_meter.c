@@ -260,6 +260,14 @@ record(RequestObject *self)
     return 0;
 }
 
+static void
+record_or_report(RequestObject *self)
+{
+    if (record(self) < 0) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+}
+
 /* The request ended (returned, raised, was closed): record it once, leaving whatever
  * exception is in flight as it is. A failure to record is reported, never raised. */
 static void
@@ -270,24 +278,14 @@ finish(RequestObject *self)
     }
     self->ended = 1;
     Py_CLEAR(self->awaiting);
-    if (!PyErr_Occurred()) {
-        if (record(self) < 0) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
-        return;
-    }
 #if PY_VERSION_HEX >= 0x030C0000
-    PyObject *raised = PyErr_GetRaisedException();
-    if (record(self) < 0) {
-        PyErr_WriteUnraisable((PyObject *)self);
-    }
+    PyObject *raised = PyErr_GetRaisedException(); /* NULL when nothing is in flight */
+    record_or_report(self);
     PyErr_SetRaisedException(raised);
 #else
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
-    if (record(self) < 0) {
-        PyErr_WriteUnraisable((PyObject *)self);
-    }
+    record_or_report(self);
     PyErr_Restore(type, value, traceback);
 #endif
 }

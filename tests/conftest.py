@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,6 +26,12 @@ REPO = Path(__file__).parent.parent
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
+
+
+def c_compiler() -> str | None:
+    """The compiler pip would build the request meter with, if this machine has it."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return compiler if shutil.which(compiler) else None
 
 
 def wait_until(

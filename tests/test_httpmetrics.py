@@ -7,9 +7,7 @@ import asyncio
 import functools
 import gc
 import json
-import shutil
 import socket
-import sysconfig
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -26,6 +24,7 @@ from asgi_supervise.httpmetrics import (
 )
 from asgi_supervise.metrics import RequestTotals, SupervisorMetrics, render
 from asgi_supervise.worker import Control
+from conftest import c_compiler
 
 
 class Exchange:
@@ -468,7 +467,6 @@ def test_a_request_dropped_unfinished_is_recorded_when_collected(metered: Metere
 
 def test_the_meter_is_compiled_wherever_there_is_a_c_compiler() -> None:
     """A broken build falls back to PythonMeter silently; this makes it loud."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}): the pure-Python meter is expected")
+    if c_compiler() is None:
+        pytest.skip("no C compiler: the pure-Python meter is expected")
     assert httpmetrics.COMPILED, "asgi_supervise._meter did not build; see pip's output"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from asgi_supervise import profiles
-from conftest import REPO
+from conftest import REPO, c_compiler
 
 # What `pip install .` needs from the checkout; copied so the build never writes into it.
 SOURCES = ["pyproject.toml", "README.md", "supervisor", "profiles"]
@@ -23,10 +23,6 @@ SOURCES = ["pyproject.toml", "README.md", "supervisor", "profiles"]
 def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ASGI_SUPERVISE_", "PYTHON"))}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def has_c_compiler() -> bool:
-    return shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is not None
 
 
 def build_wheel(tmp_path: Path) -> Path:
@@ -65,7 +61,7 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
     for module in ("__init__", "__main__", "cli", "settings", "sources", "sizing", "worker"):
         assert f"asgi_supervise/{module}.py" in names
     assert "asgi_supervise/profiles/__init__.py" in names
-    compiled = has_c_compiler()
+    compiled = c_compiler() is not None
     if compiled:  # the optional extension: built wherever it can be
         assert any(n.startswith("asgi_supervise/_meter.") and n.endswith(".so") for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
