@@ -28,6 +28,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 HOST = "127.0.0.1"
 MB = 1024 * 1024
 LOGS: list[str] = []  # every server log of this process, newest last (run.py records them)
+SERVER_CPUS = ""  # run.py --pin: taskset's CPU list for every server tree ("" = anywhere)
 
 
 # --- the server under test -------------------------------------------------------------
@@ -86,8 +87,9 @@ class Server:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.t_start = time.monotonic()
+            pin = ["taskset", "-c", SERVER_CPUS] if SERVER_CPUS else []  # execs: same pid
             self.proc = subprocess.Popen(
-                shlex.split(self.cmd),
+                [*pin, *shlex.split(self.cmd)],
                 cwd=BENCH,
                 env=env,
                 stdin=subprocess.DEVNULL,

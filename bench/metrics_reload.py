@@ -466,7 +466,12 @@ def markdown_extra(variant: str, runs: dict[str, list[dict[str, Any]]]) -> list[
         def med(s: str, k: str) -> float | None:
             return median([r[k] for r in ok.get(s, [])])
 
-        lines.append("")
+        def paired(a: str, b: str, k: str) -> list[float]:
+            """a/b within each round (runs[s][i] is round i), where both ran."""
+            pairs = zip(runs.get(a, []), runs.get(b, []), strict=False)
+            return [x[k] / y[k] for x, y in pairs if "error" not in x and "error" not in y]
+
+        lines += ["", "ratio of medians; in brackets the median [min-max] of per-round ratios:", ""]
         for a, b, k, target in (
             (on, off, "rps", "target >= 0.97"),
             (nrm, off, "rps", ""),
@@ -476,7 +481,8 @@ def markdown_extra(variant: str, runs: dict[str, list[dict[str, Any]]]) -> list[
         ):
             x, y = med(a, k), med(b, k)
             if x and y:
-                lines.append(f"- {k} {a} / {b}: {x / y:.3f} {target}".rstrip())
+                rounds = _spread(paired(a, b, k), 3)
+                lines.append(f"- {k} {a} / {b}: {x / y:.3f} ({rounds}) {target}".rstrip())
         return [*lines, ""]
     if variant == "reload_latency":
         lines = []

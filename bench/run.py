@@ -328,11 +328,13 @@ def fmt(v: Any) -> str:
 
 
 def markdown(out: dict[str, Any]) -> str:
+    pin = out["options"].get("pin")
     lines = [
         f"# bench results {out['env']['date']}",
         "",
-        f"rounds: {out['rounds']}; workers: {out['workers']}; cells are median "
-        f"(ratio to {BASELINE}'s median in this run)",
+        f"rounds: {out['rounds']}; workers: {out['workers']}; "
+        + (f"pinned with taskset (server:load CPUs): {pin}; " if pin else "")
+        + f"cells are median (ratio to {BASELINE}'s median in this run)",
         "",
     ]
     for variant, v in out["variants"].items():
@@ -398,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(BENCH, "results"))
     p.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "asgi-bench-logs"))
     p.add_argument("--run-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--pin",
+        metavar="SERVER:LOAD",
+        help="taskset CPU lists, e.g. 1:0: every server tree on SERVER, this harness and its "
+        "load generator on LOAD, so that they do not take each other's CPU (2 cores: use "
+        "with --workers 1)",
+    )
     g = p.add_argument_group("load")
     g.add_argument("--duration", type=float, default=10.0, help="throughput wrk seconds")
     g.add_argument("--warmup", type=float, default=2.0)
@@ -450,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         o.crash_duration, o.kill_at, o.settle = 4, 1.0, 0.5
         o.scrape_requests, o.scrapes, o.recycles, o.recycle_budget = 1000, 10, 40, 30.0
         o.saves = 2
+    if o.pin:
+        server_cpus, _, load_cpus = o.pin.partition(":")
+        if not (server_cpus and load_cpus):
+            p.error("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
+        harness.SERVER_CPUS = server_cpus
+        subprocess.run(["taskset", "-pc", load_cpus, str(os.getpid())], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
     servers = o.servers.split(",")
     unknown = set(servers) - set(SERVERS)
     if unknown:

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Request-metrics overhead (issue 6), with the servers loaded in turn, not one after another.
+
+    .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
+
+`bench/run.py metrics` starts each server afresh for one 10 s load, so a pair of runs is
+tens of seconds apart, and on this 2-vCPU VM the machine's speed drifts by more than the
+3% being judged in that time. Here the four servers of that scenario run side by side,
+each with one worker, all on the SERVER CPU (idle until loaded), and `wrk -t1 -c32` on
+the LOAD CPU loads one at a time for S seconds, every server once per cycle, in an order
+that rotates. Each cycle gives each server's requests/s and CPU per request (its whole
+process tree); the ratios that matter are taken within a cycle, a few seconds apart, and
+their median is reported with its spread. At the end, /metrics must have counted every
+request wrk completed against the metrics-on server.
+
+Results: bench/results/<stamp>-interleaved.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness
+from harness import BENCH, Server, cpu_seconds, free_port, median, wait_workers
+from metrics_reload import fetch_metrics, request_counts
+from run import environment
+from scenarios import HELLO, parse_wrk
+
+SUP = "asgi-supervise {app} --workers 1 --host {host} --port {port} --no-access-log"
+SERVERS = {
+    "on": SUP + " --metrics --metrics-port {metrics_port}",
+    "endpoint-only": SUP + " --metrics --no-request-metrics --metrics-port {metrics_port}",
+    "off": SUP,
+    "uvicorn": "uvicorn {app} --workers 1 --host {host} --port {port} --no-access-log",
+}
+# (numerator, denominator, figure, target): what issue 6 judges, and two controls
+RATIOS = [
+    ("on", "off", "rps", ">= 0.97"),
+    ("on", "uvicorn", "cpu_us", "<= 1.03"),
+    ("on", "off", "cpu_us", ""),
+    ("endpoint-only", "off", "rps", ""),
+    ("off", "uvicorn", "cpu_us", ""),
+]
+
+
+async def load(port: int, seconds: int) -> dict[str, Any]:
+    """wrk on this process's CPUs (main() pins it to LOAD)."""
+    args = ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://{harness.HOST}:{port}/"]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 20)
+    return parse_wrk(out.decode(errors="replace"))
+
+
+async def segment(srv: Server, seconds: int) -> dict[str, Any]:
+    """One load of one server: requests/s, and its tree's CPU microseconds per request."""
+    pids = [srv.pid, *srv.tree()]
+    before = cpu_seconds(pids)
+    r = await load(srv.port, seconds)
+    cpu = cpu_seconds(pids) - before
+    return {"rps": r["rps"], "requests": r["requests"], "errors": r["errors"],
+            "cpu_us": cpu * 1e6 / max(1, r["requests"])}  # fmt: skip
+
+
+def rotated(names: list[str], cycle: int) -> list[str]:
+    """As given, then reversed, then rotated by one every two cycles (as run.py orders)."""
+    k = (cycle // 2) % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if cycle % 2 else order
+
+
+async def counted(port: int) -> float | None:
+    scraped = await fetch_metrics(port)
+    return sum(request_counts(scraped["body"]).values()) if scraped["ok"] else None
+
+
+async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
+    ports = {name: free_port() for name in SERVERS}
+    servers = {
+        name: Server(name, template, HELLO, 1, log_dir, metrics_port=ports[name]).start()
+        for name, template in SERVERS.items()
+    }
+    try:
+        for name, srv in servers.items():
+            ready = await wait_workers(srv, 1)
+            if ready["t_all"] is None:
+                raise RuntimeError(f"{name} did not answer:\n{srv.log_tail()}")
+        for srv in servers.values():  # warm-up, not measured
+            await load(srv.port, 2)
+        await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
+        counted_before = await counted(ports["on"])
+        cycles: list[dict[str, dict[str, Any]]] = []
+        for cycle in range(o.cycles):
+            results = {}
+            for name in rotated(list(servers), cycle):
+                results[name] = await segment(servers[name], o.segment)
+            cycles.append(results)
+            brief = ", ".join(f"{n} {r['rps']:.0f}/s" for n, r in results.items())
+            print(f"[cycle {cycle + 1}/{o.cycles}] {brief}", file=sys.stderr, flush=True)
+        await asyncio.sleep(o.flush_wait)
+        counted_after = await counted(ports["on"])
+        return {
+            "cycles": cycles,
+            "metrics_counted": None
+            if counted_before is None or counted_after is None
+            else counted_after - counted_before,
+            "wrk_completed": sum(c["on"]["requests"] for c in cycles),
+        }
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
+
+
+def markdown(out: dict[str, Any]) -> str:
+    o, cycles = out["options"], out["result"]["cycles"]
+    names = list(SERVERS)
+    lines = [
+        f"# request-metrics overhead, interleaved: {out['env']['date']}",
+        "",
+        f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server; servers on "
+        f"CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}.",
+        "",
+        "| server | command | rps, median [min-max] | CPU us/request, median [min-max] |",
+        "|---|---|---|---|",
+    ]
+    for n in names:
+        rps = [c[n]["rps"] for c in cycles]
+        cpu = [c[n]["cpu_us"] for c in cycles]
+        lines.append(
+            f"| {n} | `{SERVERS[n]}` | {median(rps):,.0f} [{min(rps):,.0f}-{max(rps):,.0f}] "
+            f"| {median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}] |"
+        )
+    lines += ["", "| ratio, within each cycle | median [min-max] | target |", "|---|---|---|"]
+    for a, b, k, target in RATIOS:
+        ratios = [c[a][k] / c[b][k] for c in cycles]
+        lines.append(f"| {k} {a} / {b} | {spread(ratios)} | {target} |")
+    r = out["result"]
+    errors = sum(c[n]["errors"] for c in cycles for n in names)
+    lines += [
+        "",
+        f"- wrk errors (socket errors and non-2xx), all servers: {errors}",
+        f"- requests the metrics-on server's /metrics counted over the cycles: "
+        f"{r['metrics_counted']}; wrk completed {r['wrk_completed']} (wrk does not count "
+        "the requests in flight when each load stops, up to 32)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--segment", type=int, default=3, help="seconds of load per server per cycle")
+    p.add_argument("--cycles", type=int, default=20)
+    p.add_argument("--pin", default="1:0", metavar="SERVER:LOAD", help="taskset CPU lists")
+    p.add_argument("--flush-wait", type=float, default=1.5)
+    p.add_argument("--out", default=os.path.join(BENCH, "results"))
+    o = p.parse_args(argv)
+    if shutil.which("wrk") is None:
+        p.error("needs wrk (apt-get install wrk)")
+    o.server_cpus, _, o.load_cpus = o.pin.partition(":")
+    if not (o.server_cpus and o.load_cpus):
+        p.error("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
+    harness.SERVER_CPUS = o.server_cpus
+    subprocess.run(["taskset", "-pc", o.load_cpus, str(os.getpid())], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    log_dir = tempfile.mkdtemp(prefix="asgi-bench-interleaved-")
+    result = asyncio.run(measure(o, log_dir))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(o.out, f"{stamp}-interleaved")
+    command = "bench/interleaved.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"env": environment(), "command": command.strip(), "options": vars(o), "result": result}
+    with open(base + ".json", "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    text = markdown(out)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {base}.json and {base}.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
