@@ -9,14 +9,18 @@ own CPU per request, best of 5, next to prometheus_client in multiprocess mode (
 temporary PROMETHEUS_MULTIPROC_DIR). The second serves a hello-world app from one uvicorn
 process (httptools, uvloop, delivering from ``on_tick`` once a second as the worker does)
 with metrics off and on (or variant V), alternating, and reports wrk's requests/s and
-the server's CPU per request. The third counts the server's instructions per request
-under valgrind's callgrind, which does not depend on what else the machine is doing: one
-keep-alive client sends 500 and then 2,500 requests; the difference is divided by 2,000.
+the server's CPU per request; server and wrk run on different CPUs where there are two.
+The third counts the server's instructions per request under valgrind's callgrind, which
+does not depend on what else the machine is doing: one keep-alive client sends 500 and
+then 2,500 requests; the difference is divided by 2,000.
 Variants: `off`, `on` (the compiled meter where it was built), `python` (PythonMeter), and
 two floors for any Python middleware: `layer` (an `async def` that awaits the app) and
 `layer+send` (the same, passing a plain-function wrapper of `send`, which any middleware
-that sees the status needs). Under callgrind the server runs with PYTHONHASHSEED=0: with
-random hashes, dict probing alone moves the count by a few hundred per request.
+that sees the status needs). Each runs behind uvicorn's ProxyHeadersMiddleware, as in
+uvicorn by default; prefixed `worker` (`worker`, `worker+on`, ...), behind
+`forwarded.proxy_headers` instead, as in asgi-supervise's workers. Under callgrind the
+server runs with PYTHONHASHSEED=0: with random hashes, dict probing alone moves the count
+by a few hundred per request.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ DIRECTORY = os.environ["PROMETHEUS_MULTIPROC_DIR"]  # set before prometheus_clie
 
 from prometheus_client import Gauge, Histogram  # noqa: E402
 
+from asgi_supervise import forwarded  # noqa: E402
 from asgi_supervise.httpmetrics import (  # noqa: E402
     DURATION_BUCKETS,
     SIZE_BUCKETS,
@@ -178,7 +183,9 @@ def serve(variant: str, port: int, every_second: bool) -> None:
     bucketing, as at full speed, and not 50x the per-second fixed cost."""
     import uvicorn
 
-    app = VARIANTS[variant](hello)
+    worker = variant.startswith("worker")  # proxy headers the worker's way
+    inner = forwarded.proxy_headers(hello, ["127.0.0.1"]) if worker else hello
+    app = VARIANTS[variant.removeprefix("worker").lstrip("+") or "off"](inner)
     metrics = app if isinstance(app, RequestMetrics) else None
     if metrics:
         app = metrics.meter  # as the worker serves it
@@ -198,14 +205,24 @@ def serve(variant: str, port: int, every_second: bool) -> None:
 
     config = uvicorn.Config(
         app, port=port, http="httptools", loop="uvloop", lifespan="off",
-        access_log=False, log_level="warning", interface="asgi3",
+        access_log=False, log_level="warning", interface="asgi3", proxy_headers=not worker,
     )  # fmt: skip
     Server(config).run()
 
 
+# With two CPUs or more, the server gets the last and wrk the others: on a small machine
+# they otherwise take each other's CPU, and the scheduler's choices outweigh a 3% effect.
+CPUS = sorted(os.sched_getaffinity(0))
+SERVER_PIN, LOAD_PIN = (CPUS[-1:], CPUS[:-1]) if len(CPUS) > 1 else ([], [])
+
+
+def taskset(cpus: list[int]) -> list[str]:
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+
+
 def wrk(port: int, seconds: int) -> tuple[float, int]:
     out = subprocess.run(
-        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        [*taskset(LOAD_PIN), "wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -241,7 +258,8 @@ def wait_listening(port: int, seconds: float) -> None:
 def server_run(variant: str, seconds: int) -> tuple[float, float]:
     """wrk's requests/s, and the server's CPU microseconds per request."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", variant, str(port), "second"])
+    serve = [sys.executable, __file__, "--serve", variant, str(port), "second"]
+    proc = subprocess.Popen([*taskset(SERVER_PIN), *serve])  # taskset execs: the same pid
     try:
         wait_listening(port, 10)
         wrk(port, 2)  # warm-up
@@ -258,7 +276,8 @@ def macro(seconds: int = 8, rounds: int = 3, variant: str = "on") -> None:
     for i in range(rounds):
         for name in ("off", variant) if i % 2 == 0 else (variant, "off"):
             runs[name].append(server_run(name, seconds))
-    print(f"wrk -t1 -c32 -d{seconds}s, one uvicorn process, {rounds} rounds alternating")
+    pins = f"server on CPU {SERVER_PIN}, wrk on {LOAD_PIN}" if SERVER_PIN else "not pinned"
+    print(f"wrk -t1 -c32 -d{seconds}s, one uvicorn process, {rounds} rounds alternating, {pins}")
     rate, cpu = {}, {}
     for name, results in runs.items():
         rate[name] = statistics.median(r for r, _ in results)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from asgi_supervise import apploader, logs
+from asgi_supervise import apploader, forwarded, logs
 from asgi_supervise.httpmetrics import RequestMetrics
 
 if TYPE_CHECKING:
@@ -244,8 +244,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         log_level=s.log_level,
         access_log=s.access_log,
         use_colors=s.use_colors,
-        proxy_headers=s.proxy_headers,
-        forwarded_allow_ips=",".join(s.forwarded_allow_ips),
+        proxy_headers=False,  # run() wraps the app in forwarded.proxy_headers instead
         server_header=s.server_header,
         date_header=s.date_header,
         root_path=s.root_path,
@@ -297,6 +296,8 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
         config.load()
     except Exception as exc:
         _boot_error(control, exc)
+    if settings.proxy_headers:  # outermost, where uvicorn puts its own
+        config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, idle_grace)
     if settings.metrics and settings.request_metrics:

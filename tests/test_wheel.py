@@ -63,7 +63,9 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
     assert "asgi_supervise/profiles/__init__.py" in names
     compiled = c_compiler() is not None
     if compiled:  # the optional extension: built wherever it can be
-        assert any(n.startswith("asgi_supervise/_meter.") and n.endswith(".so") for n in names)
+        for extension in ("_meter", "_forwarded"):
+            assert any(n.startswith(f"asgi_supervise/{extension}.") and n.endswith(".so")
+                       for n in names), extension  # fmt: skip
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert (
         "asgi-supervise = asgi_supervise.cli:main"
@@ -91,10 +93,13 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
                  outside, 30)  # fmt: skip
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(venv), "not the installed copy"
-    meter = _run([str(python), "-c", "from asgi_supervise import httpmetrics as h; print(h.Meter)"],
-                 outside, 30)  # fmt: skip
-    expected = "asgi_supervise._meter.Meter" if compiled else "PythonMeter"
-    assert expected in meter.stdout, meter.stdout + meter.stderr
+    show = "from asgi_supervise import httpmetrics, forwarded; "
+    show += "print(httpmetrics.Meter, forwarded.Forwarded)"
+    meter = _run([str(python), "-c", show], outside, 30)
+    expected = ["asgi_supervise._meter.Meter", "asgi_supervise._forwarded.Forwarded"]
+    if not compiled:
+        expected = ["PythonMeter", "None"]
+    assert all(e in meter.stdout for e in expected), meter.stdout + meter.stderr
 
     script = venv / "bin" / "asgi-supervise"
     result = _run([str(script), "config", "--profile", "container"], outside, 60)

@@ -51,6 +51,9 @@ async def app(scope, receive, send):
     path = scope["path"]
     if path == "/pid":
         return await _respond(send, 200, str(os.getpid()).encode())
+    if path == "/client":  # what proxy-header handling left in the scope
+        host = (scope.get("client") or ("-",))[0]
+        return await _respond(send, 200, f"{scope['scheme']} {host}".encode())
     if path == "/version":
         return await _respond(send, 200, VERSION.encode())
     if path == "/sleep":  # in flight for s seconds; marks itself in INFLIGHT while running
