@@ -2,6 +2,7 @@
 """Request-metrics overhead (issue 6), with the servers loaded in turn, not one after another.
 
     .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
+                                          [--header 'Name: value' ...]
 
 `bench/run.py metrics` starts each server afresh for one 10 s load, so a pair of runs is
 tens of seconds apart, and on this 2-vCPU VM the machine's speed drifts by more than the
@@ -54,9 +55,13 @@ RATIOS = [
 ]
 
 
+HEADERS: list[str] = []  # --header: sent with every request
+
+
 async def load(port: int, seconds: int) -> dict[str, Any]:
     """wrk on this process's CPUs (main() pins it to LOAD)."""
-    args = ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://{harness.HOST}:{port}/"]
+    headers = [a for h in HEADERS for a in ("-H", h)]
+    args = ["wrk", "-t1", "-c32", *headers, f"-d{seconds}s", f"http://{harness.HOST}:{port}/"]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), seconds + 20)
     return parse_wrk(out.decode(errors="replace"))
@@ -134,7 +139,8 @@ def markdown(out: dict[str, Any]) -> str:
         f"# request-metrics overhead, interleaved: {out['env']['date']}",
         "",
         f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server; servers on "
-        f"CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}.",
+        f"CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}"
+        + (f", every request with {', '.join(o['header'])}." if o.get("header") else "."),
         "",
         "| server | command | rps, median [min-max] | CPU us/request, median [min-max] |",
         "|---|---|---|---|",
@@ -171,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=20)
     p.add_argument("--pin", default="1:0", metavar="SERVER:LOAD", help="taskset CPU lists")
     p.add_argument("--flush-wait", type=float, default=1.5)
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        help="a request header for wrk, e.g. 'X-Forwarded-For: 198.51.100.7' (repeatable)",
+    )
     p.add_argument("--out", default=os.path.join(BENCH, "results"))
     o = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -179,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (o.server_cpus and o.load_cpus):
         p.error("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
     harness.SERVER_CPUS = o.server_cpus
+    HEADERS.extend(o.header)
     subprocess.run(["taskset", "-pc", o.load_cpus, str(os.getpid())], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
     log_dir = tempfile.mkdtemp(prefix="asgi-bench-interleaved-")

@@ -18,7 +18,8 @@ two floors for any Python middleware: `layer` (an `async def` that awaits the ap
 `layer+send` (the same, passing a plain-function wrapper of `send`, which any middleware
 that sees the status needs). Each runs behind uvicorn's ProxyHeadersMiddleware, as in
 uvicorn by default; prefixed `worker` (`worker`, `worker+on`, ...), behind
-`forwarded.proxy_headers` instead, as in asgi-supervise's workers. Under callgrind the
+`forwarded.proxy_headers` instead, as in asgi-supervise's workers; suffixed `@xff`
+(`off@xff`, ...), the requests carry an X-Forwarded-For header. Under callgrind the
 server runs with PYTHONHASHSEED=0: with random hashes, dict probing alone moves the count
 by a few hundred per request.
 """
@@ -291,13 +292,14 @@ def macro(seconds: int = 8, rounds: int = 3, variant: str = "on") -> None:
 
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+FORWARDED = b"GET / HTTP/1.1\r\nHost: bench\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n"
 
 
-def sequential(port: int, n: int) -> None:
+def sequential(port: int, n: int, request: bytes = REQUEST) -> None:
     """n requests, one after another, on one keep-alive connection: the same path each."""
     with socket.create_connection(("127.0.0.1", port)) as conn:
         for _ in range(n):
-            conn.sendall(REQUEST)
+            conn.sendall(request)
             answer = b""
             while not answer.endswith(b"\r\n0\r\n\r\n"):  # the chunked body ends
                 chunk = conn.recv(4096)
@@ -311,13 +313,21 @@ def instructions(variant: str, n: int) -> int:
     out = tempfile.mktemp(prefix="callgrind-", dir=DIRECTORY)
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     proc = subprocess.Popen(
-        [*command, sys.executable, __file__, "--serve", variant, str(port), "exit"],
+        [
+            *command,
+            sys.executable,
+            __file__,
+            "--serve",
+            variant.removesuffix("@xff"),
+            str(port),
+            "exit",
+        ],
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     try:
         wait_listening(port, 120)
-        sequential(port, n)
+        sequential(port, n, FORWARDED if variant.endswith("@xff") else REQUEST)
     finally:
         proc.terminate()
         proc.wait(timeout=120)

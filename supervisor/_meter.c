@@ -24,7 +24,7 @@
 #include <string.h>
 #include <time.h>
 
-static PyObject *s_type, *s_http, *s_websocket, *s_start, *s_status, *s_body, *s_method,
+static PyObject *s_type, *s_http, *s_websocket, *s_status, *s_body, *s_method,
     *s_route, *s_http_route, *s_path_format, *s_path, *s_throw, *s_close, *default_status;
 
 /* Interned, so that a known method's hash is cached; the server decodes a new string
@@ -278,8 +278,12 @@ finish(RequestObject *self)
     }
     self->ended = 1;
     Py_CLEAR(self->awaiting);
+    if (!PyErr_Occurred()) { /* the usual end: returned */
+        record_or_report(self);
+        return;
+    }
 #if PY_VERSION_HEX >= 0x030C0000
-    PyObject *raised = PyErr_GetRaisedException(); /* NULL when nothing is in flight */
+    PyObject *raised = PyErr_GetRaisedException();
     record_or_report(self);
     PyErr_SetRaisedException(raised);
 #else
@@ -393,8 +397,9 @@ request_close(RequestObject *self, PyObject *Py_UNUSED(ignored))
     return delegate(self, s_close, NULL, 0);
 }
 
-/* The app's `send`: notes the status of the first message (ASGI: the start) and the body
- * bytes of the others, then hands the message to the server's send. */
+/* The app's `send`: notes the status of the start (ASGI: the first message, and the only
+ * one with a status; reading it without checking the type saves a lookup per request)
+ * and the body bytes of the others, then hands the message to the server's send. */
 static PyObject *
 request_vectorcall(RequestObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -403,17 +408,14 @@ request_vectorcall(RequestObject *self, PyObject *const *args, size_t nargsf, Py
         return NULL;
     }
     PyObject *message = args[0];
-    PyObject *type = self->status == NULL ? subscript(message, s_type) : NULL;
-    if (type != NULL) {
-        int starting = same_text(type, s_start);
-        Py_DECREF(type);
-        if (starting) {
-            self->status = subscript(message, s_status);
-            return self->status ? PyObject_CallOneArg(self->send, message) : NULL;
+    if (self->status == NULL) {
+        self->status = lookup(message, s_status);
+        if (self->status != NULL) {
+            return PyObject_CallOneArg(self->send, message);
         }
-    }
-    else if (PyErr_Occurred()) {
-        return NULL;
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
     }
     PyObject *body = lookup(message, s_body);
     if (body != NULL) {
@@ -473,7 +475,7 @@ request_finalize(RequestObject *self)
 static void
 request_dealloc(RequestObject *self)
 {
-    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+    if (!self->ended && PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
         return; /* resurrected */
     }
     PyObject_GC_UnTrack(self);
@@ -794,7 +796,7 @@ PyInit__meter(void)
         const char *text;
     } strings[] = {
         {&s_type, "type"}, {&s_http, "http"}, {&s_websocket, "websocket"},
-        {&s_start, "http.response.start"}, {&s_status, "status"}, {&s_body, "body"},
+        {&s_status, "status"}, {&s_body, "body"},
         {&s_method, "method"}, {&s_route, "route"}, {&s_http_route, "http_route"},
         {&s_path_format, "path_format"}, {&s_path, "path"}, {&s_throw, "throw"},
         {&s_close, "close"},

@@ -107,13 +107,13 @@ class PythonMeter:
             if scope["type"] == "websocket":
                 return await self.websocket(scope, receive, send)
             return await self.app(scope, receive, send)  # lifespan, and anything newer
-        status = None  # until the first message, which ASGI makes the start
+        status = None  # until the start
         size = 0
 
         def tap(message: Any) -> Any:  # sync: hands back send's awaitable, no extra frame
             nonlocal status, size
-            if status is None and message["type"] == "http.response.start":
-                status = message["status"]
+            if status is None and "status" in message:  # the start: ASGI's first message,
+                status = message["status"]  # and the only one with a status
             else:
                 size += len(message.get("body", b""))
             return send(message)
