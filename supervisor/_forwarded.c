@@ -1,21 +1,32 @@
-/* Forwarded(app, proxied): uvicorn's ProxyHeadersMiddleware, only for requests it can change.
+/* Forwarded(app, proxied, resolve): uvicorn's proxy-headers rules, paid once per distinct input.
  *
  * Why: uvicorn wraps every app in ProxyHeadersMiddleware when proxy headers are on (its
- * default, and ours). That is a coroutine around every request, and on a hello-world
- * request it costs ~6% of the server's instructions (bench/metrics_overhead.py
- * --instructions), even when the request carries no X-Forwarded-* header and nothing is
- * changed. Forwarded looks at the header names in C: a scope with an X-Forwarded-Proto or
- * X-Forwarded-For header (or headers in a shape it does not know) goes to `proxied`,
- * uvicorn's middleware around the app, which decides trust and rewrites the scope exactly
- * as before; any other goes straight to `app`. It adds no frame: it returns what the app
- * it picked returns.
+ * default, and ours): a coroutine around every request. On a hello-world request that
+ * is ~6% of the server's instructions when no X-Forwarded-* header is there, and ~17%
+ * with X-Forwarded-For, which it parses and checks against the trusted addresses every
+ * time (bench/metrics_overhead.py --instructions).
+ *
+ * Here the header names are read in C. A request without X-Forwarded-Proto or
+ * X-Forwarded-For goes straight to `app`. With them, what uvicorn's middleware does
+ * depends only on the scope type, the client's host and those headers, so
+ * resolve(type, client, headers) (forwarded.py: uvicorn's middleware, run on just
+ * those) says what to set, `scheme` and/or `client`, and the answer is kept for the
+ * next request with the same inputs: at most CACHED of them, and none with a header
+ * value longer than LONGEST. A scope in a shape this does not know goes to `proxied`,
+ * uvicorn's middleware around the app, unchanged. No frame is added: it returns what
+ * the app returns.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 #include <string.h>
 
-static PyObject *s_headers;
+static PyObject *s_headers, *s_type, *s_client, *s_scheme;
+
+#define CACHED 4096 /* answers kept; all dropped when full */
+#define LONGEST 256 /* bytes: a longer header value is resolved, not kept */
+
+enum { PLAIN, FORWARDED, UNKNOWN };
 
 static const char forwarded_proto[] = "x-forwarded-proto"; /* the names uvicorn reads, */
 static const char forwarded_for[] = "x-forwarded-for";     /* compared as it does      */
@@ -26,35 +37,53 @@ is_name(PyObject *name, const char *text, Py_ssize_t length)
     return PyBytes_GET_SIZE(name) == length && memcmp(PyBytes_AS_STRING(name), text, length) == 0;
 }
 
-/* 1 if uvicorn's middleware could change this scope, 0 if it could not, -1 on error. A
- * list of (bytes, bytes) tuples, as servers build it, is read here; any other shape is
- * left to the middleware. */
 static int
-may_be_forwarded(PyObject *scope)
+is_forwarding(PyObject *name)
+{
+    return is_name(name, forwarded_proto, sizeof(forwarded_proto) - 1) ||
+           is_name(name, forwarded_for, sizeof(forwarded_for) - 1);
+}
+
+/* PLAIN: nothing uvicorn's middleware could change; FORWARDED: a list of (bytes, bytes)
+ * with X-Forwarded-* headers, the ones among them in *relevant (a new tuple); UNKNOWN:
+ * a shape left to the middleware itself; -1: an error. */
+static int
+classify(PyObject *scope, PyObject **relevant)
 {
     if (!PyDict_CheckExact(scope)) {
-        return 1;
+        return UNKNOWN;
     }
     PyObject *headers = PyDict_GetItemWithError(scope, s_headers); /* borrowed */
     if (headers == NULL) {
-        return PyErr_Occurred() ? -1 : 0; /* lifespan: no headers, nothing to change */
+        return PyErr_Occurred() ? -1 : PLAIN; /* lifespan: no headers, nothing to change */
     }
     if (!PyList_CheckExact(headers)) {
-        return 1;
+        return UNKNOWN;
     }
+    Py_ssize_t found = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
         PyObject *header = PyList_GET_ITEM(headers, i);
         if (!PyTuple_CheckExact(header) || PyTuple_GET_SIZE(header) != 2 ||
-            !PyBytes_CheckExact(PyTuple_GET_ITEM(header, 0))) {
-            return 1;
+            !PyBytes_CheckExact(PyTuple_GET_ITEM(header, 0)) ||
+            !PyBytes_CheckExact(PyTuple_GET_ITEM(header, 1))) {
+            return UNKNOWN;
         }
-        PyObject *name = PyTuple_GET_ITEM(header, 0);
-        if (is_name(name, forwarded_proto, sizeof(forwarded_proto) - 1) ||
-            is_name(name, forwarded_for, sizeof(forwarded_for) - 1)) {
-            return 1;
+        found += is_forwarding(PyTuple_GET_ITEM(header, 0));
+    }
+    if (found == 0) {
+        return PLAIN;
+    }
+    *relevant = PyTuple_New(found);
+    if (*relevant == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0, at = 0; at < found; i++) {
+        PyObject *header = PyList_GET_ITEM(headers, i);
+        if (is_forwarding(PyTuple_GET_ITEM(header, 0))) {
+            PyTuple_SET_ITEM(*relevant, at++, Py_NewRef(header));
         }
     }
-    return 0;
+    return FORWARDED;
 }
 
 typedef struct {
@@ -62,7 +91,88 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *app;
     PyObject *proxied;
+    PyObject *resolve;
+    PyObject *cache; /* {(type, client host, relevant headers): (scheme, client)} */
 } ForwardedObject;
+
+static int
+keepable(PyObject *relevant)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(relevant); i++) {
+        if (PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(relevant, i), 1)) > LONGEST) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* (scheme, client) for these inputs, each None when uvicorn leaves it: a new reference. */
+static PyObject *
+answer(ForwardedObject *self, PyObject *type, PyObject *client, PyObject *host,
+       PyObject *relevant)
+{
+    int keep = keepable(relevant);
+    PyObject *key = keep ? PyTuple_Pack(3, type, host, relevant) : NULL;
+    if (keep && key == NULL) {
+        return NULL;
+    }
+    PyObject *known = key ? PyDict_GetItemWithError(self->cache, key) : NULL; /* borrowed */
+    if (known != NULL || PyErr_Occurred()) {
+        Py_XDECREF(key);
+        return Py_XNewRef(known);
+    }
+    PyObject *args[3] = {type, client, relevant};
+    PyObject *result = PyObject_Vectorcall(self->resolve, args, 3, NULL);
+    if (result != NULL && !(PyTuple_CheckExact(result) && PyTuple_GET_SIZE(result) == 2)) {
+        PyErr_SetString(PyExc_TypeError, "resolve() must return (scheme, client)");
+        Py_CLEAR(result);
+    }
+    if (result != NULL && key != NULL) {
+        if (PyDict_GET_SIZE(self->cache) >= CACHED) {
+            PyDict_Clear(self->cache);
+        }
+        if (PyDict_SetItem(self->cache, key, result) < 0) {
+            Py_CLEAR(result);
+        }
+    }
+    Py_XDECREF(key);
+    return result;
+}
+
+/* Sets what uvicorn's middleware would set. 0: done; 1: a shape for the middleware
+ * itself; -1: an error. */
+static int
+apply(ForwardedObject *self, PyObject *scope, PyObject *relevant)
+{
+    PyObject *type = PyDict_GetItemWithError(scope, s_type); /* borrowed */
+    if (type == NULL) {
+        return PyErr_Occurred() ? -1 : 1;
+    }
+    PyObject *client = PyDict_GetItemWithError(scope, s_client);
+    if (client == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    client = client ? client : Py_None;
+    PyObject *host = Py_None; /* uvicorn: client[0] if client else None */
+    if (PyTuple_CheckExact(client) && PyTuple_GET_SIZE(client) > 0) {
+        host = PyTuple_GET_ITEM(client, 0);
+    }
+    else if (client != Py_None) {
+        return 1;
+    }
+    if (!PyUnicode_CheckExact(type) || !(host == Py_None || PyUnicode_CheckExact(host))) {
+        return 1;
+    }
+    PyObject *result = answer(self, type, client, host, relevant);
+    if (result == NULL) {
+        return -1;
+    }
+    PyObject *scheme = PyTuple_GET_ITEM(result, 0), *forwarded = PyTuple_GET_ITEM(result, 1);
+    int failed = (scheme != Py_None && PyDict_SetItem(scope, s_scheme, scheme) < 0) ||
+                 (forwarded != Py_None && PyDict_SetItem(scope, s_client, forwarded) < 0);
+    Py_DECREF(result);
+    return failed ? -1 : 0;
+}
 
 static PyObject *
 forwarded_vectorcall(ForwardedObject *self, PyObject *const *args, size_t nargsf,
@@ -72,28 +182,42 @@ forwarded_vectorcall(ForwardedObject *self, PyObject *const *args, size_t nargsf
         PyErr_SetString(PyExc_TypeError, "an ASGI app takes (scope, receive, send)");
         return NULL;
     }
-    int forwarded = may_be_forwarded(args[0]);
-    if (forwarded < 0) {
+    PyObject *relevant = NULL;
+    int kind = classify(args[0], &relevant);
+    if (kind == FORWARDED) {
+        int applied = apply(self, args[0], relevant);
+        Py_DECREF(relevant);
+        kind = applied == 0 ? PLAIN : applied == 1 ? UNKNOWN : -1;
+    }
+    if (kind < 0) {
         return NULL;
     }
-    return PyObject_Vectorcall(forwarded ? self->proxied : self->app, args, nargsf, NULL);
+    return PyObject_Vectorcall(kind == PLAIN ? self->app : self->proxied, args, nargsf, NULL);
 }
 
 static PyObject *
 forwarded_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"app", "proxied", NULL};
-    PyObject *app, *proxied;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Forwarded", keywords, &app, &proxied)) {
+    static char *keywords[] = {"app", "proxied", "resolve", NULL};
+    PyObject *app, *proxied, *resolve;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:Forwarded", keywords, &app, &proxied,
+                                     &resolve)) {
+        return NULL;
+    }
+    PyObject *cache = PyDict_New();
+    if (cache == NULL) {
         return NULL;
     }
     ForwardedObject *self = (ForwardedObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
+        Py_DECREF(cache);
         return NULL;
     }
     self->vectorcall = (vectorcallfunc)forwarded_vectorcall;
     self->app = Py_NewRef(app);
     self->proxied = Py_NewRef(proxied);
+    self->resolve = Py_NewRef(resolve);
+    self->cache = cache;
     return (PyObject *)self;
 }
 
@@ -102,6 +226,8 @@ forwarded_traverse(ForwardedObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->app);
     Py_VISIT(self->proxied);
+    Py_VISIT(self->resolve);
+    Py_VISIT(self->cache);
     return 0;
 }
 
@@ -110,6 +236,8 @@ forwarded_clear(ForwardedObject *self)
 {
     Py_CLEAR(self->app);
     Py_CLEAR(self->proxied);
+    Py_CLEAR(self->resolve);
+    Py_CLEAR(self->cache);
     return 0;
 }
 
@@ -124,14 +252,16 @@ forwarded_dealloc(ForwardedObject *self)
 static PyMemberDef forwarded_members[] = {
     {"app", T_OBJECT_EX, offsetof(ForwardedObject, app), READONLY, NULL},
     {"proxied", T_OBJECT_EX, offsetof(ForwardedObject, proxied), READONLY, NULL},
+    {"resolve", T_OBJECT_EX, offsetof(ForwardedObject, resolve), READONLY, NULL},
+    {"cache", T_OBJECT_EX, offsetof(ForwardedObject, cache), READONLY, NULL},
     {NULL},
 };
 
 static PyTypeObject ForwardedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "asgi_supervise._forwarded.Forwarded",
-    .tp_doc = "Forwarded(app, proxied): proxied for a scope with X-Forwarded-* headers, "
-              "else app.",
+    .tp_doc = "Forwarded(app, proxied, resolve): uvicorn's proxy headers, resolved once per "
+              "distinct input.",
     .tp_basicsize = sizeof(ForwardedObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(ForwardedObject, vectorcall),
@@ -146,7 +276,7 @@ static PyTypeObject ForwardedType = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "asgi_supervise._forwarded",
-    .m_doc = "uvicorn's proxy-headers middleware, skipped where it could change nothing.",
+    .m_doc = "uvicorn's proxy-headers rules, paid once per distinct input.",
     .m_size = -1,
 };
 
@@ -154,7 +284,10 @@ PyMODINIT_FUNC
 PyInit__forwarded(void)
 {
     s_headers = PyUnicode_InternFromString("headers");
-    if (s_headers == NULL || PyType_Ready(&ForwardedType) < 0) {
+    s_type = PyUnicode_InternFromString("type");
+    s_client = PyUnicode_InternFromString("client");
+    s_scheme = PyUnicode_InternFromString("scheme");
+    if (!s_headers || !s_type || !s_client || !s_scheme || PyType_Ready(&ForwardedType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);
