@@ -11,8 +11,8 @@
  * depends only on the scope type, the client's host and those headers, so
  * resolve(type, client, headers) (forwarded.py: uvicorn's middleware, run on just
  * those) says what to set, `scheme` and/or `client`, and the answer is kept for the
- * next request with the same inputs: at most CACHED of them, and none with a header
- * value longer than LONGEST. A scope in a shape this does not know goes to `proxied`,
+ * next request with the same inputs: at most CACHED answers, each for at most
+ * MOST_HEADERS headers of at most LONGEST bytes in all. A scope in a shape this does not know goes to `proxied`,
  * uvicorn's middleware around the app, unchanged. No frame is added: it returns what
  * the app returns.
  */
@@ -23,8 +23,9 @@
 
 static PyObject *s_headers, *s_type, *s_client, *s_scheme;
 
-#define CACHED 4096 /* answers kept; all dropped when full */
-#define LONGEST 256 /* bytes: a longer header value is resolved, not kept */
+#define CACHED 4096     /* answers kept; all dropped when full */
+#define MOST_HEADERS 4  /* X-Forwarded-* headers in an answer kept */
+#define LONGEST 256     /* bytes of their values, in all, in an answer kept */
 
 enum { PLAIN, FORWARDED, UNKNOWN };
 
@@ -95,15 +96,16 @@ typedef struct {
     PyObject *cache; /* {(type, client host, relevant headers): (scheme, client)} */
 } ForwardedObject;
 
+/* Small enough to keep: the client decides these headers, so what is kept is bounded
+ * per answer as well as in number. */
 static int
 keepable(PyObject *relevant)
 {
+    Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(relevant); i++) {
-        if (PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(relevant, i), 1)) > LONGEST) {
-            return 0;
-        }
+        total += PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(relevant, i), 1));
     }
-    return 1;
+    return PyTuple_GET_SIZE(relevant) <= MOST_HEADERS && total <= LONGEST;
 }
 
 /* (scheme, client) for these inputs, each None when uvicorn leaves it: a new reference. */

@@ -164,10 +164,12 @@ def test_the_answers_kept_are_bounded() -> None:
         wrapped({"type": "http", "client": PROXY, "headers": [(XFF[0], address)]}, None, None)
         assert len(wrapped.cache) <= 4096
     wrapped.cache.clear()
-    long = (XFF[0], b", ".join([b"198.51.100.7"] * 30))  # longer than any kept
-    scope = {"type": "http", "client": PROXY, "headers": [long], "scheme": "http"}
-    wrapped(scope, None, None)
-    assert scope["client"] == ("198.51.100.7", 0)
+    long = (XFF[0], b", ".join([b"198.51.100.7"] * 30))  # more bytes than any kept
+    many = [(XFF[0], b"")] * 4 + [XFF]  # more headers than any kept
+    for headers in ([long], many):
+        scope = {"type": "http", "client": PROXY, "headers": headers, "scheme": "http"}
+        wrapped(scope, None, None)
+        assert scope["client"] == ("198.51.100.7", 0)
     assert len(wrapped.cache) == 0
 
 
