@@ -19,7 +19,8 @@ two floors for any Python middleware: `layer` (an `async def` that awaits the ap
 that sees the status needs). Each runs behind uvicorn's ProxyHeadersMiddleware, as in
 uvicorn by default; prefixed `worker` (`worker`, `worker+on`, ...), behind
 `forwarded.proxy_headers` instead, as in asgi-supervise's workers; suffixed `@xff`
-(`off@xff`, ...), the requests carry an X-Forwarded-For header. Under callgrind the
+(`off@xff`, ..., `--instructions` only), the requests carry an X-Forwarded-For header
+(`bench/interleaved.py --header` does that under wrk). Under callgrind the
 server runs with PYTHONHASHSEED=0: with random hashes, dict probing alone moves the count
 by a few hundred per request.
 """
