@@ -28,10 +28,23 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 HOST = "127.0.0.1"
 MB = 1024 * 1024
 LOGS: list[str] = []  # every server log of this process, newest last (run.py records them)
-SERVER_CPUS = ""  # run.py --pin: taskset's CPU list for every server tree ("" = anywhere)
+SERVER_CPUS = ""  # pin(): taskset's CPU list for every server tree ("" = anywhere)
 
 
 # --- the server under test -------------------------------------------------------------
+
+
+def pin(spec: str) -> tuple[str, str]:
+    """--pin SERVER:LOAD: every server tree started from now on runs on the SERVER CPUs,
+    this process (and so its load generator) on the LOAD CPUs. ValueError if malformed."""
+    global SERVER_CPUS
+    server_cpus, _, load_cpus = spec.partition(":")
+    if not (server_cpus and load_cpus):
+        raise ValueError("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
+    subprocess.run(["taskset", "-pc", load_cpus, str(os.getpid())], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    SERVER_CPUS = server_cpus
+    return server_cpus, load_cpus
 
 
 def free_port() -> int:
@@ -415,6 +428,14 @@ def pct(values: list[float], p: float) -> float | None:
 def median(values: list[Any]) -> float | None:
     v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
     return statistics.median(v) if v else None
+
+
+def spread(values: list[Any], nd: int = 1) -> str:
+    """'median [min-max]' of the numbers in values, with nd decimals."""
+    v = [x for x in values if isinstance(x, (int, float))]
+    if not v:
+        return "-"
+    return f"{median(v):.{nd}f} [{min(v):.{nd}f}-{max(v):.{nd}f}]"
 
 
 def kinds(results: list[dict[str, Any]]) -> dict[str, int]:

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
-from harness import BENCH, Server, cpu_seconds, free_port, median, wait_workers
+from harness import BENCH, Server, cpu_seconds, free_port, median, spread, wait_workers
 from metrics_reload import fetch_metrics, request_counts
 from run import environment
 from scenarios import HELLO, parse_wrk
@@ -126,12 +125,6 @@ async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
             srv.stop()
 
 
-def spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{median(values):.3f} [{min(values):.3f}-{max(values):.3f}]"
-
-
 def markdown(out: dict[str, Any]) -> str:
     o, cycles = out["options"], out["result"]["cycles"]
     names = list(SERVERS)
@@ -155,7 +148,7 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", "| ratio, within each cycle | median [min-max] | target |", "|---|---|---|"]
     for a, b, k, target in RATIOS:
         ratios = [c[a][k] / c[b][k] for c in cycles]
-        lines.append(f"| {k} {a} / {b} | {spread(ratios)} | {target} |")
+        lines.append(f"| {k} {a} / {b} | {spread(ratios, 3)} | {target} |")
     r = out["result"]
     errors = sum(c[n]["errors"] for c in cycles for n in names)
     lines += [
@@ -187,13 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     o = p.parse_args(argv)
     if shutil.which("wrk") is None:
         p.error("needs wrk (apt-get install wrk)")
-    o.server_cpus, _, o.load_cpus = o.pin.partition(":")
-    if not (o.server_cpus and o.load_cpus):
-        p.error("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
-    harness.SERVER_CPUS = o.server_cpus
+    try:
+        o.server_cpus, o.load_cpus = harness.pin(o.pin)
+    except ValueError as exc:
+        p.error(str(exc))
     HEADERS.extend(o.header)
-    subprocess.run(["taskset", "-pc", o.load_cpus, str(os.getpid())], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
     log_dir = tempfile.mkdtemp(prefix="asgi-bench-interleaved-")
     result = asyncio.run(measure(o, log_dir))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

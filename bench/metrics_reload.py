@@ -37,6 +37,7 @@ from harness import (
     pct,
     pid_of,
     r3,
+    spread,
     start_ready,
     wait_workers,
 )
@@ -434,13 +435,6 @@ async def reload_latency(name: str, template: str, o: Any) -> dict[str, Any]:
 # --- markdown beyond the median table ----------------------------------------------------------
 
 
-def _spread(values: list[Any], nd: int = 1) -> str:
-    v = [x for x in values if isinstance(x, (int, float))]
-    if not v:
-        return "-"
-    return f"{median(v):.{nd}f} [{min(v):.{nd}f}-{max(v):.{nd}f}]"
-
-
 def markdown_extra(variant: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     ok = {s: [r for r in rs if "error" not in r] for s, rs in runs.items()}
     if variant == "metrics":
@@ -453,8 +447,8 @@ def markdown_extra(variant: str, runs: dict[str, list[dict[str, Any]]]) -> list[
         lines = ["median [min-max] per server:", ""]
         for s, rs in ok.items():
             lines.append(
-                f"- {s}: rps {_spread([r['rps'] for r in rs], 0)}, server CPU ms/1k "
-                f"{_spread([r['server_cpu_ms_per_1k'] for r in rs], 2)}"
+                f"- {s}: rps {spread([r['rps'] for r in rs], 0)}, server CPU ms/1k "
+                f"{spread([r['server_cpu_ms_per_1k'] for r in rs], 2)}"
                 + (
                     f", metrics counted {[r.get('metrics_counted') for r in rs]} of wrk's "
                     f"{[r.get('wrk_completed') for r in rs]}"
@@ -481,7 +475,7 @@ def markdown_extra(variant: str, runs: dict[str, list[dict[str, Any]]]) -> list[
         ):
             x, y = med(a, k), med(b, k)
             if x and y:
-                rounds = _spread(paired(a, b, k), 3)
+                rounds = spread(paired(a, b, k), 3)
                 lines.append(f"- {k} {a} / {b}: {x / y:.3f} ({rounds}) {target}".rstrip())
         return [*lines, ""]
     if variant == "reload_latency":

@@ -460,12 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         o.scrape_requests, o.scrapes, o.recycles, o.recycle_budget = 1000, 10, 40, 30.0
         o.saves = 2
     if o.pin:
-        server_cpus, _, load_cpus = o.pin.partition(":")
-        if not (server_cpus and load_cpus):
-            p.error("--pin takes SERVER:LOAD CPU lists, e.g. 1:0")
-        harness.SERVER_CPUS = server_cpus
-        subprocess.run(["taskset", "-pc", load_cpus, str(os.getpid())], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        try:
+            harness.pin(o.pin)
+        except ValueError as exc:
+            p.error(str(exc))
     servers = o.servers.split(",")
     unknown = set(servers) - set(SERVERS)
     if unknown:
