@@ -1,6 +1,7 @@
-"""Proxy headers: uvicorn's ProxyHeadersMiddleware decides, and `_forwarded.Forwarded` only
-skips it for scopes it could not change. Every case runs through our wrapping and through
-uvicorn's middleware alone, and the app must see the same scope; then real requests."""
+"""Proxy headers: uvicorn's ProxyHeadersMiddleware decides; `_forwarded.Forwarded` skips it
+for scopes it could not change and keeps its answer for the others. Every case runs
+through uvicorn's middleware alone and twice through ours, and the app must see the same
+scope; then the dispatch and what is kept; then real requests to a worker."""
 
 from __future__ import annotations
 
