@@ -6,7 +6,9 @@ import asyncio
 import errno
 import json
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,20 @@ def test_endpoints() -> None:
         assert post.headers["allow"] == "GET, HEAD"
 
     run(check, master.app())
+
+
+def test_the_date_header_is_renewed_every_second() -> None:
+    """The server runs without uvicorn's 10 Hz main loop; its Date header must still move."""
+
+    async def check(server: HealthServer, client: httpx.AsyncClient) -> None:
+        first = (await client.get("/livez")).headers["date"]
+        assert parsedate_to_datetime(first).timestamp() == pytest.approx(time.time(), abs=2)
+        deadline = time.monotonic() + 4
+        while (await client.get("/livez")).headers["date"] == first:
+            assert time.monotonic() < deadline, f"the Date header stayed {first!r}"
+            await asyncio.sleep(0.05)
+
+    run(check, Master().app())
 
 
 def test_a_failing_provider_answers_500_and_the_server_lives_on() -> None:
