@@ -374,8 +374,10 @@ class Arbiter:
         self._wake.set()
 
     async def wait_for_event(self, timeout: float = TICK) -> None:
+        """A timer, not `wait_for`, which spawns a task per wait: idle CPU is the master's cost."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._wake.wait()
         self._wake.clear()
 
     def handle_signals(self) -> None:
