@@ -2,7 +2,7 @@
 """Request-metrics overhead (issue 6), with the servers loaded in turn, not one after another.
 
     .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
-                                          [--header 'Name: value' ...]
+                                          [--header 'Name: value' ...] [--together]
 
 `bench/run.py metrics` starts each server afresh for one 10 s load, so a pair of runs is
 tens of seconds apart, and on this 2-vCPU VM the machine's speed drifts by more than the
@@ -13,6 +13,12 @@ that rotates. Each cycle gives each server's requests/s and CPU per request (its
 process tree); the ratios that matter are taken within a cycle, a few seconds apart, and
 their median is reported with its spread. At the end, /metrics must have counted every
 request wrk completed against the metrics-on server.
+
+With --together, every cycle loads all four servers at once (four wrk, started in the
+rotating order), so they share the SERVER CPU and any drift of the machine's speed hits
+them alike. Each then gets about a quarter of the CPU, so CPU per request is the steady
+figure: at saturation a server's throughput is the inverse of it. The once-a-second
+costs (the master's ticks) weigh four times as much per request as they do alone.
 
 Results: bench/results/<stamp>-interleaved.{json,md}.
 """
@@ -105,9 +111,12 @@ async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
         counted_before = await counted(ports["on"])
         cycles: list[dict[str, dict[str, Any]]] = []
         for cycle in range(o.cycles):
-            results = {}
-            for name in rotated(list(servers), cycle):
-                results[name] = await segment(servers[name], o.segment)
+            order = rotated(list(servers), cycle)
+            if o.together:  # all at once, wrk started in this order: they share the CPU
+                loads = [segment(servers[name], o.segment) for name in order]
+                results = dict(zip(order, await asyncio.gather(*loads), strict=True))
+            else:
+                results = {name: await segment(servers[name], o.segment) for name in order}
             cycles.append(results)
             brief = ", ".join(f"{n} {r['rps']:.0f}/s" for n, r in results.items())
             print(f"[cycle {cycle + 1}/{o.cycles}] {brief}", file=sys.stderr, flush=True)
@@ -131,8 +140,9 @@ def markdown(out: dict[str, Any]) -> str:
     lines = [
         f"# request-metrics overhead, interleaved: {out['env']['date']}",
         "",
-        f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server; servers on "
-        f"CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}"
+        f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server"
+        + (", all servers loaded at once" if o.get("together") else ", one after another")
+        + f"; servers on CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}"
         + (f", every request with {', '.join(o['header'])}." if o.get("header") else "."),
         "",
         "| server | command | rps, median [min-max] | CPU us/request, median [min-max] |",
@@ -149,6 +159,9 @@ def markdown(out: dict[str, Any]) -> str:
     for a, b, k, target in RATIOS:
         ratios = [c[a][k] / c[b][k] for c in cycles]
         lines.append(f"| {k} {a} / {b} | {spread(ratios, 3)} | {target} |")
+    if o.get("together"):  # at saturation, throughput is CPU per request inverted
+        ratios = [c["off"]["cpu_us"] / c["on"]["cpu_us"] for c in cycles]
+        lines.append(f"| throughput at equal CPU, on / off | {spread(ratios, 3)} | >= 0.97 |")
     r = out["result"]
     errors = sum(c[n]["errors"] for c in cycles for n in names)
     lines += [
@@ -169,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segment", type=int, default=3, help="seconds of load per server per cycle")
     p.add_argument("--cycles", type=int, default=20)
     p.add_argument("--pin", default="1:0", metavar="SERVER:LOAD", help="taskset CPU lists")
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="load all servers at once each cycle: they share the SERVER CPU",
+    )
     p.add_argument("--flush-wait", type=float, default=1.5)
     p.add_argument(
         "--header",
