@@ -116,22 +116,26 @@ class Step:
 
 
 def plan_replacements(
-    due: list[Candidate], booting: int, surge: int, room_for_one_more: bool
+    due: list[Candidate], extra: int, surge: int, room_for_one_more: bool
 ) -> list[Step]:
-    """Replacement first, at most `surge` at a time, in slot order.
+    """Replacement first, at most `surge` workers beyond the target at a time, in slot order.
 
-    A due worker whose replacement is ready is drained; otherwise a replacement is started
-    while fewer than `surge` are booting. When the instance has no memory for one more
-    worker, the old one is drained first and its slot refilled after (it says so).
+    `extra` is how many workers are alive beyond the target: replacements booting, and old
+    workers still draining, which hold their memory and database connections until they
+    exit. (Negative while a slot is empty.) A due worker whose replacement is ready is
+    drained; otherwise a replacement is started while `extra` is below `surge`, so the
+    instance never holds more than target + surge workers, the room sizing keeps. When it
+    has no memory for one more, the old worker is drained first and its slot refilled
+    after (it says so).
     """
     steps = []
     for worker in sorted(due, key=lambda c: c.slot):
         if worker.replacement == "ready":
             steps.append(Step("stop", worker.pid, worker.reason))
-        elif worker.replacement is None and booting < surge:
+        elif worker.replacement is None and extra < surge:
             action = "spawn" if room_for_one_more else "drain-first"
             steps.append(Step(action, worker.pid, worker.reason))
-            booting += 1
+            extra += 1
     return steps
 
 

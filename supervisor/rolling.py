@@ -3,7 +3,8 @@
 A reload (SIGHUP or a file change) bumps the generation: every worker of an older one is
 due. Recycling marks a worker due by requests, memory or lifetime. Either way a new worker
 starts in the same slot and the old one drains only once the new one is ready; at most
-`--reload-surge` at a time (see `policy.plan_replacements`).
+`--reload-surge` workers beyond the target at a time, counting old ones still draining
+(see `policy.plan_replacements`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class Rollout:
         room = self.memory_limit is None or policy.has_room(
             self.memory_used(), self.one_more_worker(), self.memory_limit
         )
-        steps = policy.plan_replacements(due, self.booting(), self.settings.reload_surge, room)
+        extra = len(self.arbiter.live()) - self.arbiter.target
+        steps = policy.plan_replacements(due, extra, self.settings.reload_surge, room)
         for step in steps:
             old = self.arbiter.workers[step.pid]
             if step.action == "spawn":
@@ -151,9 +153,6 @@ class Rollout:
     def old_generation_alive(self) -> bool:
         """A reload is complete once the last old worker has drained and exited."""
         return any(w.generation < self.generation for w in self.arbiter.live())
-
-    def booting(self) -> int:
-        return sum(w.replaces is not None and w.state is State.BOOTING for w in self.arbiter.live())
 
     def memory_used(self) -> int:
         return sum(w.rss for w in self.arbiter.live()) + psutil.Process().memory_info().rss

@@ -189,7 +189,11 @@ class Settings(BaseSettings):
 
     # --- reload and recycling ------------------------------------------------------------
     reload_surge: int = opt(
-        1, "Replacement workers started at once during reloads and recycling.", "recycle", ge=1
+        1,
+        "Workers allowed beyond --workers during reloads and recycling: replacements "
+        "booting and old workers still draining both count.",
+        "recycle",
+        ge=1,
     )
     max_requests: int | None = opt(
         None,

@@ -66,7 +66,7 @@ def due(pid: int, slot: int, replacement: str | None = None) -> Candidate:
 
 def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
     plan = policy.plan_replacements(
-        [due(30, 3), due(10, 1), due(20, 2)], booting=0, surge=2, room_for_one_more=True
+        [due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room_for_one_more=True
     )
     assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
 
@@ -74,15 +74,31 @@ def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
 def test_planner_drains_the_old_worker_only_once_its_replacement_is_ready():
     plan = policy.plan_replacements(
         [due(10, 1, "ready"), due(20, 2, "booting"), due(30, 3)],
-        booting=1,
-        surge=1,
+        extra=2,
+        surge=2,
         room_for_one_more=True,
     )
-    assert plan == [Step("stop", 10, "reload")]  # slot 3 waits: one replacement is booting
+    assert plan == [Step("stop", 10, "reload")]  # slot 3 waits: two replacements are up
+
+
+def test_planner_counts_old_workers_still_draining_against_the_surge():
+    """Slot 1's old worker drains (its replacement is serving): one worker beyond target."""
+    waiting = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room_for_one_more=True)
+    assert waiting == []
+    exited = policy.plan_replacements([due(20, 2)], extra=0, surge=1, room_for_one_more=True)
+    assert exited == [Step("spawn", 20, "reload")]
+
+
+def test_planner_uses_an_empty_slot_s_share_of_the_surge():
+    """A slot left empty by a crash (extra -1): one more replacement fits, not two."""
+    plan = policy.plan_replacements(
+        [due(10, 1), due(20, 2), due(30, 3)], extra=-1, surge=1, room_for_one_more=True
+    )
+    assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
 
 
 def test_planner_drains_first_when_there_is_no_memory_for_one_more():
-    plan = policy.plan_replacements([due(10, 1)], booting=0, surge=1, room_for_one_more=False)
+    plan = policy.plan_replacements([due(10, 1)], extra=0, surge=1, room_for_one_more=False)
     assert plan == [Step("drain-first", 10, "reload")]
 
 
@@ -91,15 +107,15 @@ def test_planner_drains_first_when_there_is_no_memory_for_one_more():
         st.tuples(st.integers(1, 50), st.sampled_from([None, "booting", "ready"])),
         unique_by=lambda t: t[0],
     ),
-    st.integers(0, 5),
+    st.integers(-3, 5),
     st.integers(1, 5),
     st.booleans(),
 )
-def test_planner_never_exceeds_the_surge(workers, booting, surge, room):
+def test_planner_never_exceeds_the_surge(workers, extra, surge, room):
     candidates = [due(slot * 10, slot, state) for slot, state in workers]
-    plan = policy.plan_replacements(candidates, booting, surge, room)
+    plan = policy.plan_replacements(candidates, extra, surge, room)
     started = [s for s in plan if s.action in ("spawn", "drain-first")]
-    assert booting + len(started) <= max(surge, booting)
+    assert extra + len(started) <= max(surge, extra)
     stopped = {s.pid for s in plan if s.action == "stop"}
     assert stopped == {c.pid for c in candidates if c.replacement == "ready"}
 

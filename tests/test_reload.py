@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import time
@@ -109,6 +110,38 @@ def test_ttin_then_ttou_scale_with_zero_failures(supervisor):
         wait_until(lambda: len(server.worker_pids()) == 2, 10, "back to 2 workers")
         load.wait_for_requests(load.stats.total + 100)
         _no_failures(load)
+
+
+def test_old_workers_still_draining_count_against_the_surge(supervisor):
+    """2 workers, --reload-surge 1: never more than 3 processes, though the old worker of
+    slot 1 is held draining by an idle keep-alive connection after its replacement is up."""
+    import http.client
+
+    server = supervisor("testapp:app", "--workers", "2", "--timeout-keep-alive", "2")
+    server.wait_ready(2)
+    first = int(re.search(r"worker 1 \(pid (\d+)\) ready", server.log()).group(1))
+    connections = []
+
+    def connected_to_slot_1() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("GET", "/pid")
+        connections.append(conn)
+        return int(conn.getresponse().read()) == first
+
+    try:
+        wait_until(connected_to_slot_1, 10, "a keep-alive connection to slot 1", interval=0.01)
+        server.signal(signal.SIGHUP)
+        most, deadline = 0, time.monotonic() + 30
+        while "reload complete" not in server.log():
+            most = max(most, len(server.worker_pids()))
+            assert time.monotonic() < deadline, "the reload did not complete"
+            time.sleep(0.02)  # sampling the process count; the loop's end is the log line
+    finally:
+        for conn in connections:
+            conn.close()
+    assert most == 3  # replacement first: a new worker beside both old ones, and no more
+    log = server.log()
+    assert log.index(f"(pid {first}) exited") < log.index("worker 2 (pid", log.index("SIGHUP"))
 
 
 def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
