@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import signal
@@ -115,8 +116,6 @@ def test_ttin_then_ttou_scale_with_zero_failures(supervisor):
 def test_old_workers_still_draining_count_against_the_surge(supervisor):
     """2 workers, --reload-surge 1: never more than 3 processes, though the old worker of
     slot 1 is held draining by an idle keep-alive connection after its replacement is up."""
-    import http.client
-
     server = supervisor("testapp:app", "--workers", "2", "--timeout-keep-alive", "2")
     server.wait_ready(2)
     first = int(re.search(r"worker 1 \(pid (\d+)\) ready", server.log()).group(1))
@@ -141,7 +140,8 @@ def test_old_workers_still_draining_count_against_the_surge(supervisor):
             conn.close()
     assert most == 3  # replacement first: a new worker beside both old ones, and no more
     log = server.log()
-    assert log.index(f"(pid {first}) exited") < log.index("worker 2 (pid", log.index("SIGHUP"))
+    second_booting = re.compile(r"worker 2 \(pid \d+\) booting").search(log, log.index("SIGHUP"))
+    assert log.index(f"(pid {first}) exited") < second_booting.start()  # it waited for the exit
 
 
 def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
@@ -203,8 +203,6 @@ def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor):
     While its worker drains, a connection that was idle gets its next request answered,
     with `Connection: close`; then the client reconnects elsewhere.
     """
-    import http.client
-
     server = supervisor("testapp:app")
     server.wait_ready(1)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
