@@ -131,8 +131,7 @@ class Rollout:
         room = self.memory_limit is None or policy.has_room(
             self.memory_used(), self.one_more_worker(), self.memory_limit
         )
-        extra = len(self.arbiter.live()) - self.arbiter.target
-        steps = policy.plan_replacements(due, extra, self.settings.reload_surge, room)
+        steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
         for step in steps:
             old = self.arbiter.workers[step.pid]
             if step.action == "spawn":
@@ -153,6 +152,15 @@ class Rollout:
     def old_generation_alive(self) -> bool:
         """A reload is complete once the last old worker has drained and exited."""
         return any(w.generation < self.generation for w in self.arbiter.live())
+
+    def extra(self) -> int:
+        """Workers beyond the target. One still draining counts: it holds its memory and
+        database connections until it exits. Not with --reload: a save must not wait for the
+        previous worker's idle keep-alive clients."""
+        live = self.arbiter.live()
+        if self.settings.reload:
+            live = [w for w in live if w.stop_reason is None]
+        return len(live) - self.arbiter.target
 
     def memory_used(self) -> int:
         return sum(w.rss for w in self.arbiter.live()) + psutil.Process().memory_info().rss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import time
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def test_editing_the_app_changes_the_response_within_two_seconds(supervisor, tmp
     saved = time.monotonic()
     wait_until(lambda: _version(server) == "v2", 2.0, "the new version to answer")
     assert time.monotonic() - saved < 2.0
+
+
+def test_a_save_does_not_wait_for_the_previous_worker_to_drain(supervisor, tmp_path):
+    """The worker replaced by the first save is held draining by an idle keep-alive
+    connection for --timeout-keep-alive (5 s); the second save is served long before."""
+    server = _start(supervisor, tmp_path, "--graceful-timeout", "10")
+    browser = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        browser.request("GET", "/version")
+        assert browser.getresponse().read() == b"v1"  # and the connection stays open
+        _version_app(tmp_path, "v2")
+        wait_until(lambda: _version(server) == "v2", 2.0, "the first save to be served")
+        _version_app(tmp_path, "v3")
+        saved = time.monotonic()
+        wait_until(lambda: _version(server) == "v3", 4.0, "the second save to be served")
+        assert time.monotonic() - saved < 2.5
+    finally:
+        browser.close()
 
 
 def test_syntax_error_keeps_the_old_version_serving_until_fixed(supervisor, tmp_path):
