@@ -191,7 +191,7 @@ class Settings(BaseSettings):
     reload_surge: int = opt(
         1,
         "Workers allowed beyond --workers during reloads and recycling: replacements "
-        "booting and old workers still draining both count.",
+        "booting and old workers still draining both count (draining ones not with --reload).",
         "recycle",
         ge=1,
     )
