@@ -6,6 +6,7 @@ Kept free of processes and clocks (time is passed in) so every rule is tested di
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 BACKOFF_BASE = 0.5  # seconds before the second respawn of a slot
@@ -115,18 +116,34 @@ class Step:
     reason: str
 
 
+def in_transition(live: list[tuple[int, bool]], slots: Iterable[int]) -> int:
+    """How many workers the instance is away from one serving worker per slot.
+
+    `live` holds (slot, serving) for every live worker; serving means ready and not
+    stopping. Every slot without a serving worker counts (empty, refilling, drained
+    first), and so does every worker beyond one per slot (a replacement booting beside
+    the old worker, an old worker still draining) or outside the slots (leaving after a
+    scale-down). This is what `--reload-surge` bounds: replacements never take a second
+    slot out of service, nor add more workers than the surge.
+    """
+    slots = set(slots)
+    serving = {slot for slot, is_serving in live if is_serving}
+    occupied = {slot for slot, _ in live}
+    return len(slots - serving) + len(live) - len(occupied & slots)
+
+
 def plan_replacements(
     due: list[Candidate], extra: int, surge: int, room_for_one_more: bool
 ) -> list[Step]:
     """Replacement first, at most `surge` workers beyond the target at a time, in slot order.
 
-    `extra` is how many workers are alive beyond the target: replacements booting, and old
-    workers still draining, which hold their memory and database connections until they
-    exit. (Negative while a slot is empty.) A due worker whose replacement is ready is
-    drained; otherwise a replacement is started while `extra` is below `surge`, so the
-    instance never holds more than target + surge workers, the room sizing keeps. When it
-    has no memory for one more, the old worker is drained first and its slot refilled
-    after (it says so).
+    `extra` is `in_transition`: replacements booting, old workers still draining (they hold
+    their memory and database connections until they exit), and slots refilling. A due
+    worker whose replacement is ready is drained; otherwise a replacement is started while
+    `extra` is below `surge`, so the instance never holds more than target + surge
+    workers, the room the sizing keeps. When it has no memory for one more, the old worker
+    is drained first and its slot refilled after (it says so); the next waits until that
+    slot serves again.
     """
     steps = []
     for worker in sorted(due, key=lambda c: c.slot):

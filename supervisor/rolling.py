@@ -129,7 +129,7 @@ class Rollout:
                 self.finish("completed")
             return
         room = self.memory_limit is None or policy.has_room(
-            self.memory_used(), self.one_more_worker(), self.memory_limit
+            self.memory_committed(), self.one_more_worker(), self.memory_limit
         )
         steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
         for step in steps:
@@ -141,9 +141,9 @@ class Rollout:
                 self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
             else:
                 log.warning(
-                    "%s: no memory for a replacement beside it (%d of %d MiB used): "
+                    "%s: no memory for a replacement beside it (%d of %d MiB taken): "
                     "draining it first",
-                    old.tag(), self.memory_used() // MIB, (self.memory_limit or 0) // MIB,
+                    old.tag(), self.memory_committed() // MIB, (self.memory_limit or 0) // MIB,
                     extra=old.extra("drain_first", reason=step.reason),
                 )  # fmt: skip
                 old.hold_slot = True
@@ -154,16 +154,24 @@ class Rollout:
         return any(w.generation < self.generation for w in self.arbiter.live())
 
     def extra(self) -> int:
-        """Workers beyond the target. One still draining counts: it holds its memory and
-        database connections until it exits. Not with --reload: a save must not wait for the
-        previous worker's idle keep-alive clients."""
+        """`policy.in_transition`. A worker still draining counts, as it holds its memory and
+        database connections until it exits; not with --reload, where a save must not wait
+        for the previous worker's idle keep-alive clients."""
         live = self.arbiter.live()
         if self.settings.reload:
             live = [w for w in live if w.stop_reason is None]
-        return len(live) - self.arbiter.target
+        serving = [(w.slot, w.state is State.READY and w.stop_reason is None) for w in live]
+        return policy.in_transition(serving, self.arbiter.slots)
 
-    def memory_used(self) -> int:
-        return sum(w.rss for w in self.arbiter.live()) + psutil.Process().memory_info().rss
+    def memory_committed(self) -> int:
+        """The master's RSS and every worker's, and a worker's worth for each empty slot
+        (`fill_slots` refills it). A worker not sampled yet counts as the largest that was:
+        one just ready may already hold its full size."""
+        live = self.arbiter.live()
+        one_more = self.one_more_worker()
+        refills = len(set(self.arbiter.slots) - {w.slot for w in live})
+        workers = sum(w.rss or one_more for w in live) + refills * one_more
+        return workers + psutil.Process().memory_info().rss
 
     def one_more_worker(self) -> int:
         sampled = [w.rss for w in self.arbiter.live() if w.rss]

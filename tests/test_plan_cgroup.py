@@ -211,11 +211,14 @@ def test_reload_drains_first_when_the_memory_limit_has_no_room(supervisor) -> No
 
             wait_until(lambda: sampled() == 2, 10, "RSS samples of both workers")
             before = server.worker_pids()
-            most = 0
+            most, least = 0, 2
 
             def reloaded() -> bool:
-                nonlocal most
+                nonlocal most, least
                 most = max(most, len(server.worker_pids()))
+                workers = json.loads(get(mport, "/status")[1])["workers"]
+                serving = sum(w["state"] == "ready" and not w["stopping"] for w in workers)
+                least = min(least, serving)
                 return "reload complete" in server.log()
 
             server.signal(signal.SIGHUP)
@@ -223,6 +226,7 @@ def test_reload_drains_first_when_the_memory_limit_has_no_room(supervisor) -> No
             log = server.log()
             assert log.count("draining it first") == 2, log
             assert most <= 2, f"{most} workers at once under a limit with room for 2"
+            assert least == 1, "each slot drained only once the other one served"
             assert not server.serving_pids(2) & before
             assert (parent / "memory.failcnt").read_text().strip() == "0"  # never at the limit
         finally:

@@ -89,12 +89,22 @@ def test_planner_counts_old_workers_still_draining_against_the_surge():
     assert exited == [Step("spawn", 20, "reload")]
 
 
-def test_planner_uses_an_empty_slot_s_share_of_the_surge():
-    """A slot left empty by a crash (extra -1): one more replacement fits, not two."""
-    plan = policy.plan_replacements(
-        [due(10, 1), due(20, 2), due(30, 3)], extra=-1, surge=1, room_for_one_more=True
-    )
-    assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
+def test_planner_waits_while_a_slot_drained_first_is_refilling():
+    """Slot 1 drained first and is booting again: draining slot 2 now would leave none."""
+    plan = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room_for_one_more=False)
+    assert plan == []
+
+
+def test_in_transition_counts_what_keeps_the_instance_from_one_serving_worker_per_slot():
+    slots = [1, 2]
+    assert policy.in_transition([(1, True), (2, True)], slots) == 0  # settled
+    assert policy.in_transition([(1, True), (1, False), (2, True)], slots) == 1  # booting
+    assert policy.in_transition([(1, False), (1, True), (2, True)], slots) == 1  # draining
+    assert policy.in_transition([(1, False), (2, True)], slots) == 1  # drains first, refills
+    assert policy.in_transition([(2, True)], slots) == 1  # empty: about to be refilled
+    assert policy.in_transition([(1, True), (2, True), (3, False)], slots) == 1  # scaled down
+    both = [(1, False), (1, True), (2, True), (2, False)]
+    assert policy.in_transition(both, slots) == 2
 
 
 def test_planner_drains_first_when_there_is_no_memory_for_one_more():
@@ -107,7 +117,7 @@ def test_planner_drains_first_when_there_is_no_memory_for_one_more():
         st.tuples(st.integers(1, 50), st.sampled_from([None, "booting", "ready"])),
         unique_by=lambda t: t[0],
     ),
-    st.integers(-3, 5),
+    st.integers(0, 5),
     st.integers(1, 5),
     st.booleans(),
 )
