@@ -2,9 +2,9 @@
 
 A reload (SIGHUP or a file change) bumps the generation: every worker of an older one is
 due. Recycling marks a worker due by requests, memory or lifetime. Either way a new worker
-starts in the same slot and the old one drains only once the new one is ready; at most
-`--reload-surge` workers beyond the target at a time, counting old ones still draining
-(see `policy.plan_replacements`).
+starts in the same slot and the old one drains only once the new one is ready. At most
+`--reload-surge` workers are in transition at a time: old ones still draining count, and
+so do slots without a serving worker (`policy.in_transition`, `policy.plan_replacements`).
 """
 
 from __future__ import annotations
