@@ -47,6 +47,11 @@ def pin(spec: str) -> tuple[str, str]:
     return server_cpus, load_cpus
 
 
+def pinned(command: list[str]) -> list[str]:
+    """`command` on the SERVER CPUs once pin() was called (taskset execs: the same pid)."""
+    return ["taskset", "-c", SERVER_CPUS, *command] if SERVER_CPUS else command
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -100,9 +105,8 @@ class Server:
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.t_start = time.monotonic()
-            pin = ["taskset", "-c", SERVER_CPUS] if SERVER_CPUS else []  # execs: same pid
             self.proc = subprocess.Popen(
-                [*pin, *shlex.split(self.cmd)],
+                pinned(shlex.split(self.cmd)),
                 cwd=BENCH,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -48,6 +48,11 @@ DIRECTORY = os.environ["PROMETHEUS_MULTIPROC_DIR"]  # set before prometheus_clie
 
 from prometheus_client import Gauge, Histogram  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import cpu_seconds, free_port  # noqa: E402
+from scenarios import parse_wrk  # noqa: E402
+
 from asgi_supervise import forwarded  # noqa: E402
 from asgi_supervise.httpmetrics import (  # noqa: E402
     DURATION_BUCKETS,
@@ -212,37 +217,14 @@ def serve(variant: str, port: int, every_second: bool) -> None:
     Server(config).run()
 
 
-# With two CPUs or more, the server gets the last and wrk the others: on a small machine
-# they otherwise take each other's CPU, and the scheduler's choices outweigh a 3% effect.
-CPUS = sorted(os.sched_getaffinity(0))
-SERVER_PIN, LOAD_PIN = (CPUS[-1:], CPUS[:-1]) if len(CPUS) > 1 else ([], [])
-
-
-def taskset(cpus: list[int]) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
-
-
 def wrk(port: int, seconds: int) -> tuple[float, int]:
+    """wrk on this process's CPUs (macro() pins them apart from the server's)."""
     out = subprocess.run(
-        [*taskset(LOAD_PIN), "wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    assert rate and total, out
-    return float(rate.group(1)), int(total.group(1))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    result = parse_wrk(out)
+    return result["rps"], result["requests"]
 
 
 def wait_listening(port: int, seconds: float) -> None:
@@ -261,24 +243,30 @@ def server_run(variant: str, seconds: int) -> tuple[float, float]:
     """wrk's requests/s, and the server's CPU microseconds per request."""
     port = free_port()
     serve = [sys.executable, __file__, "--serve", variant, str(port), "second"]
-    proc = subprocess.Popen([*taskset(SERVER_PIN), *serve])  # taskset execs: the same pid
+    proc = subprocess.Popen(harness.pinned(serve))
     try:
         wait_listening(port, 10)
         wrk(port, 2)  # warm-up
-        before = cpu_seconds(proc.pid)
+        before = cpu_seconds([proc.pid])
         rate, requests = wrk(port, seconds)
-        return rate, (cpu_seconds(proc.pid) - before) / requests * 1e6
+        return rate, (cpu_seconds([proc.pid]) - before) / requests * 1e6
     finally:
         proc.terminate()
         proc.wait(timeout=10)
 
 
 def macro(seconds: int = 8, rounds: int = 3, variant: str = "on") -> None:
+    # With two CPUs or more, the server gets the last and wrk the others: on a small
+    # machine they otherwise take each other's CPU, and the scheduler outweighs a 3% effect.
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:
+        harness.pin(f"{cpus[-1]}:{','.join(map(str, cpus[:-1]))}")
     runs: dict[str, list[tuple[float, float]]] = {"off": [], variant: []}
     for i in range(rounds):
         for name in ("off", variant) if i % 2 == 0 else (variant, "off"):
             runs[name].append(server_run(name, seconds))
-    pins = f"server on CPU {SERVER_PIN}, wrk on {LOAD_PIN}" if SERVER_PIN else "not pinned"
+    where = harness.SERVER_CPUS
+    pins = f"server on CPU {where}, wrk on the others" if where else "not pinned"
     print(f"wrk -t1 -c32 -d{seconds}s, one uvicorn process, {rounds} rounds alternating, {pins}")
     rate, cpu = {}, {}
     for name, results in runs.items():
