@@ -12,9 +12,9 @@
  * resolve(type, client, headers) (forwarded.py: uvicorn's middleware, run on just
  * those) says what to set, `scheme` and/or `client`, and the answer is kept for the
  * next request with the same inputs: at most CACHED answers, each for at most
- * MOST_HEADERS headers of at most LONGEST bytes in all. A scope in a shape this does not know goes to `proxied`,
- * uvicorn's middleware around the app, unchanged. No frame is added: it returns what
- * the app returns.
+ * MOST_HEADERS headers of at most LONGEST bytes in all. A scope in a shape this does not
+ * know goes to `proxied`, uvicorn's middleware around the app, unchanged. No frame is
+ * added: it returns what the app returns.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
