@@ -2,9 +2,9 @@
  *
  * Why: a Python middleware that reads the status code needs its own coroutine frame and
  * a Python `send` wrapper, and those alone cost ~3.3% of a hello-world request on uvicorn
- * (bench/metrics_overhead.py --instructions, `layer+send`). Here a request costs one small object that
- * is both the awaitable the server waits on and the `send` the app calls, two clock
- * reads, and two histograms counted in C. PythonMeter is the reference for behaviour,
+ * (bench/metrics_overhead.py --instructions, `layer+send`). Here a request costs one
+ * small object that is both the awaitable the server waits on and the `send` the app
+ * calls, two clock reads, and two histograms counted in C. PythonMeter is the reference for behaviour,
  * and tests/test_httpmetrics.py runs every test on both.
  *
  * Meter(app, websocket, durations, sizes): an ASGI app. An "http" scope gets a Request;
@@ -420,7 +420,8 @@ request_vectorcall(RequestObject *self, PyObject *const *args, size_t nargsf, Py
     }
     PyObject *body = lookup(message, s_body);
     if (body != NULL) {
-        Py_ssize_t length = PyBytes_CheckExact(body) ? PyBytes_GET_SIZE(body) : PyObject_Length(body);
+        Py_ssize_t length =
+            PyBytes_CheckExact(body) ? PyBytes_GET_SIZE(body) : PyObject_Length(body);
         Py_DECREF(body);
         if (length < 0) {
             return NULL;
