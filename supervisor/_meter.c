@@ -4,8 +4,8 @@
  * a Python `send` wrapper, and those alone cost ~3.3% of a hello-world request on uvicorn
  * (bench/metrics_overhead.py --instructions, `layer+send`). Here a request costs one
  * small object that is both the awaitable the server waits on and the `send` the app
- * calls, two clock reads, and two histograms counted in C. PythonMeter is the reference for behaviour,
- * and tests/test_httpmetrics.py runs every test on both.
+ * calls, two clock reads, and two histograms counted in C. PythonMeter is the reference
+ * for behaviour, and tests/test_httpmetrics.py runs every test on both.
  *
  * Meter(app, websocket, durations, sizes): an ASGI app. An "http" scope gets a Request;
  *   a "websocket" scope goes to websocket(scope, receive, send), anything else straight
