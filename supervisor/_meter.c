@@ -150,6 +150,7 @@ typedef struct {
     PyObject *method;
     PyObject *status;   /* from http.response.start; NULL before it, recorded as 500 */
     Py_ssize_t size;
+    Py_ssize_t scope_keys; /* how many keys the scope had when the request began */
     double start;
     int ended;
 } RequestObject;
@@ -245,7 +246,12 @@ static int
 record(RequestObject *self)
 {
     double seconds = now() - self->start;
-    PyObject *template = route_template(self->scope);
+    /* A router adds keys to the scope (Starlette's and FastAPI's: route, endpoint,
+     * path_params), so a dict scope that gained none was routed by nobody. */
+    PyObject *template = !PyDict_CheckExact(self->scope) ||
+                                 PyDict_GET_SIZE(self->scope) > self->scope_keys
+                             ? route_template(self->scope)
+                             : Py_NewRef(Py_None);
     if (template == NULL) {
         return -1;
     }
@@ -592,6 +598,7 @@ meter_vectorcall(MeterObject *self, PyObject *const *args, size_t nargsf, PyObje
     request->method = method;
     request->status = NULL;
     request->size = 0;
+    request->scope_keys = PyDict_CheckExact(scope) ? PyDict_GET_SIZE(scope) : 0;
     request->ended = 0;
     PyObject_GC_Track(request);
     PyObject *app_args[3] = {scope, receive, (PyObject *)request};

@@ -77,6 +77,15 @@ def label_set(method: str, route: Any, status: Any) -> Key:
     return method_label(method), route, str(status)
 
 
+def route_template(scope: Mapping[str, Any]) -> Any:
+    """The template a router left in the scope, unchecked: `label_set` bounds it."""
+    route = scope.get("route")
+    if route is None:
+        return scope.get("http_route")
+    # Starlette's Route: `path_format` is the template without converters
+    return getattr(route, "path_format", None) or getattr(route, "path", None)
+
+
 class PythonMeter:
     """The per-request part of RequestMetrics in Python: `_meter.Meter` compiled.
 
@@ -120,16 +129,14 @@ class PythonMeter:
 
         method = scope["method"]
         self.started[method] += 1
+        keys = len(scope)
         start = perf_counter()
         try:  # what the app returns goes through: the server warns unless it is None
             return await self.app(scope, receive, tap)
         finally:
             seconds = perf_counter() - start
-            route = scope.get("route")
-            if route is None:
-                template = scope.get("http_route")
-            else:  # Starlette's Route: `path_format` is the template without converters
-                template = getattr(route, "path_format", None) or getattr(route, "path", None)
+            # A router adds keys to the scope: one that gained none was not routed.
+            template = route_template(scope) if len(scope) > keys else None
             key = method, template, 500 if status is None else status  # 500: the app failed
             tally = self.tallies.get(key)
             if tally is None:
@@ -148,10 +155,11 @@ COMPILED = Meter is not PythonMeter
 class RequestMetrics:
     """Request durations, statuses and sizes by route template, folded and delivered.
 
-    The route label is the template a Starlette or FastAPI router leaves in
-    ``scope["route"]`` (or a string another framework puts in ``scope["http_route"]``),
-    never the raw path. Serve ``self.meter``, the ASGI app that measures; calling this
-    object calls it too. Observations since the last delivery die with a killed worker.
+    The route label is the template a Starlette or FastAPI router puts in
+    ``scope["route"]`` (or a string another framework puts in ``scope["http_route"]``)
+    while the app runs, never the raw path. Serve ``self.meter``, the ASGI app that
+    measures; calling this object calls it too. Observations since the last delivery die
+    with a killed worker.
     """
 
     def __init__(self, app: Any, meter: Callable[..., Any] = Meter) -> None:
