@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, NoReturn
 
-from asgi_supervise import apploader, logs, sizing, sources
+from asgi_supervise import apploader, host, logs, sizing, sources
 from asgi_supervise.settings import FIELDS, meta, redact
 
 EXIT_USAGE = 2
@@ -163,8 +163,8 @@ def run(loaded: sources.Loaded) -> int:
     except Exception as exc:  # any logging.config failure: the file is what is wrong
         where = f"--log-config {s.log_config}" if s.log_config else f"--log-file {s.log_file}"
         raise sources.ConfigError(f"{where}: cannot set up logging: {exc}") from None
-    host = sizing.read_host()
-    plan = sizing.plan(settings, host)
+    facts = host.read_host()
+    plan = sizing.plan(settings, facts)
     if not plan.forced:
         limit = next((b for b in plan.budgets if b.name == plan.limited_by), None)
         detail = f": {limit.detail}" if limit else ""
@@ -179,7 +179,7 @@ def run(loaded: sources.Loaded) -> int:
     except BindError as exc:
         logs.say(str(exc))
         return EXIT_USAGE
-    arbiter = Arbiter(settings, sockets, plan, memory_limit=host.memory_limit)
+    arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     try:
         with pid_file(settings.pid_file):
             return asyncio.run(arbiter.run())

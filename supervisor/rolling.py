@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 from asgi_supervise import policy
+from asgi_supervise.host import MIB
 from asgi_supervise.process import State, Worker
 from asgi_supervise.settings import Settings
-from asgi_supervise.sizing import MIB
 
 if TYPE_CHECKING:
     from asgi_supervise.arbiter import Arbiter

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from asgi_supervise.host import MIB, HostFacts
 from asgi_supervise.settings import Settings
-from asgi_supervise.sizing import MIB, HostFacts, plan
+from asgi_supervise.sizing import plan
 from conftest import free_port, get, in_cgroups, wait_until
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -29,7 +30,7 @@ NAME = f"asgi-supervise-test-{os.getpid()}"
 
 # What runs inside the cgroups: read_host() itself, and the real `asgi-supervise plan`.
 READ_HOST = (
-    "import json; from asgi_supervise.sizing import read_host; "
+    "import json; from asgi_supervise.host import read_host; "
     "print(json.dumps(read_host().to_dict()))"
 )
 PLAN = (

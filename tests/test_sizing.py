@@ -13,20 +13,16 @@ from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from asgi_supervise.settings import Settings
-from asgi_supervise.sizing import (
+from asgi_supervise.host import (
     GIB,
     MIB,
-    Budget,
     HostFacts,
-    Plan,
-    make_plan,
     parse_cpu_list,
     parse_proc_cgroup,
-    plan,
     read_host,
-    usable_cpus,
 )
+from asgi_supervise.settings import Settings
+from asgi_supervise.sizing import Budget, Plan, make_plan, plan, usable_cpus
 
 CG = "sys/fs/cgroup"
 V1_SENTINEL = "9223372036854771712"
