@@ -132,30 +132,29 @@ def in_transition(live: list[tuple[int, bool]], slots: Iterable[int]) -> int:
     return len(slots - serving) + len(live) - len(occupied & slots)
 
 
-def plan_replacements(
-    due: list[Candidate], extra: int, surge: int, room_for_one_more: bool
-) -> list[Step]:
+def plan_replacements(due: list[Candidate], extra: int, surge: int, room: int) -> list[Step]:
     """Replacement first, at most `surge` workers beyond the target at a time, in slot order.
 
     `extra` is `in_transition`: replacements booting, old workers still draining (they hold
     their memory and database connections until they exit), and slots refilling. A due
     worker whose replacement is ready is drained; otherwise a replacement is started while
     `extra` is below `surge`, so the instance never holds more than target + surge
-    workers, the room the sizing keeps. When it has no memory for one more, the old worker
-    is drained first and its slot refilled after (it says so); the next waits until that
-    slot serves again.
+    workers. `room` is how many more workers the budgets hold now (memory, database
+    connections): past it, the old worker is drained first and its slot refilled after
+    (it says so); the next waits until that slot serves again.
     """
     steps = []
     for worker in sorted(due, key=lambda c: c.slot):
         if worker.replacement == "ready":
             steps.append(Step("stop", worker.pid, worker.reason))
         elif worker.replacement is None and extra < surge:
-            action = "spawn" if room_for_one_more else "drain-first"
+            action = "spawn" if room > 0 else "drain-first"
             steps.append(Step(action, worker.pid, worker.reason))
             extra += 1
+            room -= 1
     return steps
 
 
-def has_room(used: int, one_more: int, limit: int | None) -> bool:
-    """Would one more worker fit under the instance's memory limit?"""
-    return limit is None or used + one_more <= limit
+def room(used: int, each: int, budget: int) -> int:
+    """How many more of `each` fit in what is left of `budget` (memory, connections)."""
+    return max(0, (budget - used) // each)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from asgi_supervise import policy
+from asgi_supervise import policy, sizing
 from asgi_supervise.host import MIB
 from asgi_supervise.process import State, Worker
 from asgi_supervise.settings import Settings
@@ -34,6 +34,7 @@ class Rollout:
         self.arbiter = arbiter
         self.settings = settings
         self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
+        self.db_share = sizing.db_share(settings)  # connections this instance may hold
         self.generation = 0
         self.reload_started: float | None = None
         self.last_sample = 0.0
@@ -128,9 +129,7 @@ class Rollout:
             if self.reload_started is not None and not self.old_generation_alive():
                 self.finish("completed")
             return
-        room = self.memory_limit is None or policy.has_room(
-            self.memory_committed(), self.one_more_worker(), self.memory_limit
-        )
+        room, full = self.room()
         steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
         for step in steps:
             old = self.arbiter.workers[step.pid]
@@ -141,10 +140,8 @@ class Rollout:
                 self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
             else:
                 log.warning(
-                    "%s: no memory for a replacement beside it (%d of %d MiB taken): "
-                    "draining it first",
-                    old.tag(), self.memory_committed() // MIB, (self.memory_limit or 0) // MIB,
-                    extra=old.extra("drain_first", reason=step.reason),
+                    "%s: no %s for a replacement beside it: draining it first",
+                    old.tag(), full, extra=old.extra("drain_first", reason=step.reason),
                 )  # fmt: skip
                 old.hold_slot = True
                 self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
@@ -163,15 +160,35 @@ class Rollout:
         serving = [(w.slot, w.state is State.READY and w.stop_reason is None) for w in live]
         return policy.in_transition(serving, self.arbiter.slots)
 
+    def room(self) -> tuple[int, str]:
+        """How many more workers the budgets hold now, and the fullest one's account.
+
+        Memory under the cgroup limit, and this instance's share of the database
+        connections: every live worker holds its pool (a draining one until it exits), and
+        so will each empty slot's refill."""
+        rooms = [(self.settings.reload_surge, "")]
+        if self.memory_limit is not None:
+            used, each = self.memory_committed(), self.one_more_worker()
+            taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"
+            rooms.append((policy.room(used, each, self.memory_limit), taken))
+        pool = self.settings.db_pool_size
+        if self.db_share is not None and pool is not None:
+            holders = len(self.arbiter.live()) + self.refills()
+            taken = f"database connections ({holders} x {pool} of {self.db_share} held)"
+            rooms.append((policy.room(holders * pool, pool, self.db_share), taken))
+        return min(rooms, key=lambda r: r[0])
+
+    def refills(self) -> int:
+        """Slots without a live worker: `fill_slots` refills them."""
+        return len(set(self.arbiter.slots) - {w.slot for w in self.arbiter.live()})
+
     def memory_committed(self) -> int:
-        """The master's RSS and every worker's, and a worker's worth for each empty slot
-        (`fill_slots` refills it). A worker not sampled yet counts as the largest that was:
-        one just ready may already hold its full size."""
-        live = self.arbiter.live()
+        """The master's RSS and every worker's, and a worker's worth for each empty slot.
+        A worker not sampled yet counts as the largest that was: one just ready may already
+        hold its full size."""
         one_more = self.one_more_worker()
-        refills = len(set(self.arbiter.slots) - {w.slot for w in live})
-        workers = sum(w.rss or one_more for w in live) + refills * one_more
-        return workers + psutil.Process().memory_info().rss
+        workers = sum(w.rss or one_more for w in self.arbiter.live())
+        return workers + self.refills() * one_more + psutil.Process().memory_info().rss
 
     def one_more_worker(self) -> int:
         sampled = [w.rss for w in self.arbiter.live() if w.rss]

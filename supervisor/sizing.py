@@ -37,6 +37,7 @@ class Plan:
     budgets: tuple[Budget, ...]
     forced: bool
     warnings: tuple[str, ...]
+    reloads: str = ""  # how a reload replaces these workers, and what decides it
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``plan --json`` and the /status endpoint."""
@@ -53,6 +54,8 @@ class Plan:
         why = f"limited by {self.limited_by}"
         why = "as configured" if self.limited_by == "configured" else why
         lines.append(f"=> {self.workers} {noun}, {why}")
+        if self.reloads:
+            lines.append(f"reloads: {self.reloads}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -135,6 +138,14 @@ def _memory_rule(settings: Settings, facts: HostFacts) -> Rule:
     return Budget("memory", allows, detail), over, warnings
 
 
+def db_share(settings: Settings) -> int | None:
+    """This instance's connections: (max - reserved) / replicas. None: no db budget set."""
+    most, pool = settings.db_max_connections, settings.db_pool_size
+    if most is None or pool is None:
+        return None
+    return max(0, most - settings.db_reserved_connections) // settings.replicas
+
+
 def _db_rule(settings: Settings) -> Rule:
     """Every worker of every replica may hold a full pool; the database has one budget."""
     most, pool = settings.db_max_connections, settings.db_pool_size
@@ -160,6 +171,29 @@ def _db_rule(settings: Settings) -> Rule:
     return Budget("db", max(1, raw), detail), over, warnings
 
 
+def reload_room(settings: Settings, facts: HostFacts, workers: int) -> str:
+    """How a reload will replace `workers`: beside the old ones while the memory limit and
+    the database share hold more, else by draining each first. (`Rollout.room` decides at
+    the time, from measured memory.)"""
+    surge, pool, share = settings.reload_surge, settings.db_pool_size, db_share(settings)
+    rooms = [(surge, "", "")]
+    limit, est = facts.memory_limit, settings.worker_memory_estimate * MIB
+    if limit is not None:
+        left = (limit - MASTER_RESERVE) // est - workers
+        taken = f"{_plural(workers, 'worker')} x {_size(est)} + 64 MiB master"
+        rooms.append((left, "memory", f"{taken} of {_size(limit)} ({facts.memory_limit_source})"))
+    if share is not None and pool is not None:
+        left = share // pool - workers
+        taken = f"{_plural(workers, 'worker')} x {pool} connections"
+        rooms.append((left, "db", f"{taken} of this instance's {share}"))
+    room, name, taken = min(rooms, key=lambda r: r[0])
+    if room >= surge:
+        return f"replacement first, {surge} at a time (--reload-surge)"
+    if room > 0:
+        return f"replacement first, {room} at a time: the {name} budget holds {room} more ({taken})"
+    return f"drain first, {surge} at a time: the {name} budget holds no more ({taken})"
+
+
 def plan(settings: Settings, facts: HostFacts) -> Plan:
     """Decide the worker count: the smallest budget for ``auto``, else the user's number."""
     rules = [_cpu_rule(settings, facts), _memory_rule(settings, facts), _db_rule(settings)]
@@ -169,7 +203,8 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
     if settings.workers != "auto":
         n = settings.workers
         warnings += [over(n) for allows, _, over in bound if n > allows]
-        return Plan(n, "configured", budgets, True, tuple(warnings))
+        reloads = reload_room(settings, facts, n)
+        return Plan(n, "configured", budgets, True, tuple(warnings), reloads)
     n, limited_by, _ = min(bound, key=lambda b: b[0])
     forced = False
     if n < settings.min_workers:
@@ -181,7 +216,8 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
         ]
     elif settings.max_workers is not None and n > settings.max_workers:
         n, limited_by = settings.max_workers, "max-workers"
-    return Plan(n, limited_by, budgets, forced, tuple(warnings))
+    reloads = reload_room(settings, facts, n)
+    return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads)
 
 
 def make_plan(settings: Settings, root: Path = Path("/")) -> Plan:

@@ -66,7 +66,7 @@ def due(pid: int, slot: int, replacement: str | None = None) -> Candidate:
 
 def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
     plan = policy.plan_replacements(
-        [due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room_for_one_more=True
+        [due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room=9
     )
     assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
 
@@ -76,22 +76,22 @@ def test_planner_drains_the_old_worker_only_once_its_replacement_is_ready():
         [due(10, 1, "ready"), due(20, 2, "booting"), due(30, 3)],
         extra=2,
         surge=2,
-        room_for_one_more=True,
+        room=9,
     )
     assert plan == [Step("stop", 10, "reload")]  # slot 3 waits: two replacements are up
 
 
 def test_planner_counts_old_workers_still_draining_against_the_surge():
     """Slot 1's old worker drains (its replacement is serving): one worker beyond target."""
-    waiting = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room_for_one_more=True)
+    waiting = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room=9)
     assert waiting == []
-    exited = policy.plan_replacements([due(20, 2)], extra=0, surge=1, room_for_one_more=True)
+    exited = policy.plan_replacements([due(20, 2)], extra=0, surge=1, room=9)
     assert exited == [Step("spawn", 20, "reload")]
 
 
 def test_planner_waits_while_a_slot_drained_first_is_refilling():
     """Slot 1 drained first and is booting again: draining slot 2 now would leave none."""
-    plan = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room_for_one_more=False)
+    plan = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room=0)
     assert plan == []
 
 
@@ -107,9 +107,15 @@ def test_in_transition_counts_what_keeps_the_instance_from_one_serving_worker_pe
     assert policy.in_transition(both, slots) == 2
 
 
-def test_planner_drains_first_when_there_is_no_memory_for_one_more():
-    plan = policy.plan_replacements([due(10, 1)], extra=0, surge=1, room_for_one_more=False)
+def test_planner_drains_first_when_the_budgets_hold_no_more_workers():
+    plan = policy.plan_replacements([due(10, 1)], extra=0, surge=1, room=0)
     assert plan == [Step("drain-first", 10, "reload")]
+
+
+def test_planner_starts_replacements_beside_old_workers_only_up_to_the_room():
+    """Surge 2 but room for one more: the second slot drains first."""
+    plan = policy.plan_replacements([due(10, 1), due(20, 2)], extra=0, surge=2, room=1)
+    assert plan == [Step("spawn", 10, "reload"), Step("drain-first", 20, "reload")]
 
 
 @given(
@@ -119,18 +125,20 @@ def test_planner_drains_first_when_there_is_no_memory_for_one_more():
     ),
     st.integers(0, 5),
     st.integers(1, 5),
-    st.booleans(),
+    st.integers(0, 5),
 )
-def test_planner_never_exceeds_the_surge(workers, extra, surge, room):
+def test_planner_never_exceeds_the_surge_nor_the_room(workers, extra, surge, room):
     candidates = [due(slot * 10, slot, state) for slot, state in workers]
     plan = policy.plan_replacements(candidates, extra, surge, room)
     started = [s for s in plan if s.action in ("spawn", "drain-first")]
     assert extra + len(started) <= max(surge, extra)
+    assert len([s for s in plan if s.action == "spawn"]) <= room
     stopped = {s.pid for s in plan if s.action == "stop"}
     assert stopped == {c.pid for c in candidates if c.replacement == "ready"}
 
 
-def test_has_room():
-    assert policy.has_room(used=600, one_more=300, limit=None)
-    assert policy.has_room(used=600, one_more=400, limit=1000)
-    assert not policy.has_room(used=700, one_more=400, limit=1000)
+def test_room():
+    assert policy.room(used=600, each=400, budget=1000) == 1
+    assert policy.room(used=700, each=400, budget=1000) == 0
+    assert policy.room(used=1200, each=400, budget=1000) == 0  # over already: none, not < 0
+    assert policy.room(used=4 * 10, each=10, budget=60) == 2  # connections: 4 pools of 10

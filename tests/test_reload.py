@@ -144,6 +144,31 @@ def test_old_workers_still_draining_count_against_the_surge(supervisor):
     assert log.index(f"(pid {first}) exited") < second_booting.start()  # it waited for the exit
 
 
+def test_a_reload_drains_first_when_the_database_share_holds_no_more_pools(supervisor):
+    """2 workers x 10 connections of 20: a replacement beside its old worker would open a
+    third pool. Each old worker drains first instead, so no more than 2 workers (and 20
+    connections) exist at any time, and the other slot serves throughout."""
+    db = ("--db-max-connections", "20", "--db-pool-size", "10")
+    server = supervisor("testapp:app", "--workers", "2", *db)
+    server.wait_ready(2)
+    before = server.worker_pids()
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(100)
+        server.signal(signal.SIGHUP)
+        most, deadline = 0, time.monotonic() + 30
+        while "reload complete" not in server.log():
+            most = max(most, len(server.worker_pids()))
+            assert time.monotonic() < deadline, "the reload did not complete"
+            time.sleep(0.02)  # sampling the process count; the loop's end is the log line
+        load.wait_for_requests(load.stats.total + 100)
+        _no_failures(load)
+    assert most == 2  # replacement first would have shown 3
+    assert not server.worker_pids() & before
+    log = server.log()
+    full = "no database connections (2 x 10 of 20 held) for a replacement beside it"
+    assert log.count(full) == 2, log
+
+
 def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
     server = supervisor("testapp:app", "--workers", "2")
     server.wait_ready(2)

@@ -428,6 +428,43 @@ def test_db_unconfigured_is_silent() -> None:
     assert budget(p, "db").allows is None and p.warnings == ()
 
 
+# --- how reloads replace workers ----------------------------------------------------------
+
+
+def test_reloads_replace_first_when_the_budgets_hold_the_surge() -> None:
+    p = plan(cfg(workers=2, reload_surge=2, db_max_connections=100, db_pool_size=20), facts())
+    assert p.reloads == "replacement first, 2 at a time (--reload-surge)"
+    assert "reloads: replacement first, 2 at a time (--reload-surge)" in p.render().splitlines()
+
+
+def test_reloads_drain_first_when_the_database_share_holds_no_more_pools() -> None:
+    """#4's budget: 2 workers x 20 connections of this instance's 45. A replacement beside
+    its old worker would take a third pool, 60 > 45: each worker drains first instead."""
+    p = plan(cfg(workers="auto", **DB), facts())
+    assert (p.workers, p.limited_by) == (2, "db")
+    assert p.reloads == (
+        "drain first, 1 at a time: the db budget holds no more"
+        " (2 workers x 20 connections of this instance's 45)"
+    )
+
+
+def test_reloads_replace_first_only_as_many_as_the_room_allows() -> None:
+    p = plan(cfg(workers=1, reload_surge=3, **DB), facts())  # 45 // 20 = 2 pools: 1 more
+    assert p.reloads == (
+        "replacement first, 1 at a time: the db budget holds 1 more"
+        " (1 worker x 20 connections of this instance's 45)"
+    )
+
+
+def test_reloads_under_a_memory_limit_the_worker_count_leaves_full() -> None:
+    f = facts(memory_limit=GIB, memory_limit_source="cgroup v2 memory.max")
+    assert plan(cfg(workers="auto"), f).reloads.startswith("replacement first, 1 at a time")
+    assert plan(cfg(workers=3), f).reloads == (  # (1024 - 64) // 256 = 3 fit: none more
+        "drain first, 1 at a time: the memory budget holds no more"
+        " (3 workers x 256 MiB + 64 MiB master of 1.0 GiB (cgroup v2 memory.max))"
+    )
+
+
 # --- auto, clamps, fixed ------------------------------------------------------------------
 
 
@@ -498,6 +535,7 @@ def test_render_and_to_dict() -> None:
     assert [b["name"] for b in data["budgets"]] == ["cpu", "memory", "db"]
     assert data["budgets"][0] == {"name": "cpu", "allows": 1, "detail": budget(p, "cpu").detail}
     assert data["warnings"] == list(p.warnings)
+    assert data["reloads"] == p.reloads == "replacement first, 1 at a time (--reload-surge)"
 
 
 def test_render_plural_and_configured() -> None:
