@@ -65,9 +65,7 @@ def due(pid: int, slot: int, replacement: str | None = None) -> Candidate:
 
 
 def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
-    plan = policy.plan_replacements(
-        [due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room=9
-    )
+    plan = policy.plan_replacements([due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room=9)
     assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
 
 
