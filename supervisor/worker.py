@@ -27,7 +27,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from asgi_supervise import apploader, forwarded, logs
 from asgi_supervise.httpmetrics import RequestMetrics
@@ -38,13 +37,6 @@ if TYPE_CHECKING:
 BOOT_FAILURE = 3  # exit code of a worker that never became ready
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
 PR_SET_PDEATHSIG = 1
-
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    HTTP_PROTOCOLS: tuple[type, ...] = (H11Protocol, HttpToolsProtocol)
-except ImportError:  # httptools not installed
-    HTTP_PROTOCOLS = (H11Protocol,)
 
 
 class Control:
@@ -193,8 +185,9 @@ class WorkerServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
+        http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
         for connection in list(self.server_state.connections):
-            if isinstance(connection, HTTP_PROTOCOLS):
+            if isinstance(connection, http):
                 connection.app = ClosingApp(connection.app)  # its next request: close after
                 if connection.cycle is not None and not connection.cycle.response_complete:
                     connection.cycle.keep_alive = False
@@ -206,7 +199,7 @@ class WorkerServer(uvicorn.Server):
         while self.server_state.connections and not self.force_exit:
             if loop.time() >= idle_deadline:
                 for connection in list(self.server_state.connections):
-                    if isinstance(connection, HTTP_PROTOCOLS) and _is_idle(connection):
+                    if isinstance(connection, http) and _is_idle(connection):
                         connection.shutdown()
             await asyncio.sleep(0.05)
         while self.server_state.tasks and not self.force_exit:

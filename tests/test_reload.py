@@ -222,13 +222,14 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
     assert "log files reopened" not in rotated.read_text()
 
 
-def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor):
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor, protocol):
     """The race uvicorn loses: an idle keep-alive connection closed while a client sends.
 
     While its worker drains, a connection that was idle gets its next request answered,
-    with `Connection: close`; then the client reconnects elsewhere.
+    with `Connection: close`; then the client reconnects elsewhere. With either parser.
     """
-    server = supervisor("testapp:app")
+    server = supervisor("testapp:app", "--http", protocol)
     server.wait_ready(1)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request("GET", "/pid")
