@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
                                           [--header 'Name: value' ...] [--together]
+                                          [--restart N]
 
 `bench/run.py metrics` starts each server afresh for one 10 s load, so a pair of runs is
 tens of seconds apart, and on this 2-vCPU VM the machine's speed drifts by more than the
@@ -19,6 +20,11 @@ rotating order), so they share the SERVER CPU and any drift of the machine's spe
 them alike. Each then gets about a quarter of the CPU, so CPU per request is the steady
 figure: at saturation a server's throughput is the inverse of it. The once-a-second
 costs (the master's ticks) weigh four times as much per request as they do alone.
+
+With --restart N, the servers are started afresh every N cycles. A process keeps the
+speed its start gave it (where its memory landed, its hash seed): two runs of the same
+code differ by more than the 3% judged, and a run's median cannot average that out over
+one set of processes. Fresh ones every cycle or two can.
 
 Results: bench/results/<stamp>-interleaved.{json,md}.
 """
@@ -94,44 +100,77 @@ async def counted(port: int) -> float | None:
     return sum(request_counts(scraped["body"]).values()) if scraped["ok"] else None
 
 
-async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
-    ports = {name: free_port() for name in SERVERS}
-    servers = {
-        name: Server(name, template, HELLO, 1, log_dir, metrics_port=ports[name]).start()
-        for name, template in SERVERS.items()
-    }
+async def start_one(name: str, log_dir: str) -> tuple[Server, int]:
+    """One server, answering, and its metrics port. A free port may be taken before the
+    server binds it (wrk's client sockets use the same range): then it starts again."""
+    for attempt in range(3):
+        metrics_port = free_port()
+        srv = Server(name, SERVERS[name], HELLO, 1, log_dir, metrics_port=metrics_port).start()
+        ready = await wait_workers(srv, 1)
+        if ready["t_all"] is not None:
+            return srv, metrics_port
+        srv.stop()
+        if "address already in use" not in srv.log_tail().lower() or attempt == 2:
+            raise RuntimeError(f"{name} did not answer:\n{srv.log_tail()}")
+    raise AssertionError("unreachable")
+
+
+async def start(o: argparse.Namespace, log_dir: str) -> tuple[dict[str, Server], int]:
+    """The four servers, answering and warmed up (each loaded 2 s, not measured), and the
+    metrics-on server's metrics port."""
+    servers: dict[str, Server] = {}
     try:
-        for name, srv in servers.items():
-            ready = await wait_workers(srv, 1)
-            if ready["t_all"] is None:
-                raise RuntimeError(f"{name} did not answer:\n{srv.log_tail()}")
-        for srv in servers.values():  # warm-up, not measured
-            await load(srv.port, 2)
-        await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
-        counted_before = await counted(ports["on"])
-        cycles: list[dict[str, dict[str, Any]]] = []
-        for cycle in range(o.cycles):
-            order = rotated(list(servers), cycle)
-            if o.together:  # all at once, wrk started in this order: they share the CPU
-                loads = [segment(servers[name], o.segment) for name in order]
-                results = dict(zip(order, await asyncio.gather(*loads), strict=True))
-            else:
-                results = {name: await segment(servers[name], o.segment) for name in order}
-            cycles.append(results)
-            brief = ", ".join(f"{n} {r['rps']:.0f}/s" for n, r in results.items())
-            print(f"[cycle {cycle + 1}/{o.cycles}] {brief}", file=sys.stderr, flush=True)
-        await asyncio.sleep(o.flush_wait)
-        counted_after = await counted(ports["on"])
-        return {
-            "cycles": cycles,
-            "metrics_counted": None
-            if counted_before is None or counted_after is None
-            else counted_after - counted_before,
-            "wrk_completed": sum(c["on"]["requests"] for c in cycles),
-        }
-    finally:
+        for name in SERVERS:
+            servers[name], port = await start_one(name, log_dir)
+            if name == "on":
+                on_metrics = port
+        warm_ups = [load(srv.port, 2) for srv in servers.values()]
+        if o.together:
+            await asyncio.gather(*warm_ups)
+        else:
+            for warm_up in warm_ups:
+                await warm_up
+    except BaseException:
         for srv in servers.values():
             srv.stop()
+        raise
+    return servers, on_metrics
+
+
+async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
+    """The cycles, on servers started afresh every --restart cycles (0: once)."""
+    cycles: list[dict[str, dict[str, Any]]] = []
+    counted_total: float | None = 0.0
+    batch = o.restart or o.cycles
+    for first in range(0, o.cycles, batch):
+        servers, on_metrics = await start(o, log_dir)
+        try:
+            await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
+            before = await counted(on_metrics)
+            for cycle in range(first, min(first + batch, o.cycles)):
+                order = rotated(list(servers), cycle)
+                if o.together:  # all at once, wrk started in this order: they share the CPU
+                    loads = [segment(servers[name], o.segment) for name in order]
+                    results = dict(zip(order, await asyncio.gather(*loads), strict=True))
+                else:
+                    results = {name: await segment(servers[name], o.segment) for name in order}
+                cycles.append(results)
+                brief = ", ".join(f"{n} {r['rps']:.0f}/s" for n, r in results.items())
+                print(f"[cycle {cycle + 1}/{o.cycles}] {brief}", file=sys.stderr, flush=True)
+            await asyncio.sleep(o.flush_wait)
+            after = await counted(on_metrics)
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        if counted_total is not None and before is not None and after is not None:
+            counted_total += after - before
+        else:
+            counted_total = None
+    return {
+        "cycles": cycles,
+        "metrics_counted": counted_total,
+        "wrk_completed": sum(c["on"]["requests"] for c in cycles),
+    }
 
 
 def markdown(out: dict[str, Any]) -> str:
@@ -142,6 +181,7 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server"
         + (", all servers loaded at once" if o.get("together") else ", one after another")
+        + (f", servers started afresh every {o['restart']} cycles" if o.get("restart") else "")
         + f"; servers on CPU {o['server_cpus']}, wrk -t1 -c32 on CPU {o['load_cpus']}"
         + (f", every request with {', '.join(o['header'])}." if o.get("header") else "."),
         "",
@@ -186,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         "--together",
         action="store_true",
         help="load all servers at once each cycle: they share the SERVER CPU",
+    )
+    p.add_argument(
+        "--restart",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start the servers afresh every N cycles (0: once): a process keeps the speed "
+        "its start gave it, so fresh ones average that luck out",
     )
     p.add_argument("--flush-wait", type=float, default=1.5)
     p.add_argument(
