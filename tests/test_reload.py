@@ -24,6 +24,17 @@ def _no_failures(load: Load) -> None:
     assert stats.ok > 100
 
 
+def _most_workers_during_a_reload(server) -> int:
+    """SIGHUP, then the most worker processes seen at once until the reload completes."""
+    server.signal(signal.SIGHUP)
+    most, deadline = 0, time.monotonic() + 30
+    while "reload complete" not in server.log():
+        most = max(most, len(server.worker_pids()))
+        assert time.monotonic() < deadline, "the reload did not complete"
+        time.sleep(0.02)  # sampling the process count; the loop's end is the log line
+    return most
+
+
 def test_sighup_under_load_replaces_every_worker_with_zero_failures(supervisor):
     server = supervisor("testapp:app", "--workers", "2")
     server.wait_ready(2)
@@ -129,12 +140,7 @@ def test_old_workers_still_draining_count_against_the_surge(supervisor):
 
     try:
         wait_until(connected_to_slot_1, 10, "a keep-alive connection to slot 1", interval=0.01)
-        server.signal(signal.SIGHUP)
-        most, deadline = 0, time.monotonic() + 30
-        while "reload complete" not in server.log():
-            most = max(most, len(server.worker_pids()))
-            assert time.monotonic() < deadline, "the reload did not complete"
-            time.sleep(0.02)  # sampling the process count; the loop's end is the log line
+        most = _most_workers_during_a_reload(server)
     finally:
         for conn in connections:
             conn.close()
@@ -154,12 +160,7 @@ def test_a_reload_drains_first_when_the_database_share_holds_no_more_pools(super
     before = server.worker_pids()
     with Load(server.port, rate=150) as load:
         load.wait_for_requests(100)
-        server.signal(signal.SIGHUP)
-        most, deadline = 0, time.monotonic() + 30
-        while "reload complete" not in server.log():
-            most = max(most, len(server.worker_pids()))
-            assert time.monotonic() < deadline, "the reload did not complete"
-            time.sleep(0.02)  # sampling the process count; the loop's end is the log line
+        most = _most_workers_during_a_reload(server)
         load.wait_for_requests(load.stats.total + 100)
         _no_failures(load)
     assert most == 2  # replacement first would have shown 3
