@@ -164,8 +164,8 @@ class Rollout:
         """How many more workers the budgets hold now, and the fullest one's account.
 
         Memory under the cgroup limit, and this instance's share of the database
-        connections: every live worker holds its pool (a draining one until it exits), and
-        so will each empty slot's refill."""
+        connections (`sizing.db_share`): every live worker holds its pool (a draining one
+        until it exits), and so will each empty slot's refill."""
         rooms = [(self.settings.reload_surge, "")]
         if self.memory_limit is not None:
             used, each = self.memory_committed(), self.one_more_worker()

@@ -139,9 +139,11 @@ def _memory_rule(settings: Settings, facts: HostFacts) -> Rule:
 
 
 def db_share(settings: Settings) -> int | None:
-    """This instance's connections: (max - reserved) / replicas. None: no db budget set."""
+    """The connections a reload may hold: (max - reserved) / replicas. None without a db
+    budget, or under --reload: a save must never leave the developer without a server for
+    a production budget that a shared config file carried into development."""
     most, pool = settings.db_max_connections, settings.db_pool_size
-    if most is None or pool is None:
+    if most is None or pool is None or settings.reload:
         return None
     return max(0, most - settings.db_reserved_connections) // settings.replicas
 

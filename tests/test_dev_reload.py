@@ -65,6 +65,21 @@ def test_a_save_does_not_wait_for_the_previous_worker_to_drain(supervisor, tmp_p
         browser.close()
 
 
+def test_a_save_starts_the_new_worker_first_whatever_the_database_share(supervisor, tmp_path):
+    """A config whose database share holds one pool (production's budget) would drain the
+    only worker first; under --reload the new one starts beside it: 2 workers at once."""
+    db = ("--db-max-connections", "10", "--db-pool-size", "10")
+    server = _start(supervisor, tmp_path, *db)
+    _version_app(tmp_path, "v2")
+    most, deadline = 0, time.monotonic() + 5
+    while _version(server) != "v2":
+        most = max(most, len(server.worker_pids()))
+        assert time.monotonic() < deadline, "the new version did not answer"
+        time.sleep(0.02)  # sampling the process count; the loop's end is the new answer
+    assert most == 2
+    assert "draining it first" not in server.log()
+
+
 def test_syntax_error_keeps_the_old_version_serving_until_fixed(supervisor, tmp_path):
     server = _start(supervisor, tmp_path)
     source = tmp_path / "devapp.py"

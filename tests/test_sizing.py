@@ -456,6 +456,12 @@ def test_reloads_replace_first_only_as_many_as_the_room_allows() -> None:
     )
 
 
+def test_reloads_with_reload_on_ignore_the_database_share() -> None:
+    """A config file's production budget must not make a development save drain first."""
+    p = plan(cfg(workers="auto", reload=True, **DB), facts())
+    assert p.reloads == "replacement first, 1 at a time (--reload-surge)"
+
+
 def test_reloads_under_a_memory_limit_the_worker_count_leaves_full() -> None:
     f = facts(memory_limit=GIB, memory_limit_source="cgroup v2 memory.max")
     assert plan(cfg(workers="auto"), f).reloads.startswith("replacement first, 1 at a time")
