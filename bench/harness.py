@@ -80,7 +80,13 @@ class Server:
     ):
         self.name = name
         self.port = free_port()
+        # Its own metrics port when the template has one and the caller gave none.
+        asked = "{metrics_port}" in template
+        self.metrics_port: int | None = extra.pop("metrics_port", None) or (
+            free_port() if asked else None
+        )
         values = {"app": app, "host": HOST, "port": self.port, "workers": workers, **extra}
+        values["metrics_port"] = self.metrics_port
         cmd = template
         for key, value in values.items():
             cmd = cmd.replace("{" + key + "}", str(value))
@@ -407,15 +413,22 @@ async def wait_workers(
 async def start_ready(
     name: str, template: str, app: str, o: Any, **extra: Any
 ) -> tuple[Server, dict[str, Any]]:
-    srv = Server(name, template, app, o.workers, o.log_dir, **extra).start()
-    ready = await wait_workers(srv, o.workers)
-    if ready["t_all"] is None:
+    """A server with all `o.workers` answering. A free port can be taken before the server
+    binds it (load generators' client sockets share the range): then it starts again, on
+    other ports, up to three times in all."""
+    tries = 3
+    while True:
+        srv = Server(name, template, app, o.workers, o.log_dir, **extra).start()
+        ready = await wait_workers(srv, o.workers)
+        if ready["t_all"] is not None:
+            return srv, ready
         srv.stop()
-        raise RuntimeError(
-            f"{name}: {len(ready['pids'])}/{o.workers} workers answered; "
-            f"log tail:\n{srv.log_tail()}"
-        )
-    return srv, ready
+        tries -= 1
+        if not tries or "address already in use" not in srv.log_tail().lower():
+            raise RuntimeError(
+                f"{name}: {len(ready['pids'])}/{o.workers} workers answered; "
+                f"log tail:\n{srv.log_tail()}"
+            )
 
 
 # --- small statistics ----------------------------------------------------------------------

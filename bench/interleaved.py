@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness
-from harness import BENCH, Server, cpu_seconds, free_port, median, spread, wait_workers
+from harness import BENCH, Server, cpu_seconds, median, spread, start_ready
 from metrics_reload import fetch_metrics, request_counts
 from run import environment
 from scenarios import HELLO, parse_wrk
@@ -100,30 +100,12 @@ async def counted(port: int) -> float | None:
     return sum(request_counts(scraped["body"]).values()) if scraped["ok"] else None
 
 
-async def start_one(name: str, log_dir: str) -> tuple[Server, int]:
-    """One server, answering, and its metrics port. A free port may be taken before the
-    server binds it (wrk's client sockets use the same range): then it starts again."""
-    for attempt in range(3):
-        metrics_port = free_port()
-        srv = Server(name, SERVERS[name], HELLO, 1, log_dir, metrics_port=metrics_port).start()
-        ready = await wait_workers(srv, 1)
-        if ready["t_all"] is not None:
-            return srv, metrics_port
-        srv.stop()
-        if "address already in use" not in srv.log_tail().lower() or attempt == 2:
-            raise RuntimeError(f"{name} did not answer:\n{srv.log_tail()}")
-    raise AssertionError("unreachable")
-
-
-async def start(o: argparse.Namespace, log_dir: str) -> tuple[dict[str, Server], int]:
-    """The four servers, answering and warmed up (each loaded 2 s, not measured), and the
-    metrics-on server's metrics port."""
+async def start(o: argparse.Namespace) -> dict[str, Server]:
+    """The four servers, answering and warmed up (each loaded 2 s, not measured)."""
     servers: dict[str, Server] = {}
     try:
-        for name in SERVERS:
-            servers[name], port = await start_one(name, log_dir)
-            if name == "on":
-                on_metrics = port
+        for name, template in SERVERS.items():
+            servers[name], _ = await start_ready(name, template, HELLO, o)
         warm_ups = [load(srv.port, 2) for srv in servers.values()]
         if o.together:
             await asyncio.gather(*warm_ups)
@@ -134,16 +116,18 @@ async def start(o: argparse.Namespace, log_dir: str) -> tuple[dict[str, Server],
         for srv in servers.values():
             srv.stop()
         raise
-    return servers, on_metrics
+    return servers
 
 
-async def measure(o: argparse.Namespace, log_dir: str) -> dict[str, Any]:
+async def measure(o: argparse.Namespace) -> dict[str, Any]:
     """The cycles, on servers started afresh every --restart cycles (0: once)."""
     cycles: list[dict[str, dict[str, Any]]] = []
     counted_total: float | None = 0.0
     batch = o.restart or o.cycles
     for first in range(0, o.cycles, batch):
-        servers, on_metrics = await start(o, log_dir)
+        servers = await start(o)
+        on_metrics = servers["on"].metrics_port
+        assert on_metrics is not None
         try:
             await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
             before = await counted(on_metrics)
@@ -251,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     HEADERS.extend(o.header)
-    log_dir = tempfile.mkdtemp(prefix="asgi-bench-interleaved-")
-    result = asyncio.run(measure(o, log_dir))
+    o.workers, o.log_dir = 1, tempfile.mkdtemp(prefix="asgi-bench-interleaved-")
+    result = asyncio.run(measure(o))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(o.out, f"{stamp}-interleaved")
     command = "bench/interleaved.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,8 +1,9 @@
 """The scenarios of issue 6 (request metrics, `/metrics` scrapes) and issue 7 (dev reload).
 
 Same contract as `scenarios.py`: `async def NAME(name, template, o) -> dict`, one server,
-one run. Each picks its own free metrics port (`{metrics_port}` in the template) and temp
-directories (`{multiproc_dir}`, `{dir}`), and removes the directories it made.
+one run. `harness.Server` gives a server its own free metrics port when the template has
+`{metrics_port}`; each scenario makes its temp directories (`{multiproc_dir}`, `{dir}`)
+and removes them.
 
 - `metrics`: the throughput scenario (wrk, CPU of the whole tree per request) for a server
   with or without request metrics, plus one scrape to show the metrics really counted.
@@ -30,7 +31,6 @@ from typing import Any
 
 from harness import (
     Server,
-    free_port,
     get,
     kinds,
     median,
@@ -105,13 +105,13 @@ async def time_scrapes(port: int, n: int) -> dict[str, Any]:
 
 async def metrics(name: str, template: str, o: Any) -> dict[str, Any]:
     """scenarios.throughput, with a metrics port, then one scrape as a sanity check."""
-    mport = free_port()
-    srv, _ = await start_ready(name, template, HELLO, o, metrics_port=mport)
+    srv, _ = await start_ready(name, template, HELLO, o)
     try:
         warm, r = await measure_load(srv, o)
         if "--metrics" in template:  # did the request metrics count? (sent once a second)
             await asyncio.sleep(1.5)
-            scraped = await fetch_metrics(mport)
+            assert srv.metrics_port is not None
+            scraped = await fetch_metrics(srv.metrics_port)
             counts = request_counts(scraped["body"]) if scraped["ok"] else {}
             r["metrics_counted"] = int(sum(counts.values()))
             r["wrk_completed"] = warm["requests"] + r["requests"]
@@ -211,10 +211,10 @@ async def _hup_until_replaced(srv: Server, timeout: float) -> tuple[int, float |
 
 
 async def scrape(name: str, template: str, o: Any) -> dict[str, Any]:
-    mport, mdir = free_port(), tempfile.mkdtemp(prefix="asgi-bench-multiproc-")
-    srv = Server(
-        name, template, ROUTES, o.scrape_workers, o.log_dir, metrics_port=mport, multiproc_dir=mdir
-    ).start()
+    mdir = tempfile.mkdtemp(prefix="asgi-bench-multiproc-")
+    srv = Server(name, template, ROUTES, o.scrape_workers, o.log_dir, multiproc_dir=mdir).start()
+    mport = srv.metrics_port
+    assert mport is not None
     res: dict[str, Any] = {"workers": o.scrape_workers, "multiproc_dir": mdir}
     try:
         ready = await wait_workers(srv, o.scrape_workers, timeout=60.0)
