@@ -53,15 +53,15 @@ import harness  # noqa: E402
 from harness import cpu_seconds, free_port  # noqa: E402
 from scenarios import parse_wrk  # noqa: E402
 
-from asgi_supervise import forwarded  # noqa: E402
-from asgi_supervise.httpmetrics import (  # noqa: E402
+from asgi_supervise.observe.metrics import HTTP_LABELS  # noqa: E402
+from asgi_supervise.worker import forwarded  # noqa: E402
+from asgi_supervise.worker.meter import (  # noqa: E402
     DURATION_BUCKETS,
     SIZE_BUCKETS,
     UNMATCHED,
     PythonMeter,
     RequestMetrics,
 )
-from asgi_supervise.metrics import HTTP_LABELS  # noqa: E402
 
 Scope = dict[str, Any]
 HEADERS = [(b"content-type", b"text/plain")]

@@ -16,8 +16,11 @@ import types
 import typing
 from typing import Any, NoReturn
 
-from asgi_supervise import apploader, host, logs, sizing, sources
-from asgi_supervise.settings import FIELDS, meta, redact
+from asgi_supervise import logs, sizing
+from asgi_supervise.config import sources
+from asgi_supervise.config.settings import FIELDS, meta, redact
+from asgi_supervise.sizing import host
+from asgi_supervise.worker import apploader
 
 EXIT_USAGE = 2
 COMMANDS = ("run", "config", "plan")
@@ -144,9 +147,9 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
 
 
 def run(loaded: sources.Loaded) -> int:
-    from asgi_supervise.arbiter import Arbiter
-    from asgi_supervise.pidfile import PidFileError, pid_file
-    from asgi_supervise.sockets import BindError, bind, cleanup
+    from asgi_supervise.master.arbiter import Arbiter
+    from asgi_supervise.master.pidfile import PidFileError, pid_file
+    from asgi_supervise.master.sockets import BindError, bind, cleanup
 
     settings = loaded.settings
     if not settings.app:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 APPS = Path(__file__).parent / "apps"
+E2E = Path(__file__).parent / "e2e"
 REPO = Path(__file__).parent.parent
 # Every process a test starts inherits this per-test token (run_cli and Supervisor copy
 # os.environ; workers inherit the master's), so the leak check recognises that test's
@@ -221,8 +222,15 @@ def supervisor(tmp_path: Path) -> Iterator[Callable[..., Supervisor]]:
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail any test that leaves a process it started running; end those by PID."""
+def no_leftover_processes(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Fail any end-to-end test that leaves a process it started running; end those by PID.
+
+    Unit tests start no process, and scanning every process's environment costs."""
+    if E2E not in request.path.parents:
+        yield
+        return
     token = f"{os.getpid()}-{uuid.uuid4().hex}"
     monkeypatch.setenv(OWNER, token)
     yield

@@ -1,0 +1,283 @@
+"""Where settings come from, in precedence order, and what to say when one is wrong.
+
+defaults < profile < config file < environment < command line. Each layer is a plain
+dict of field name -> raw value plus a way to spell a key the way the user wrote it, so
+an error can say ``ASGI_SUPERVISE_WORKERS='abc' (environment)`` rather than ``workers``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, redact
+from asgi_supervise.profiles import ProfileError, find_profile
+
+CONFIG_FILE = "asgi-supervise.toml"
+PYPROJECT_TABLE = ("tool", "asgi-supervise")
+
+
+class ConfigError(Exception):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+@dataclass
+class Layer:
+    source: str  # "profile", "file", "env", "flag"
+    where: str  # human description: "environment", "asgi-supervise.toml", ...
+    values: dict[str, Any] = field(default_factory=dict)
+    spell: Callable[[str], str] = lambda name: name
+    profile: Any = None  # a config file may choose its profile: `profile = "prod"`
+
+    def describe(self, name: str) -> str:
+        return f"{self.spell(name)}={redact(name, self.values[name])!r} ({self.where})"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    origins: dict[str, Layer | None]  # None: built-in default
+    profile: str | None
+
+    def origin(self, name: str) -> str:
+        layer = self.origins.get(name)
+        if layer is None:
+            return "default"
+        if layer.source == "profile":  # its `where` already says "profile NAME"
+            return layer.where
+        return f"{layer.source}: {layer.where}"
+
+
+def _normalise_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _suggest(name: str, spell: Callable[[str], str] = _kebab) -> str:
+    close = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.6)
+    return f"; did you mean '{spell(close[0])}'?" if close else ""
+
+
+def _table_layer(source: str, where: str, table: Mapping[str, Any]) -> Layer:
+    """A profile or config-file table; unknown keys are rejected with a suggestion."""
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "profile" and source == "file":  # chooses the layer below it
+            continue
+        name = _normalise_key(key)
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting '{key}' in {where}{_suggest(name)}")
+        values[name] = value
+    return Layer(source, where, values, spell=_kebab, profile=table.get("profile"))
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
+def profile_layer(name: str, chosen_by: str = "") -> Layer:
+    """A built-in profile or a profile file; `chosen_by` says who asked for it, for errors."""
+    chosen_by = chosen_by or f"--profile={name!r} (command line)"
+    try:
+        path = find_profile(name)
+    except ProfileError as exc:
+        raise ConfigError(f"{chosen_by}: {exc}") from None
+    table = read_toml(path, "profile")
+    return _table_layer("profile", f"profile {name}", table)
+
+
+def file_layer(explicit: str | None, cwd: Path, chosen_by: str = "") -> Layer | None:
+    """--config FILE, else asgi-supervise.toml, else [tool.asgi-supervise] in pyproject."""
+    if explicit:
+        chosen_by = chosen_by or f"--config={explicit!r} (command line)"
+        path = Path(explicit)
+        if not path.is_absolute():
+            path = cwd / path
+        if not path.exists():
+            raise ConfigError(f"{chosen_by}: config file {explicit} does not exist")
+        return _table_layer("file", explicit, read_toml(path, "config file"))
+    path = cwd / CONFIG_FILE
+    if path.is_file():
+        return _table_layer("file", CONFIG_FILE, read_toml(path, "config file"))
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file():
+        table: Any = read_toml(pyproject, "config file")
+        for key in PYPROJECT_TABLE:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            return _table_layer("file", "pyproject.toml [tool.asgi-supervise]", table)
+    return None
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+# Variables that read like ours but name no setting: checked, not forwarded.
+_ENV_CONTROL = {"PROFILE", "CONFIG"}
+
+
+def env_layer(environ: Mapping[str, str]) -> Layer:
+    values: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX) :] in _ENV_CONTROL:
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"unknown environment variable {key}{_suggest(name, _env_name)}")
+        values[name] = value
+    return Layer("env", "environment", values, spell=_env_name)
+
+
+def web_concurrency_layer(environ: Mapping[str, str]) -> Layer:
+    """WEB_CONCURRENCY sets the worker count, as in every other server; our own var wins."""
+    values = {"workers": environ["WEB_CONCURRENCY"]} if "WEB_CONCURRENCY" in environ else {}
+    return Layer("env", "environment", values, spell=lambda n: "WEB_CONCURRENCY")
+
+
+def _flag_name(name: str) -> str:
+    return "APP" if name == "app" else "--" + _kebab(name)  # the app is positional
+
+
+def flag_layer(values: dict[str, Any]) -> Layer:
+    return Layer("flag", "command line", values, spell=_flag_name)
+
+
+def _expected(schema: dict[str, Any]) -> str:
+    """Say in words what a field accepts, from its JSON schema."""
+    if "anyOf" in schema:
+        parts = [_expected(s) for s in schema["anyOf"] if s.get("type") != "null"]
+        return " or ".join(dict.fromkeys(parts))
+    if "enum" in schema or "const" in schema:
+        options = schema.get("enum", [schema.get("const")])
+        listed = ", ".join(repr(o) for o in options)
+        return listed if len(options) == 1 else "one of " + listed
+    kind = schema.get("type")
+    noun = {
+        "integer": "an integer",
+        "number": "a number",
+        "boolean": "true or false",
+        "string": "a string",
+        "array": "a list (comma-separated)",
+    }.get(kind, kind or "a value")
+    bounds = [
+        f"{op} {schema[key]}"
+        for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="))
+        if key in schema
+    ]
+    return noun + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _describe(name: str, origins: dict[str, Layer | None]) -> str:
+    """`--port='70000' (command line)`, or the default when no layer set it."""
+    layer = origins.get(name)
+    if layer is not None:
+        return layer.describe(name)
+    default = FIELDS[name].default
+    return f"{name} not set" if default is None else f"{name}={default!r} (default)"
+
+
+def _explain(exc: ValidationError, origins: dict[str, Layer | None]) -> str:
+    properties = Settings.model_json_schema()["properties"]
+    messages = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if name not in FIELDS:  # a whole-model rule: say where each clashing value came from
+            involved = (error.get("ctx") or {}).get("fields") or []
+            got = " and ".join(_describe(n, origins) for n in involved if n in FIELDS)
+            messages.append(f"{message}; got {got}" if got else message)
+        elif error["type"] == "value_error":  # a field's own check explains itself
+            messages.append(f"{_describe(name, origins)}: {message}")
+        else:
+            expected = _expected(properties[name])
+            messages.append(f"{_describe(name, origins)}: expected {expected}")
+    return "; ".join(dict.fromkeys(messages))
+
+
+def _check_conflicts(origins: dict[str, Layer | None]) -> None:
+    """Options that make no sense together when the user set both.
+
+    A profile is a preset, not a choice: `--profile container --uds /run/app.sock` means
+    "the container settings, on this socket", not a clash with the profile's host.
+    """
+    explicit = {
+        name for name, layer in origins.items() if layer is not None and layer.source != "profile"
+    }
+    for socket_opt in ("uds", "fd"):
+        for other in ("host", "port"):
+            if socket_opt in explicit and other in explicit:
+                a, b = origins[socket_opt], origins[other]
+                assert a and b
+                raise ConfigError(
+                    f"{a.describe(socket_opt)} conflicts with {b.describe(other)}: "
+                    f"a --{socket_opt} server does not bind --{other}"
+                )
+
+
+def load(
+    flags: dict[str, Any],
+    *,
+    profile: str | None = None,
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Loaded:
+    """Merge every layer, validate once, and keep where each value came from."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    config_by = ""  # who chose the config file and the profile, for error messages
+    if not config_file and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = environ[ENV_PREFIX + "CONFIG"]
+        config_by = f"{ENV_PREFIX}CONFIG={config_file!r} (environment)"
+    file = file_layer(config_file, cwd, config_by)
+    profile_by = ""
+    if not profile and environ.get(ENV_PREFIX + "PROFILE"):
+        profile = environ[ENV_PREFIX + "PROFILE"]
+        profile_by = f"{ENV_PREFIX}PROFILE={profile!r} (environment)"
+    if not profile and file is not None and file.profile is not None:
+        if not isinstance(file.profile, str) or not file.profile:
+            raise ConfigError(f"profile={file.profile!r} ({file.where}): expected a profile name")
+        profile, profile_by = file.profile, f"profile={file.profile!r} ({file.where})"
+
+    layers = [
+        profile_layer(profile, profile_by) if profile else None,
+        file,
+        web_concurrency_layer(environ),
+        env_layer(environ),
+        flag_layer(flags),
+    ]
+    merged: dict[str, Any] = {}
+    origins: dict[str, Layer | None] = dict.fromkeys(FIELDS)
+    for layer in filter(None, layers):
+        for name, value in layer.values.items():
+            merged[name] = value
+            origins[name] = layer
+    _check_conflicts(origins)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, origins)) from None
+    return Loaded(settings, origins, profile)

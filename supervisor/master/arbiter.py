@@ -1,0 +1,449 @@
+"""The master: keeps N healthy workers on the shared socket, then drains them.
+
+Signal handlers only queue the signal; the loop in `run` acts on it, so every change to
+the worker table happens in one place (uvicorn's and gunicorn's pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from asgi_supervise import logs
+from asgi_supervise.config.settings import Settings
+from asgi_supervise.master import policy
+from asgi_supervise.master.notify import Notifier
+from asgi_supervise.master.rollout import Rollout
+from asgi_supervise.master.sockets import cleanup, describe
+from asgi_supervise.master.workers import State, Worker, spawn
+from asgi_supervise.observe.observability import Observability
+from asgi_supervise.sizing import Plan
+
+if TYPE_CHECKING:
+    from asgi_supervise.master.watcher import Watcher
+
+log = logging.getLogger("asgi_supervise.master")
+
+TICK = 0.25  # seconds between health checks when nothing else happens
+
+# Exit codes of the master (documented in README.md).
+EXIT_OK = 0  # drained cleanly
+EXIT_UNCLEAN = 1  # forced stop, or workers killed at the graceful timeout
+EXIT_USAGE = 2  # bad configuration found late: the metrics port is taken
+EXIT_BOOT_FAILURE = 3  # the app could not start: import error, lifespan failure, ...
+
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD,
+)  # fmt: skip
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"
+    DRAINING = "draining"  # SIGTERM: readiness off, keep serving for the drain delay, then stop
+    STOPPING = "stopping"  # stop now: SIGQUIT or a second SIGTERM/SIGINT
+
+
+class Arbiter:
+    def __init__(
+        self,
+        settings: Settings,
+        sockets: list[socket.socket],
+        plan: Plan,
+        memory_limit: int | None = None,
+    ):
+        self.settings = settings
+        self.sockets = sockets
+        self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
+        self.slots = {slot: policy.SlotHealth() for slot in range(1, plan.workers + 1)}
+        self.boot = policy.BootBudget(settings.boot_failure_limit)
+        self.phase = Phase.RUNNING
+        self.exit_code = EXIT_OK
+        self.started = time.monotonic()
+        self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
+        self.watcher: Watcher | None = None
+        self.rollout = Rollout(self, settings, memory_limit)
+        self.notify = Notifier()
+        self.observe = Observability(settings, plan)
+        self.announced_ready = False
+        self._signals: deque[int] = deque()
+        self._wake = asyncio.Event()
+
+    # --- the lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.install_signal_handlers()
+        where = ", ".join(describe(s) for s in self.sockets)
+        try:
+            await self.observe.start(self)
+        except OSError as exc:
+            logs.say(str(exc))
+            cleanup(self.sockets)
+            return EXIT_USAGE
+        log.info("master %d serving %s with %d workers", os.getpid(), where, self.target)
+        if self.settings.reload:
+            from asgi_supervise.master.watcher import Watcher  # watchfiles only when watching
+
+            self.watcher = Watcher(self.settings, self.files_changed)
+            self.watcher.start()
+        while self.phase is Phase.RUNNING:
+            self.supervise()
+            await self.wait_for_event()
+            self.handle_signals()
+        await self.drain()
+        return self.exit_code
+
+    def supervise(self) -> None:
+        """One pass: collect the dead, kill the hung, replace the due, fill the empty slots."""
+        self.reap()
+        self.check_timeouts()
+        self.notify.watchdog(time.monotonic())
+        if self.phase is Phase.RUNNING and not self.waiting_for_fix:
+            if self.rollout.sample():
+                self.observe.sampled(self.live())
+            self.rollout.mark_recycling()
+            self.rollout.step()
+            self.fill_slots()
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish, kill what outlives the deadline."""
+        started = time.monotonic()
+        self.notify.stopping()
+        self.observe.draining()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.phase is Phase.DRAINING and self.settings.drain_delay > 0:
+            log.info(
+                "draining: not ready; serving %.1fs more while load balancers deregister",
+                self.settings.drain_delay,
+                extra={"event": "drain_delay"},
+            )
+            await self.serve_for(self.settings.drain_delay)
+        cleanup(self.sockets)  # our copy of the listener: the kernel refuses once all are shut
+        for worker in self.live():
+            if self.phase is Phase.STOPPING:
+                worker.stop("shutdown", grace=2.0, sig=signal.SIGQUIT)
+            else:
+                self.stop_worker(worker, "shutdown", self.settings.graceful_timeout)
+        while self.live():
+            await self.pump(TICK)
+        outcome = {EXIT_OK: "cleanly", EXIT_BOOT_FAILURE: "(app failed to start)"}.get(
+            self.exit_code, "uncleanly"
+        )
+        took = time.monotonic() - started
+        await self.observe.stop()
+        log.info(
+            "master stopped %s in %.2fs",
+            outcome,
+            took,
+            extra={"event": "stopped", "exit_code": self.exit_code},
+        )
+
+    async def serve_for(self, seconds: float) -> None:
+        """Keep supervising (but not respawning) for the drain delay; a second signal cuts it."""
+        deadline = time.monotonic() + seconds
+        while self.phase is Phase.DRAINING and time.monotonic() < deadline:
+            await self.pump(min(TICK, deadline - time.monotonic()))
+
+    async def pump(self, timeout: float) -> None:
+        """While stopping: collect exits, enforce deadlines, wait, take signals. No respawns."""
+        self.reap()
+        self.check_timeouts()
+        await self.wait_for_event(timeout)
+        self.handle_signals()
+
+    @property
+    def target(self) -> int:
+        """Workers wanted: one per slot (SIGTTIN/SIGTTOU add and remove slots)."""
+        return len(self.slots)
+
+    @property
+    def running(self) -> bool:
+        return self.phase is Phase.RUNNING
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def unclean(self) -> None:
+        """Requests were cut; a boot failure's own code still wins."""
+        if self.exit_code == EXIT_OK and self.phase is not Phase.RUNNING:
+            self.exit_code = EXIT_UNCLEAN
+
+    # --- workers ------------------------------------------------------------------------
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.alive]
+
+    def ready_count(self) -> int:
+        return sum(w.state is State.READY for w in self.workers.values())
+
+    def fill_slots(self) -> None:
+        now = time.monotonic()
+        occupied = {w.slot for w in self.live() if w.stop_reason is None or w.hold_slot}
+        for slot, health in self.slots.items():
+            if slot not in occupied and now >= health.not_before:
+                self.start_worker(slot)
+
+    def start_worker(self, slot: int) -> Worker:
+        s = self.settings
+        worker = spawn(
+            slot, s, self.sockets, self.rollout.generation, self.observe.worker_environ()
+        )
+        self.observe.worker_started(worker)
+        worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
+        self.workers[worker.pid] = worker
+        loop = asyncio.get_running_loop()
+        loop.add_reader(worker.control.fileno(), self.on_worker_message, worker)
+        log.info("%s booting", worker.tag(), extra=worker.extra("booting"))
+        return worker
+
+    def stop_worker(self, worker: Worker, reason: str, grace: float) -> None:
+        if worker.stop_reason is None:
+            log.info("%s stopping: %s", worker.tag(), reason, extra=worker.extra("stopping"))
+        worker.stop(reason, grace)
+
+    def on_worker_message(self, worker: Worker) -> None:
+        changed, eof = worker.read_messages()
+        if eof:
+            asyncio.get_running_loop().remove_reader(worker.control.fileno())
+        if worker.reports:
+            self.observe.requests_reported(worker)
+        if changed and worker.state is State.READY and worker.ready_at is not None:
+            self.boot.succeeded()
+            took = worker.ready_at - worker.started
+            log.info(
+                "%s ready in %.2fs", worker.tag(), took, extra=worker.extra("ready", boot_s=took)
+            )
+            self.observe.worker_ready(worker, took)
+            if not self.announced_ready and self.ready_count() >= self.target:
+                self.announced_ready = True
+                self.notify.ready(f"serving with {self.target} workers")
+        if changed:
+            self._wake.set()
+
+    def check_timeouts(self) -> None:
+        now = time.monotonic()
+        s = self.settings
+        for worker in self.live():
+            if worker.kill_at is not None and now >= worker.kill_at:
+                if worker.state is State.DRAINING and worker.failure is None:
+                    log.warning(
+                        "%s still busy after the %.1fs graceful timeout: killing",
+                        worker.tag(),
+                        worker.kill_at - (worker.stopping_since or now),
+                        extra=worker.extra("drain_timeout"),
+                    )
+                    self.unclean()
+                worker.kill("graceful timeout")
+                worker.kill_at = None
+            elif worker.failure is not None:
+                continue  # already being killed
+            elif worker.state is State.BOOTING and now - worker.started > s.ready_timeout:
+                log.error(
+                    "%s not ready after %.1fs (ready-timeout): killing",
+                    worker.tag(),
+                    now - worker.started,
+                    extra=worker.extra("ready_timeout"),
+                )
+                worker.boot_error = f"not ready within {s.ready_timeout:g}s"
+                worker.kill("ready timeout")
+            elif worker.state is State.READY and now - worker.last_beat > s.worker_timeout:
+                silent = now - worker.last_beat
+                log.error(
+                    "%s event loop silent for %.1fs (worker-timeout %gs): killing; "
+                    "its stack follows if the loop was blocked in Python",
+                    worker.tag(),
+                    silent,
+                    s.worker_timeout,
+                    extra=worker.extra("timeout", silent_s=silent),
+                )
+                worker.kill(f"event loop blocked {silent:.1f}s", signal.SIGABRT)
+
+    def reap(self) -> None:
+        """Collect every exited child: our workers, and orphans re-parented to us as PID 1."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.get(pid)
+            if worker is None:
+                log.debug("reaped orphan process %d", pid)
+                continue
+            self.on_worker_message(worker)  # its last words (a boot error) come first
+            asyncio.get_running_loop().remove_reader(worker.control.fileno())
+            worker.control.close()
+            worker.exited(status)
+            del self.workers[pid]
+            self.observe.worker_exited(worker)
+            self.worker_exited(worker)
+
+    def worker_exited(self, worker: Worker) -> None:
+        now = time.monotonic()
+        extra = worker.extra("exited", status=worker.exit_status, reason=worker.stop_reason)
+        if worker.stop_reason is None and self.phase is not Phase.RUNNING:
+            log.info("%s %s while the master stops", worker.tag(), worker.exit_status, extra=extra)
+            return
+        if worker.stop_reason is not None:
+            took = now - (worker.stopping_since or now)
+            log.info(
+                "%s %s after draining %.2fs (%s)",
+                worker.tag(), worker.exit_status, took, worker.stop_reason, extra=extra,
+            )  # fmt: skip
+            new = self.workers.get(worker.replaced_by or -1)
+            if new is not None:
+                log.info(
+                    "worker %d replaced (%s) in %.2fs: pid %d -> %d",
+                    worker.slot, worker.stop_reason, now - new.started, worker.pid, new.pid,
+                    extra=worker.extra("replaced", reason=worker.stop_reason, new_pid=new.pid),
+                )  # fmt: skip
+            return
+        if worker.ready_at is None and worker.replaces is not None:
+            self.rollout.failed(worker)
+            return
+        if worker.ready_at is None:
+            self.boot_failed(worker)
+            return
+        cap = self.settings.restart_backoff_max
+        delay = self.slots[worker.slot].crashed(now, worker.uptime(now), cap)
+        cause = worker.failure or worker.exit_status
+        if worker.exit_status == "killed by SIGKILL" and worker.failure is None:
+            cause += " (out of memory?)"
+        log.warning(
+            "%s died: %s; respawning %s",
+            worker.tag(),
+            cause,
+            f"in {delay:.1f}s" if delay else "now",
+            extra={**extra, "cause": cause, "respawn_delay_s": delay},
+        )
+
+    def report_boot_error(self, worker: Worker, attempt: str) -> str:
+        """Log why a worker failed to start: in full the first time, one line when repeated."""
+        error = worker.boot_error or worker.failure or worker.exit_status or "unknown"
+        headline = error.strip().splitlines()[-1] if error.strip() else error
+        extra = worker.extra("boot_failed", error=headline, attempt=attempt)
+        if error == self.boot.last_error:
+            log.error("%s failed to start (%s): same error", worker.tag(), attempt, extra=extra)
+        else:
+            log.error("%s failed to start (%s):\n%s", worker.tag(), attempt, error, extra=extra)
+        self.boot.last_error = error
+        return headline
+
+    def boot_failed(self, worker: Worker) -> None:
+        attempt = f"{self.boot.failures + 1}/{self.boot.limit}"
+        headline = self.report_boot_error(worker, attempt)
+        fatal = self.boot.failed(worker.boot_error)
+        if fatal and self.settings.reload:
+            log.error("the app cannot start: waiting for a file change to try again")
+            self.waiting_for_fix = True
+            return
+        if fatal:
+            log.critical(
+                "giving up: %d workers in a row failed to start: %s",
+                self.boot.failures,
+                headline,
+                extra={"event": "boot_failure", "error": headline},
+            )
+            self.exit_code = EXIT_BOOT_FAILURE
+            self.phase = Phase.STOPPING
+            return
+        now = time.monotonic()
+        delay = self.slots[worker.slot].crashed(now, 0.0, self.settings.restart_backoff_max)
+        if delay:
+            log.info("%s slot respawns in %.1fs", worker.tag(), delay)
+
+    # --- signals --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """Explicit handlers for everything: as PID 1 in a container there are no defaults."""
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, self.queue_signal, sig)
+
+    def queue_signal(self, sig: int) -> None:
+        self._signals.append(sig)
+        self._wake.set()
+
+    async def wait_for_event(self, timeout: float = TICK) -> None:
+        """A timer, not `wait_for`, which spawns a task per wait: idle CPU is the master's cost."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._wake.wait()
+        self._wake.clear()
+
+    def handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.popleft()
+            handler = getattr(self, f"handle_{signal.Signals(sig).name.lower()}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigchld(self) -> None:
+        self.reap()
+
+    def handle_sigterm(self) -> None:
+        if self.phase is Phase.RUNNING:
+            log.info("SIGTERM/SIGINT: draining (a second one stops now)", extra={"event": "drain"})
+            self.phase = Phase.DRAINING
+        else:
+            self.handle_sigquit()
+
+    handle_sigint = handle_sigterm
+
+    def handle_sigquit(self) -> None:
+        if self.phase is Phase.STOPPING:
+            return
+        log.warning("stopping now: in-flight requests are cut", extra={"event": "stop_now"})
+        self.phase = Phase.STOPPING
+        self.unclean()
+        for worker in self.live():
+            worker.kill_at = time.monotonic() + 2.0
+            worker.send_signal(signal.SIGQUIT)
+
+    def handle_sighup(self) -> None:
+        self.rollout.start("SIGHUP")
+
+    def files_changed(self, paths: list[str]) -> None:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        if self.waiting_for_fix:
+            log.info("%s changed: trying to start again", shown)
+            self.waiting_for_fix = False
+            self.boot.succeeded()
+            return
+        self.rollout.start(f"{shown} changed")
+
+    def handle_sigusr1(self) -> None:
+        logs.reopen()
+        for worker in self.live():
+            worker.send_signal(signal.SIGUSR1)
+        log.info("SIGUSR1: log files reopened", extra={"event": "reopen_logs"})
+
+    def handle_sigttin(self) -> None:
+        self.slots[max(self.slots, default=0) + 1] = policy.SlotHealth()
+        log.info(
+            "SIGTTIN: %d workers", self.target, extra={"event": "scale", "workers": self.target}
+        )
+
+    def handle_sigttou(self) -> None:
+        if self.target <= 1:
+            log.info("SIGTTOU ignored: already at 1 worker")
+            return
+        slot = max(self.slots)
+        del self.slots[slot]
+        self.observe.slot_removed(slot)
+        log.info(
+            "SIGTTOU: %d workers", self.target, extra={"event": "scale", "workers": self.target}
+        )
+        for worker in self.live():
+            if worker.slot == slot:
+                self.stop_worker(worker, "scale-down", self.settings.graceful_timeout)

@@ -1,0 +1,230 @@
+"""Replacing workers while serving: rolling reloads and recycling, replacement first.
+
+A reload (SIGHUP or a file change) bumps the generation: every worker of an older one is
+due. Recycling marks a worker due by requests, memory or lifetime. Either way a new worker
+starts in the same slot and the old one drains only once the new one is ready. At most
+`--reload-surge` workers are in transition at a time: old ones still draining count, and
+so do slots without a serving worker (`policy.in_transition`, `policy.plan_replacements`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from asgi_supervise import sizing
+from asgi_supervise.config.settings import Settings
+from asgi_supervise.master import policy
+from asgi_supervise.master.workers import State, Worker
+from asgi_supervise.sizing.facts import MIB
+
+if TYPE_CHECKING:
+    from asgi_supervise.master.arbiter import Arbiter
+
+log = logging.getLogger("asgi_supervise.master")
+
+SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
+
+
+class Rollout:
+    def __init__(self, arbiter: Arbiter, settings: Settings, memory_limit: int | None):
+        self.arbiter = arbiter
+        self.settings = settings
+        self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
+        self.db_share = sizing.db_share(settings)  # connections this instance may hold
+        self.generation = 0
+        self.reload_started: float | None = None
+        self.last_sample = 0.0
+        self.rng = random.Random()
+
+    @property
+    def in_progress(self) -> bool:
+        return self.reload_started is not None
+
+    def limits_for_new_worker(self) -> tuple[int | None, float | None]:
+        s = self.settings
+        return policy.worker_limits(
+            s.max_requests,
+            s.max_requests_jitter,
+            s.max_worker_lifetime,
+            s.max_worker_lifetime_jitter,
+            self.rng,
+        )
+
+    def failed(self, worker: Worker) -> None:
+        """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
+        old = self.arbiter.workers.get(worker.replaces or -1)
+        reason = self.due_reason(old) if old else None
+        if old is not None:
+            old.replaced_by = None
+        headline = self.arbiter.report_boot_error(worker, f"replacing pid {worker.replaces}")
+        if reason == "reload":
+            for live in self.arbiter.live():
+                live.generation = self.generation
+            self.finish("aborted")
+            log.error(
+                "reload aborted: the new code failed to start (%s); the old workers keep serving",
+                headline,
+                extra={"event": "reload_aborted", "error": headline},
+            )
+            return
+        cap = self.settings.restart_backoff_max
+        delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, cap)
+        log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
+
+    def sample(self) -> bool:
+        """Once a second: RSS and CPU of every worker (memory strikes come from these)."""
+        now = time.monotonic()
+        if now - self.last_sample < SAMPLE_INTERVAL:
+            return False
+        self.last_sample = now
+        limit = self.settings.max_worker_memory
+        max_rss = None if limit is None else limit * MIB
+        for worker in self.arbiter.live():
+            worker.sample(max_rss)
+        return True
+
+    def mark_recycling(self) -> None:
+        """Every pass (request counts arrive with each heartbeat): who is due, and why."""
+        now = time.monotonic()
+        for worker in self.arbiter.live():
+            if worker.state is not State.READY or worker.recycle or worker.stop_reason:
+                continue
+            worker.recycle = policy.recycle_reason(
+                worker.requests,
+                worker.request_limit,
+                worker.uptime(now),
+                worker.lifetime_limit,
+                worker.memory_strikes,
+            )
+            if worker.recycle:
+                log.info(
+                    "%s due for recycling: %s (%d requests, %.0f MiB, up %.0fs)",
+                    worker.tag(), worker.recycle, worker.requests, worker.rss / MIB,
+                    worker.uptime(now), extra=worker.extra("recycle", reason=worker.recycle),
+                )  # fmt: skip
+
+    def due_reason(self, worker: Worker) -> str | None:
+        if worker.generation < self.generation:
+            return "reload"
+        return worker.recycle
+
+    def step(self) -> None:
+        """Replacement first: start the new worker, drain the old one once the new is ready."""
+        now = time.monotonic()
+        due = []
+        for worker in self.arbiter.live():
+            reason = self.due_reason(worker)
+            if reason is None or worker.state is not State.READY or worker.stop_reason:
+                continue
+            if worker.replaced_by is None and now < self.arbiter.slots[worker.slot].not_before:
+                continue  # its last replacement failed: back off
+            new = self.arbiter.workers.get(worker.replaced_by or -1)
+            progress = None if new is None else new.state.value
+            due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
+        if not due:
+            if self.reload_started is not None and not self.old_generation_alive():
+                self.finish("completed")
+            return
+        room, full = self.room()
+        steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
+        for step in steps:
+            old = self.arbiter.workers[step.pid]
+            if step.action == "spawn":
+                new = self.arbiter.start_worker(old.slot)
+                new.replaces, old.replaced_by = old.pid, new.pid
+            elif step.action == "stop":
+                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+            else:
+                log.warning(
+                    "%s: no %s for a replacement beside it: draining it first",
+                    old.tag(), full, extra=old.extra("drain_first", reason=step.reason),
+                )  # fmt: skip
+                old.hold_slot = True
+                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+
+    def old_generation_alive(self) -> bool:
+        """A reload is complete once the last old worker has drained and exited."""
+        return any(w.generation < self.generation for w in self.arbiter.live())
+
+    def extra(self) -> int:
+        """`policy.in_transition`. A worker still draining counts, as it holds its memory and
+        database connections until it exits; not with --reload, where a save must not wait
+        for the previous worker's idle keep-alive clients."""
+        live = self.arbiter.live()
+        if self.settings.reload:
+            live = [w for w in live if w.stop_reason is None]
+        serving = [(w.slot, w.state is State.READY and w.stop_reason is None) for w in live]
+        return policy.in_transition(serving, self.arbiter.slots)
+
+    def room(self) -> tuple[int, str]:
+        """How many more workers the budgets hold now, and the fullest one's account.
+
+        Memory under the cgroup limit, and this instance's share of the database
+        connections (`sizing.db_share`): every live worker holds its pool (a draining one
+        until it exits), and so will each empty slot's refill."""
+        rooms = [(self.settings.reload_surge, "")]
+        if self.memory_limit is not None:
+            used, each = self.memory_committed(), self.one_more_worker()
+            taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"
+            rooms.append((policy.room(used, each, self.memory_limit), taken))
+        pool = self.settings.db_pool_size
+        if self.db_share is not None and pool is not None:
+            holders = len(self.arbiter.live()) + self.refills()
+            taken = f"database connections ({holders} x {pool} of {self.db_share} held)"
+            rooms.append((policy.room(holders * pool, pool, self.db_share), taken))
+        return min(rooms, key=lambda r: r[0])
+
+    def refills(self) -> int:
+        """Slots without a live worker: `fill_slots` refills them."""
+        return len(set(self.arbiter.slots) - {w.slot for w in self.arbiter.live()})
+
+    def memory_committed(self) -> int:
+        """The master's RSS and every worker's, and a worker's worth for each empty slot.
+        A worker not sampled yet counts as the largest that was: one just ready may already
+        hold its full size."""
+        one_more = self.one_more_worker()
+        workers = sum(w.rss or one_more for w in self.arbiter.live())
+        return workers + self.refills() * one_more + psutil.Process().memory_info().rss
+
+    def one_more_worker(self) -> int:
+        sampled = [w.rss for w in self.arbiter.live() if w.rss]
+        return max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
+
+    def finish(self, outcome: str) -> None:
+        if self.reload_started is None:
+            return
+        took = time.monotonic() - self.reload_started
+        self.reload_started = None
+        self.arbiter.observe.reload_finished(took, outcome)
+        self.arbiter.notify.ready(f"serving with {self.arbiter.target} workers ({outcome})")
+        if outcome == "completed":
+            log.info(
+                "reload complete in %.2fs: %d workers on the new code",
+                took,
+                sum(w.generation == self.generation for w in self.arbiter.live()),
+                extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
+            )
+
+    def start(self, why: str) -> None:
+        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
+        if not self.arbiter.running:
+            return
+        if self.reload_started is not None and not self.old_generation_alive():
+            self.finish("completed")  # its last old worker exited in this same batch
+        self.generation += 1
+        restarting = self.reload_started is not None
+        self.reload_started = self.reload_started or time.monotonic()
+        self.arbiter.notify.reloading()
+        log.info(
+            "%s: rolling reload%s, %d at a time",
+            why,
+            " restarted from the current state" if restarting else "",
+            self.settings.reload_surge,
+            extra={"event": "reload", "generation": self.generation},
+        )
+        self.arbiter.wake()

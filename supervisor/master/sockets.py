@@ -1,0 +1,123 @@
+"""Binding the listening sockets once, in the master, before any worker exists."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from asgi_supervise.config.settings import Settings
+
+
+class BindError(Exception):
+    """The address cannot be served: printed as one line, exit code 2."""
+
+
+_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied",
+    errno.EADDRNOTAVAIL: "address not available on this machine",
+}
+
+
+def _reason(exc: OSError) -> str:
+    return _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def bind(settings: Settings) -> list[socket.socket]:
+    if settings.fd is not None:
+        return [_from_fd(settings.fd)]
+    if settings.uds:
+        return [_bind_unix(settings.uds, settings.backlog)]
+    return [_bind_tcp(settings.host, settings.port, settings.backlog)]
+
+
+def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket; OSError (socket.gaierror for a bad host) if it cannot be."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        sock = listen_tcp(host, port, backlog)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {where}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        raise BindError(f"cannot bind {where}: {_reason(exc)}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_unix(path: str, backlog: int) -> socket.socket:
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise BindError(f"cannot bind unix socket {path}: a file that is not a socket is there")
+        if _socket_in_use(path):
+            raise BindError(f"cannot bind unix socket {path}: another server is listening on it")
+        os.unlink(path)  # stale socket left by a killed server
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o660)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind unix socket {path}: {_reason(exc)}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _from_fd(fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(f"cannot use --fd {fd}: {_reason(exc)}") from None
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+        raise BindError(f"cannot use --fd {fd}: it is not a listening socket")
+    sock.set_inheritable(True)
+    return sock
+
+
+def describe(sock: socket.socket) -> str:
+    address = sock.getsockname()
+    if isinstance(address, str):
+        return f"unix:{address}"
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cleanup(sockets: list[socket.socket]) -> None:
+    """Close our copies; remove the unix socket file we created."""
+    for sock in sockets:
+        if sock.fileno() < 0:
+            continue
+        if sock.family == socket.AF_UNIX:
+            path = sock.getsockname()
+            if path and os.path.exists(path):
+                os.unlink(path)
+        sock.close()

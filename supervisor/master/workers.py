@@ -1,0 +1,214 @@
+"""The master's handle on one worker process: spawn it, talk to it, signal it."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from asgi_supervise.config.settings import Settings
+from asgi_supervise.protocol import READ_BYTES, decode, encode
+
+log = logging.getLogger("asgi_supervise.master")
+
+
+class State(enum.StrEnum):
+    BOOTING = "booting"  # spawned, app importing or lifespan starting
+    READY = "ready"  # lifespan done, accepting on the shared socket
+    DRAINING = "draining"  # told to stop: finishing in-flight requests
+    EXITED = "exited"
+
+
+_STOP_REASONS = {"max-requests": "requests", "scale-down": "scale"}
+
+
+class Worker:
+    """One worker process as the master sees it. The master's table of these is the truth."""
+
+    def __init__(
+        self,
+        slot: int,
+        process: subprocess.Popen[bytes],
+        control: socket.socket,
+        generation: int = 0,
+    ):
+        self.slot = slot
+        self.generation = generation  # bumped by SIGHUP: older generations get replaced
+        self.process = process
+        self.control = control
+        self.state = State.BOOTING
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+        self.last_beat = self.started
+        self.requests = 0
+        self.connections = 0
+        self.stop_reason: str | None = None  # why the master asked it to go
+        self.failure: str | None = None  # why the master killed it (timeouts)
+        self.boot_error: str | None = None  # what the worker said when it failed to start
+        self.meter: str | None = None  # its request meter: "Meter" (compiled), "PythonMeter"
+        self.kill_at: float | None = None  # SIGKILL deadline once stopping
+        self.stopping_since: float | None = None
+        self.exit_status: str | None = None
+        # Replacement: a new worker `replaces` an old one, which is `replaced_by` it.
+        self.replaces: int | None = None
+        self.replaced_by: int | None = None
+        self.hold_slot = False  # draining first (no memory for two): keep the slot until gone
+        # Recycling inputs: limits drawn at spawn, samples taken by the master.
+        self.request_limit: int | None = None
+        self.lifetime_limit: float | None = None
+        self.recycle: str | None = None  # max-requests, memory, lifetime
+        self.memory_strikes = 0
+        self.rss = 0
+        self.cpu_percent = 0.0
+        self.reports: list[dict[str, Any]] = []  # request metrics, until observe takes them
+        self._ps: psutil.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not State.EXITED
+
+    @property
+    def exit_reason(self) -> str:
+        """Why it is gone, in the vocabulary of the restart metrics."""
+        if self.stop_reason is not None:
+            return _STOP_REASONS.get(self.stop_reason, self.stop_reason)
+        if self.ready_at is None:
+            return "boot-failure"
+        if self.failure is not None:
+            return "timeout"
+        return "crash"
+
+    def uptime(self, now: float) -> float:
+        return now - (self.ready_at or self.started)
+
+    def tag(self) -> str:
+        return f"worker {self.slot} (pid {self.pid})"
+
+    def extra(self, event: str, **fields: Any) -> dict[str, Any]:
+        return {"event": event, "slot": self.slot, "worker_pid": self.pid, **fields}
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def sample(self, max_rss: int | None) -> None:
+        """RSS and CPU via psutil; count consecutive samples over the memory limit."""
+        try:
+            self._ps = self._ps or psutil.Process(self.pid)
+            with self._ps.oneshot():
+                self.rss = self._ps.memory_info().rss
+                self.cpu_percent = self._ps.cpu_percent()
+        except psutil.Error:
+            return
+        over = max_rss is not None and self.rss > max_rss
+        self.memory_strikes = self.memory_strikes + 1 if over else 0
+
+    def stop(self, reason: str, grace: float, sig: int = signal.SIGTERM) -> None:
+        """Ask for a graceful drain; the master kills it if it is not gone by `grace`."""
+        if self.state is State.EXITED or self.stop_reason:
+            return
+        now = time.monotonic()
+        self.stop_reason = reason
+        self.state = State.DRAINING
+        self.stopping_since = now
+        self.kill_at = now + grace
+        self.send_signal(sig)
+
+    def kill(self, failure: str, sig: int = signal.SIGKILL) -> None:
+        self.failure = self.failure or failure
+        self.send_signal(sig)
+        self.kill_at = time.monotonic() + 2.0  # escalate if SIGABRT did not end it
+
+    def exited(self, status: int) -> None:
+        self.state = State.EXITED
+        code = os.waitstatus_to_exitcode(status)
+        self.process.returncode = code  # we reaped it; keep Popen from trying again
+        if code < 0:
+            self.exit_status = f"killed by {signal.Signals(-code).name}"
+        else:
+            self.exit_status = f"exited with code {code}"
+
+    def read_messages(self) -> tuple[bool, bool]:
+        """Take every message waiting on the channel: (state changed, channel at EOF)."""
+        before = self.state, self.boot_error
+        eof = False
+        while True:
+            try:
+                data = self.control.recv(READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            try:
+                self.on_message(decode(data))
+            except ValueError:
+                log.warning("%s sent an unreadable message", self.tag())
+        return (self.state, self.boot_error) != before, eof
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "beat":
+            self.last_beat = time.monotonic()
+            self.requests = int(message.get("requests", 0))
+            self.connections = int(message.get("connections", 0))
+        elif kind == "ready" and self.state is State.BOOTING:
+            self.state = State.READY
+            self.meter = message.get("meter")
+            self.ready_at = self.last_beat = time.monotonic()
+        elif kind == "metrics":
+            self.reports.append(message)
+        elif kind == "boot_error":
+            self.boot_error = str(message.get("error", "")).strip()
+
+
+def spawn(
+    slot: int,
+    settings: Settings,
+    sockets: list[socket.socket],
+    generation: int = 0,
+    env: dict[str, str] | None = None,
+) -> Worker:
+    """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
+
+    Exec (not fork): the master may hold threads and an event loop, and a fresh interpreter
+    re-imports the app, which is what a reload needs anyway.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [s.fileno() for s in sockets]
+    command = [
+        sys.executable, "-m", "asgi_supervise.worker",
+        "--slot", str(slot),
+        "--control-fd", str(theirs.fileno()),
+        "--socket-fds", ",".join(map(str, fds)),
+    ]  # fmt: skip
+    try:
+        process = subprocess.Popen(
+            command,
+            pass_fds=[*fds, theirs.fileno()],
+            process_group=0,
+            env=None if env is None else {**os.environ, **env},
+        )
+    finally:
+        theirs.close()
+    # The settings travel over the channel, never argv or environ: they may hold secrets.
+    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
+    ours.sendall(encode(spec))
+    ours.setblocking(False)
+    return Worker(slot, process, ours, generation)

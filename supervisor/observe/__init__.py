@@ -1,0 +1,1 @@
+"""What the master shows: health probes, /status, and the Prometheus metrics."""

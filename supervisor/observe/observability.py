@@ -1,0 +1,156 @@
+"""What the master shows: its metrics, the health server, and the /status document.
+
+The arbiter reports lifecycle events here; this module turns them into Prometheus
+metrics and answers probes. With `--no-metrics` every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.workers import State, Worker
+from asgi_supervise.sizing import Plan
+
+if TYPE_CHECKING:
+    from asgi_supervise.master.arbiter import Arbiter
+    from asgi_supervise.observe.health import HealthServer
+    from asgi_supervise.observe.metrics import SupervisorMetrics
+    from asgi_supervise.observe.multiproc import MultiprocDir
+
+log = logging.getLogger("asgi_supervise.master")
+
+
+class Observability:
+    def __init__(self, settings: Settings, plan: Plan):
+        self.settings = settings
+        self.plan = plan
+        self.metrics: SupervisorMetrics | None = None  # None: --no-metrics, all calls no-ops
+        self.dir: MultiprocDir | None = None
+        self.server: HealthServer | None = None
+
+    async def start(self, arbiter: Arbiter) -> None:
+        """Bind the health port before any worker exists: a busy port fails the start."""
+        s = self.settings
+        if not s.metrics:
+            return
+        # Imported only when used: prometheus_client and uvicorn cost the master ~30 MB.
+        from asgi_supervise.observe.health import HealthApp, readiness, start_server
+        from asgi_supervise.observe.metrics import SupervisorMetrics, render
+        from asgi_supervise.observe.multiproc import MultiprocDir
+
+        self.metrics = metrics = SupervisorMetrics()
+        self.dir = MultiprocDir.create(s.multiproc_dir)
+        metrics.set_plan(self.plan.to_dict())
+        app = HealthApp(
+            status=lambda: self.status(arbiter),
+            readiness=lambda: readiness(
+                not arbiter.running, arbiter.ready_count(), arbiter.target, s.min_ready
+            ),
+            metrics=lambda accept: render(accept, self.dir, metrics),
+        )
+        try:
+            self.server = await start_server(app, s.metrics_host, s.metrics_port)
+        except OSError:
+            self.dir.cleanup()
+            raise
+        where = f"http://{s.metrics_host}:{self.server.port}"
+        log.info("metrics and health on %s (/metrics /livez /readyz /status)", where)
+
+    def worker_environ(self) -> dict[str, str] | None:
+        """Workers' prometheus_client (ours and the app's) writes into our directory."""
+        return self.dir.environ() if self.dir else None
+
+    # --- lifecycle events -------------------------------------------------------------
+
+    def worker_started(self, worker: Worker) -> None:
+        if self.metrics:
+            self.metrics.worker_started(worker.slot)
+
+    def worker_ready(self, worker: Worker, boot_seconds: float) -> None:
+        if self.metrics:
+            self.metrics.worker_ready(worker.slot, boot_seconds)
+
+    def worker_exited(self, worker: Worker) -> None:
+        """Called as soon as the pid is reaped: the kernel may hand the pid out again."""
+        if self.dir is not None:
+            self.dir.worker_exited(worker.pid)
+        if self.metrics:
+            self.metrics.requests.worker_gone(worker.pid)
+            self.metrics.worker_exited(worker.slot, worker.exit_reason)
+            if worker.stopping_since is not None:  # it drained: from the stop request to now
+                self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
+
+    def requests_reported(self, worker: Worker) -> None:
+        reports, worker.reports = worker.reports, []
+        if not self.metrics:
+            return
+        for report in reports:
+            try:
+                self.metrics.requests.add(worker.pid, report)
+            except ValueError as exc:
+                log.warning("%s: %s", worker.tag(), exc)
+
+    def sampled(self, workers: list[Worker]) -> None:
+        if not self.metrics:
+            return
+        self.metrics.set_worker_states(Counter(w.state.value for w in workers))
+        for worker in workers:
+            if worker.state is State.READY and worker.stop_reason is None:
+                self.metrics.sample_worker(
+                    worker.slot, worker.rss, worker.cpu_percent, worker.requests
+                )
+
+    def slot_removed(self, slot: int) -> None:
+        if self.metrics:
+            self.metrics.forget_slot(slot)
+
+    def reload_finished(self, seconds: float, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.observe_reload(seconds, outcome)
+
+    def draining(self) -> None:
+        if self.metrics:
+            self.metrics.set_draining(True)
+
+    async def stop(self) -> None:
+        """Last thing the master does, so /readyz says 503 through the whole drain."""
+        if self.server is not None:
+            await self.server.stop()
+        if self.dir is not None:
+            self.dir.cleanup()
+
+    # --- /status ----------------------------------------------------------------------
+
+    def status(self, arbiter: Arbiter) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "master": {
+                "phase": arbiter.phase.value,
+                "uptime_s": round(now - arbiter.started, 3),
+                "workers_target": arbiter.target,
+                "workers_ready": arbiter.ready_count(),
+                "reloading": arbiter.rollout.in_progress,
+                "generation": arbiter.rollout.generation,
+            },
+            "workers": [
+                {
+                    "slot": w.slot,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "age_s": round(now - w.started, 3),
+                    "requests": w.requests,
+                    "connections": w.connections,
+                    "rss_bytes": w.rss,
+                    "cpu_percent": w.cpu_percent,
+                    "generation": w.generation,
+                    "stopping": w.stop_reason,
+                    "request_meter": w.meter,
+                }
+                for w in sorted(arbiter.live(), key=lambda w: (w.slot, w.started))
+            ],
+            "plan": self.plan.to_dict(),
+        }

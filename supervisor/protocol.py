@@ -1,0 +1,98 @@
+"""What the master and a worker say to each other, and the shapes both sides share.
+
+The channel is a SOCK_SEQPACKET socket pair, so every send is one message: first the
+master's spec (its pid and the validated settings, never in argv or environ, as they may
+hold secrets), then the worker's messages, each a JSON object whose ``t`` names it:
+
+- ``ready``: the lifespan startup is done and the worker accepts; ``meter`` names its meter;
+- ``beat``: once a second from the event loop, with ``requests`` and ``connections``;
+- ``metrics``: request histograms since the last delivery (`worker.meter`);
+- ``boot_error``: why it could not start, just before exiting with `BOOT_FAILURE`.
+
+Both processes import this module, so it imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from bisect import bisect_left
+from typing import Any
+
+BOOT_FAILURE = 3  # exit code of a worker that never became ready (and of the master then)
+SPEC_BYTES = 1 << 20  # the largest spec a worker reads
+READ_BYTES = 1 << 16  # what the master reads of one worker message
+MESSAGE_BYTES = 48 * 1024  # a worker's metrics message stays below READ_BYTES
+
+# OpenTelemetry HTTP semantic conventions, as Prometheus buckets.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """One message; ValueError when it is not a JSON object."""
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    return message
+
+
+class Control:
+    """The worker's end of the master's channel. Message boundaries come from SEQPACKET."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def receive(self) -> dict[str, Any]:
+        return json.loads(self.sock.recv(SPEC_BYTES))
+
+    def send(self, kind: str, **fields: Any) -> None:
+        """For what must arrive (ready, boot errors): may wait while the channel is full."""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.sock.send(encode({"t": kind, **fields}))
+
+    def offer(self, message: dict[str, Any], timeout: float = 0.0) -> bool:
+        """Send unless the channel stays full for `timeout`: the event loop never stalls
+        on a busy or stopped master. False if the message was not sent."""
+        data = encode(message)
+        try:
+            if timeout <= 0:
+                self.sock.send(data, socket.MSG_DONTWAIT)
+                return True
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.send(data)
+            finally:
+                self.sock.settimeout(None)
+        except OSError:  # full, gone, or too large: the caller keeps what it offered
+            return False
+        return True
+
+
+class Buckets:
+    """A histogram in plain Python: per-bucket counts (the last one +Inf) and a sum.
+
+    PythonMeter observes requests into them, RequestMetrics adds up what its meter
+    measured, and the master adds up what workers send and observes its own durations.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total: float = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.total += value
+
+    def add(self, counts: list[int], total: float) -> None:
+        for index, count in enumerate(counts):
+            self.counts[index] += count
+        self.total += total

@@ -1,0 +1,223 @@
+"""Worker count from the CPU, memory and database connections this process may really use.
+
+Formulas built on ``os.cpu_count()`` start dozens of workers in a one-CPU pod, and
+workers x pool size silently exhausts the database's ``max_connections``. This module
+turns what `host.read_host` found (`facts.HostFacts`), plus the sizing settings, into an
+explained `Plan`.
+Everything here is pure: `sizing.make_plan` reads the machine and calls `plan`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from asgi_supervise.sizing.facts import GIB, MIB, Found, HostFacts
+
+if TYPE_CHECKING:
+    from asgi_supervise.config.settings import Settings
+
+MASTER_RESERVE = 64 * MIB  # the master's own RSS, kept out of the workers' share
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many workers one resource allows (None: no limit known), and why."""
+
+    name: str
+    allows: int | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    workers: int
+    limited_by: str
+    budgets: tuple[Budget, ...]
+    forced: bool
+    warnings: tuple[str, ...]
+    reloads: str = ""  # how a reload replaces these workers, and what decides it
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for ``plan --json`` and the /status endpoint."""
+        data = asdict(self)
+        return {**data, "budgets": list(data["budgets"]), "warnings": list(self.warnings)}
+
+    def render(self) -> str:
+        """A small aligned table, the decision, then the warnings."""
+        rows = [("budget", "allows", "detail")]
+        rows += [(b.name, str(b.allows or "-"), b.detail) for b in self.budgets]
+        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+        lines = [f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows]
+        noun = "worker" if self.workers == 1 else "workers"
+        why = f"limited by {self.limited_by}"
+        why = "as configured" if self.limited_by == "configured" else why
+        lines.append(f"=> {self.workers} {noun}, {why}")
+        if self.reloads:
+            lines.append(f"reloads: {self.reloads}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+Over = Callable[[int], str]  # explains why n workers exceed a budget
+Rule = tuple[Budget, Over, list[str]]
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{_num(n / MIB)} MiB"
+
+
+def _plural(n: float, word: str) -> str:
+    return f"{_num(n)} {word}" + ("" if n == 1 else "s")
+
+
+def usable_cpus(facts: HostFacts) -> Found:
+    """The tightest of quota, cpuset, affinity and host count; a quota may be fractional."""
+    options = [
+        (facts.cpu_quota, facts.cpu_quota_source),
+        (facts.cpuset_cpus, facts.cpuset_source),
+        (facts.affinity_cpus, "sched_getaffinity"),
+        (facts.host_cpus, "host CPU count"),
+    ]
+    return min(((v, s) for v, s in options if v is not None), key=lambda o: o[0])
+
+
+def _cpu_rule(settings: Settings, facts: HostFacts) -> Rule:
+    """Round down like Puma: 1.5 CPUs make 1 worker, because 2 would share 1.5 CPUs."""
+    cpus, src = usable_cpus(facts)
+    per_core = settings.cpu_workers_per_core
+    allows = max(1, math.floor(cpus * per_core + 1e-9))
+    usable = _plural(cpus, "usable CPU")
+    detail = f"{usable} ({src})"
+    if per_core != 1:
+        detail += f" x {_num(per_core)} per core"
+    if cpus * per_core != allows:
+        detail += ", rounded down" if cpus * per_core > allows else ", at least 1"
+
+    def over(n: int) -> str:
+        if per_core == 1:
+            return f"{_plural(n, 'worker')} > {usable} ({src})"
+        return f"{_plural(n, 'worker')} > {allows} = {usable} ({src}) x {_num(per_core)} per core"
+
+    return Budget("cpu", allows, detail), over, []
+
+
+def _memory_rule(settings: Settings, facts: HostFacts) -> Rule:
+    """Leave room for the master and for replacements: a reload starts the new worker first."""
+    limit, src = facts.memory_limit, facts.memory_limit_source
+    if limit is None:
+        limit, src = facts.host_memory, "host memory, no cgroup limit"
+    est, spare = settings.worker_memory_estimate * MIB, settings.reload_surge
+    if not limit:
+        return Budget("memory", None, "memory size unknown"), str, []
+    fits = max(0, (limit - MASTER_RESERVE) // est)
+    allows = max(1, fits - spare)
+    detail = (
+        f"{_size(limit)} limit ({src}), 64 MiB kept for the master, {_size(est)} per worker,"
+        f" {spare} spare for replacements"
+    )
+    warnings = []
+    if fits - spare < 1:
+        what = "1 worker" if fits < 1 else f"1 worker + {spare} replacement for reloads"
+        warnings.append(
+            f"memory: {what} of {_size(est)} each + 64 MiB master > {_size(limit)} ({src})"
+        )
+
+    def over(n: int) -> str:
+        need = (n + spare) * est + MASTER_RESERVE
+        return (
+            f"{_plural(n, 'worker')} x {_size(est)} + {spare} spare + 64 MiB master = {_size(need)}"
+            f" > {_size(limit)} limit ({src})"
+        )
+
+    return Budget("memory", allows, detail), over, warnings
+
+
+def db_share(settings: Settings) -> int | None:
+    """The connections a reload may hold: (max - reserved) / replicas. None without a db
+    budget, or under --reload: a save must never leave the developer without a server for
+    a production budget that a shared config file carried into development."""
+    most, pool = settings.db_max_connections, settings.db_pool_size
+    if most is None or pool is None or settings.reload:
+        return None
+    return max(0, most - settings.db_reserved_connections) // settings.replicas
+
+
+def _db_rule(settings: Settings) -> Rule:
+    """Every worker of every replica may hold a full pool; the database has one budget."""
+    most, pool = settings.db_max_connections, settings.db_pool_size
+    reserved, replicas = settings.db_reserved_connections, settings.replicas
+    if most is None or pool is None:
+        unset = [k for k, v in (("db_max_connections", most), ("db_pool_size", pool)) if v is None]
+        half = f"{unset[0]} is not set: a database connection budget needs both db settings"
+        warnings = [half] if len(unset) == 1 else []
+        return Budget("db", None, f"not configured (set {' and '.join(unset)})"), str, warnings
+    available = most - reserved
+    raw = max(0, available) // (replicas * pool)
+    reps = _plural(replicas, "replica")
+    detail = f"({most} max - {reserved} reserved) / ({reps} x {pool} per worker)"
+
+    def over(n: int) -> str:
+        total = n * pool * replicas
+        return (
+            f"{_plural(n, 'worker')} x {pool} connections x {reps} = {total} > {available}"
+            f" available (db_max_connections {most} - reserved {reserved})"
+        )
+
+    warnings = [f"db: even {over(1)}"] if raw == 0 else []
+    return Budget("db", max(1, raw), detail), over, warnings
+
+
+def reload_room(settings: Settings, facts: HostFacts, workers: int) -> str:
+    """How a reload will replace `workers`: beside the old ones while the memory limit and
+    the database share hold more, else by draining each first. (`Rollout.room` decides at
+    the time, from measured memory.)"""
+    surge, pool, share = settings.reload_surge, settings.db_pool_size, db_share(settings)
+    rooms = [(surge, "", "")]
+    limit, est = facts.memory_limit, settings.worker_memory_estimate * MIB
+    if limit is not None:
+        left = (limit - MASTER_RESERVE) // est - workers
+        taken = f"{_plural(workers, 'worker')} x {_size(est)} + 64 MiB master"
+        rooms.append((left, "memory", f"{taken} of {_size(limit)} ({facts.memory_limit_source})"))
+    if share is not None and pool is not None:
+        left = share // pool - workers
+        taken = f"{_plural(workers, 'worker')} x {pool} connections"
+        rooms.append((left, "db", f"{taken} of this instance's {share}"))
+    room, name, taken = min(rooms, key=lambda r: r[0])
+    if room >= surge:
+        return f"replacement first, {surge} at a time (--reload-surge)"
+    if room > 0:
+        return f"replacement first, {room} at a time: the {name} budget holds {room} more ({taken})"
+    return f"drain first, {surge} at a time: the {name} budget holds no more ({taken})"
+
+
+def plan(settings: Settings, facts: HostFacts) -> Plan:
+    """Decide the worker count: the smallest budget for ``auto``, else the user's number."""
+    rules = [_cpu_rule(settings, facts), _memory_rule(settings, facts), _db_rule(settings)]
+    budgets = tuple(budget for budget, _, _ in rules)
+    warnings = [*facts.notes, *(w for _, _, ws in rules for w in ws)]
+    bound = [(b.allows, b.name, over) for b, over, _ in rules if b.allows is not None]
+    if settings.workers != "auto":
+        n = settings.workers
+        warnings += [over(n) for allows, _, over in bound if n > allows]
+        reloads = reload_room(settings, facts, n)
+        return Plan(n, "configured", budgets, True, tuple(warnings), reloads)
+    n, limited_by, _ = min(bound, key=lambda b: b[0])
+    forced = False
+    if n < settings.min_workers:
+        n, limited_by, forced = settings.min_workers, "min-workers", True
+        warnings += [
+            f"min_workers {n} overrides the {name} budget: {over(n)}"
+            for allows, name, over in bound
+            if n > allows
+        ]
+    elif settings.max_workers is not None and n > settings.max_workers:
+        n, limited_by = settings.max_workers, "max-workers"
+    reloads = reload_room(settings, facts, n)
+    return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads)

@@ -1,0 +1,197 @@
+"""The worker's uvicorn server: readiness, heartbeats, and a drain that races no client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import traceback
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from asgi_supervise import logs
+from asgi_supervise.protocol import BOOT_FAILURE, Control
+from asgi_supervise.worker.meter import RequestMetrics
+
+if TYPE_CHECKING:
+    from asgi_supervise.config.settings import Settings
+
+HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
+
+
+class ClosingApp:
+    """Wraps a connection's app once draining: every response says `Connection: close`.
+
+    Closing an idle keep-alive connection races a client that is sending on it; asking the
+    client to close after its next response moves it to another worker without an error.
+    Installed per connection at drain time, so serving costs no extra ASGI layer.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        def send_closing(message: Any) -> Any:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            return send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
+class _CaptureErrors(logging.Filter):
+    """Holds back uvicorn's startup error lines: the master prints them once, not per try."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if text == "Application startup failed. Exiting.":  # uvicorn's; the cause came before
+            return False
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+        self.lines.append(text)
+        return False
+
+
+class WorkerServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, control: Control, idle_grace: float):
+        super().__init__(config)
+        self.control = control
+        self.idle_grace = idle_grace
+        self.reopen_logs = False
+        self.request_metrics: RequestMetrics | None = None  # when --metrics is on
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """SIGTERM drains, SIGQUIT stops now. SIGINT is the master's: it decides for us."""
+
+        def drain(*_: Any) -> None:
+            self.should_exit = True
+
+        def stop_now(*_: Any) -> None:
+            self.should_exit = self.force_exit = True
+
+        def reopen(*_: Any) -> None:
+            self.reopen_logs = True  # done from the loop, not inside a handler mid-write
+
+        signal.signal(signal.SIGUSR1, reopen)
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGQUIT, stop_now)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        errors = _CaptureErrors()
+        error_log = logging.getLogger("uvicorn.error")
+        error_log.addFilter(errors)
+        try:
+            await super().startup(sockets=sockets)
+        except SystemExit:
+            reason = "\n".join(errors.lines) or "lifespan startup failed"
+            self.control.send("boot_error", error=reason)
+            raise SystemExit(BOOT_FAILURE) from None
+        finally:
+            error_log.removeFilter(errors)
+        metrics = self.request_metrics
+        self.control.send("ready", meter=metrics and type(metrics.meter).__qualname__)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.reopen_logs:
+            self.reopen_logs = False
+            logs.reopen()
+        if self.request_metrics is not None:
+            self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
+        if counter % HEARTBEAT_TICKS == 0:
+            state = self.server_state
+            beat = {"requests": state.total_requests, "connections": len(state.connections)}
+            self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
+            if self.request_metrics is not None:  # after the beat: it may fill the channel
+                self.request_metrics.deliver(self.control.offer)
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, http):
+                connection.app = ClosingApp(connection.app)  # its next request: close after
+                if connection.cycle is not None and not connection.cycle.response_complete:
+                    connection.cycle.keep_alive = False
+            else:
+                connection.shutdown()  # WebSockets: close 1012 (service restart)
+
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.idle_grace
+        while self.server_state.connections and not self.force_exit:
+            if loop.time() >= idle_deadline:
+                for connection in list(self.server_state.connections):
+                    if isinstance(connection, http) and _is_idle(connection):
+                        connection.shutdown()
+            await asyncio.sleep(0.05)
+        while self.server_state.tasks and not self.force_exit:
+            await asyncio.sleep(0.05)
+        if self.request_metrics is not None:  # the last second's requests, before exiting
+            self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+def _is_idle(connection: Any) -> bool:
+    return connection.cycle is None or connection.cycle.response_complete
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    s = settings
+    return uvicorn.Config(
+        app,
+        loop=s.loop,
+        http=s.http,
+        http2=s.http2,
+        interface=s.interface,
+        reset_contextvars=s.reset_contextvars,
+        ssl_version=s.ssl_version,
+        ssl_cert_reqs=s.ssl_cert_reqs,
+        ws=s.ws,
+        ws_max_size=s.ws_max_size,
+        ws_max_queue=s.ws_max_queue,
+        ws_ping_interval=s.ws_ping_interval,
+        ws_ping_timeout=s.ws_ping_timeout,
+        ws_per_message_deflate=s.ws_per_message_deflate,
+        lifespan=s.lifespan,
+        env_file=s.env_file,
+        log_config=None,  # run() configured logging already, the master's way
+        log_level=s.log_level,
+        access_log=s.access_log,
+        use_colors=s.use_colors,
+        proxy_headers=False,  # run() wraps the app in forwarded.proxy_headers instead
+        server_header=s.server_header,
+        date_header=s.date_header,
+        root_path=s.root_path,
+        limit_concurrency=s.limit_concurrency,
+        backlog=s.backlog,
+        timeout_keep_alive=int(s.timeout_keep_alive),
+        ssl_keyfile=s.ssl_keyfile,
+        ssl_certfile=s.ssl_certfile,
+        ssl_keyfile_password=s.ssl_keyfile_password,
+        ssl_ca_certs=s.ssl_ca_certs,
+        ssl_ciphers=s.ssl_ciphers,
+        headers=[tuple(h.split(":", 1)) for h in s.headers],  # type: ignore[misc]
+        h11_max_incomplete_event_size=s.h11_max_incomplete_event_size,
+    )

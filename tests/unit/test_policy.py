@@ -1,0 +1,142 @@
+"""The master's pure decisions: backoff, boot budget, recycling, the rolling planner."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from asgi_supervise.master import policy
+from asgi_supervise.master.policy import Candidate, Step
+
+
+def test_first_crash_respawns_at_once_then_backs_off_exponentially():
+    delays = [policy.respawn_delay(n, cap=30) for n in range(8)]
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+
+
+@given(st.integers(min_value=0, max_value=10_000), st.floats(min_value=0, max_value=600))
+def test_backoff_never_exceeds_its_cap(crashes, cap):
+    assert 0 <= policy.respawn_delay(crashes, cap) <= cap
+
+
+def test_slot_crash_count_resets_after_a_stable_period():
+    slot = policy.SlotHealth()
+    assert slot.crashed(now=100, uptime=1, cap=30) == 0.0
+    assert slot.crashed(now=101, uptime=1, cap=30) == 0.5
+    assert slot.not_before == 101.5
+    assert slot.crashed(now=102, uptime=1, cap=30) == 1.0
+    # Up long enough to count as recovered: the next crash is a first crash again.
+    assert slot.crashed(now=500, uptime=policy.STABLE_AFTER, cap=30) == 0.0
+
+
+def test_boot_budget_stops_after_the_limit_and_resets_on_success():
+    budget = policy.BootBudget(limit=3)
+    assert not budget.failed("ImportError: x")
+    assert not budget.failed("ImportError: x")
+    budget.succeeded()
+    assert not budget.failed("ImportError: x")
+    assert not budget.failed(None)
+    assert budget.failed(None)
+    assert budget.last_error == "ImportError: x"
+
+
+def test_worker_limits_draw_jitter_within_bounds():
+    rng = random.Random(7)
+    for _ in range(200):
+        requests, lifetime = policy.worker_limits(1000, 100, 3600.0, 60.0, rng)
+        assert requests is not None and 1000 <= requests <= 1100
+        assert lifetime is not None and 3600 <= lifetime <= 3660
+    assert policy.worker_limits(None, 100, None, 60.0, rng) == (None, None)
+
+
+def test_recycle_reason_order_memory_then_requests_then_lifetime():
+    strikes = policy.MEMORY_STRIKES
+    assert policy.recycle_reason(10, 5, 100, 50, strikes) == "memory"
+    assert policy.recycle_reason(10, 5, 100, 50, strikes - 1) == "max-requests"
+    assert policy.recycle_reason(4, 5, 100, 50, 0) == "lifetime"
+    assert policy.recycle_reason(4, 5, 10, 50, 0) is None
+    assert policy.recycle_reason(10**9, None, 10**9, None, 0) is None
+
+
+def due(pid: int, slot: int, replacement: str | None = None) -> Candidate:
+    return Candidate(pid, slot, "reload", replacement)
+
+
+def test_planner_starts_replacements_up_to_the_surge_in_slot_order():
+    plan = policy.plan_replacements([due(30, 3), due(10, 1), due(20, 2)], extra=0, surge=2, room=9)
+    assert plan == [Step("spawn", 10, "reload"), Step("spawn", 20, "reload")]
+
+
+def test_planner_drains_the_old_worker_only_once_its_replacement_is_ready():
+    plan = policy.plan_replacements(
+        [due(10, 1, "ready"), due(20, 2, "booting"), due(30, 3)],
+        extra=2,
+        surge=2,
+        room=9,
+    )
+    assert plan == [Step("stop", 10, "reload")]  # slot 3 waits: two replacements are up
+
+
+def test_planner_counts_old_workers_still_draining_against_the_surge():
+    """Slot 1's old worker drains (its replacement is serving): one worker beyond target."""
+    waiting = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room=9)
+    assert waiting == []
+    exited = policy.plan_replacements([due(20, 2)], extra=0, surge=1, room=9)
+    assert exited == [Step("spawn", 20, "reload")]
+
+
+def test_planner_waits_while_a_slot_drained_first_is_refilling():
+    """Slot 1 drained first and is booting again: draining slot 2 now would leave none."""
+    plan = policy.plan_replacements([due(20, 2)], extra=1, surge=1, room=0)
+    assert plan == []
+
+
+def test_in_transition_counts_what_keeps_the_instance_from_one_serving_worker_per_slot():
+    slots = [1, 2]
+    assert policy.in_transition([(1, True), (2, True)], slots) == 0  # settled
+    assert policy.in_transition([(1, True), (1, False), (2, True)], slots) == 1  # booting
+    assert policy.in_transition([(1, False), (1, True), (2, True)], slots) == 1  # draining
+    assert policy.in_transition([(1, False), (2, True)], slots) == 1  # drains first, refills
+    assert policy.in_transition([(2, True)], slots) == 1  # empty: about to be refilled
+    assert policy.in_transition([(1, True), (2, True), (3, False)], slots) == 1  # scaled down
+    both = [(1, False), (1, True), (2, True), (2, False)]
+    assert policy.in_transition(both, slots) == 2
+
+
+def test_planner_drains_first_when_the_budgets_hold_no_more_workers():
+    plan = policy.plan_replacements([due(10, 1)], extra=0, surge=1, room=0)
+    assert plan == [Step("drain-first", 10, "reload")]
+
+
+def test_planner_starts_replacements_beside_old_workers_only_up_to_the_room():
+    """Surge 2 but room for one more: the second slot drains first."""
+    plan = policy.plan_replacements([due(10, 1), due(20, 2)], extra=0, surge=2, room=1)
+    assert plan == [Step("spawn", 10, "reload"), Step("drain-first", 20, "reload")]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 50), st.sampled_from([None, "booting", "ready"])),
+        unique_by=lambda t: t[0],
+    ),
+    st.integers(0, 5),
+    st.integers(1, 5),
+    st.integers(0, 5),
+)
+def test_planner_never_exceeds_the_surge_nor_the_room(workers, extra, surge, room):
+    candidates = [due(slot * 10, slot, state) for slot, state in workers]
+    plan = policy.plan_replacements(candidates, extra, surge, room)
+    started = [s for s in plan if s.action in ("spawn", "drain-first")]
+    assert extra + len(started) <= max(surge, extra)
+    assert len([s for s in plan if s.action == "spawn"]) <= room
+    stopped = {s.pid for s in plan if s.action == "stop"}
+    assert stopped == {c.pid for c in candidates if c.replacement == "ready"}
+
+
+def test_room():
+    assert policy.room(used=600, each=400, budget=1000) == 1
+    assert policy.room(used=700, each=400, budget=1000) == 0
+    assert policy.room(used=1200, each=400, budget=1000) == 0  # over already: none, not < 0
+    assert policy.room(used=4 * 10, each=10, budget=60) == 2  # connections: 4 pools of 10
