@@ -19,10 +19,10 @@ from typing import Any, NoReturn
 from asgi_supervise import logs, sizing
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS, meta, redact
+from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
 from asgi_supervise.worker import apploader
 
-EXIT_USAGE = 2
 COMMANDS = ("run", "config", "plan")
 log = logging.getLogger("asgi_supervise.master")
 
@@ -38,7 +38,7 @@ class Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(unknown, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
         logs.say(f"{message} (command line){hint}")
-        sys.exit(EXIT_USAGE)
+        sys.exit(Exit.USAGE)
 
 
 def _is(annotation: Any, kind: type) -> bool:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(loaded)
     except (sources.ConfigError, apploader.AppStringError) as exc:
         logs.say(str(exc))
-        return EXIT_USAGE
+        return Exit.USAGE
 
 
 def _emit(text: str) -> None:
@@ -181,7 +181,7 @@ def run(loaded: sources.Loaded) -> int:
         sockets = bind(settings)
     except BindError as exc:
         logs.say(str(exc))
-        return EXIT_USAGE
+        return Exit.USAGE
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     try:
         with pid_file(settings.pid_file):
@@ -189,7 +189,7 @@ def run(loaded: sources.Loaded) -> int:
     except PidFileError as exc:
         cleanup(sockets)
         logs.say(str(exc))
-        return EXIT_USAGE
+        return Exit.USAGE
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ hold secrets), then the worker's messages, each a JSON object whose ``t`` names 
 - ``ready``: the lifespan startup is done and the worker accepts; ``meter`` names its meter;
 - ``beat``: once a second from the event loop, with ``requests`` and ``connections``;
 - ``metrics``: request histograms since the last delivery (`worker.meter`);
-- ``boot_error``: why it could not start, just before exiting with `BOOT_FAILURE`.
+- ``boot_error``: why it could not start, just before exiting with `Exit.BOOT_FAILURE`.
 
 Both processes import this module, so it imports nothing but the standard library.
 """
@@ -15,12 +15,23 @@ Both processes import this module, so it imports nothing but the standard librar
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import socket
 from bisect import bisect_left
 from typing import Any
 
-BOOT_FAILURE = 3  # exit code of a worker that never became ready (and of the master then)
+
+class Exit(enum.IntEnum):
+    """Exit codes of the master (README documents them); a worker that never became ready
+    exits with BOOT_FAILURE too."""
+
+    OK = 0  # drained cleanly
+    UNCLEAN = 1  # stopped now, or workers killed at the graceful timeout
+    USAGE = 2  # bad configuration: a flag, env var, file or profile value, a taken port
+    BOOT_FAILURE = 3  # the app could not start: import error, lifespan failure, ...
+
+
 SPEC_BYTES = 1 << 20  # the largest spec a worker reads
 READ_BYTES = 1 << 16  # what the master reads of one worker message
 MESSAGE_BYTES = 48 * 1024  # a worker's metrics message stays below READ_BYTES

@@ -21,10 +21,13 @@ from asgi_supervise import logs
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import policy
 from asgi_supervise.master.notify import Notifier
+from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
 from asgi_supervise.master.sockets import cleanup, describe
+from asgi_supervise.master.table import WorkerTable
 from asgi_supervise.master.workers import State, Worker, spawn
 from asgi_supervise.observe.observability import Observability
+from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import Plan
 
 if TYPE_CHECKING:
@@ -33,12 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("asgi_supervise.master")
 
 TICK = 0.25  # seconds between health checks when nothing else happens
-
-# Exit codes of the master (documented in README.md).
-EXIT_OK = 0  # drained cleanly
-EXIT_UNCLEAN = 1  # forced stop, or workers killed at the graceful timeout
-EXIT_USAGE = 2  # bad configuration found late: the metrics port is taken
-EXIT_BOOT_FAILURE = 3  # the app could not start: import error, lifespan failure, ...
 
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
@@ -62,15 +59,14 @@ class Arbiter:
     ):
         self.settings = settings
         self.sockets = sockets
-        self.workers: dict[int, Worker] = {}  # pid -> worker, every process we started
-        self.slots = {slot: policy.SlotHealth() for slot in range(1, plan.workers + 1)}
+        self.table = WorkerTable(plan.workers)
         self.boot = policy.BootBudget(settings.boot_failure_limit)
         self.phase = Phase.RUNNING
-        self.exit_code = EXIT_OK
+        self.exit_code = Exit.OK
         self.started = time.monotonic()
         self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
         self.watcher: Watcher | None = None
-        self.rollout = Rollout(self, settings, memory_limit)
+        self.rollout = Rollout(self.table, self, settings, memory_limit)
         self.notify = Notifier()
         self.observe = Observability(settings, plan)
         self.announced_ready = False
@@ -87,7 +83,7 @@ class Arbiter:
         except OSError as exc:
             logs.say(str(exc))
             cleanup(self.sockets)
-            return EXIT_USAGE
+            return Exit.USAGE
         log.info("master %d serving %s with %d workers", os.getpid(), where, self.target)
         if self.settings.reload:
             from asgi_supervise.master.watcher import Watcher  # watchfiles only when watching
@@ -130,12 +126,12 @@ class Arbiter:
         cleanup(self.sockets)  # our copy of the listener: the kernel refuses once all are shut
         for worker in self.live():
             if self.phase is Phase.STOPPING:
-                worker.stop("shutdown", grace=2.0, sig=signal.SIGQUIT)
+                worker.stop("shutdown", KILL_GRACE, signal.SIGQUIT)
             else:
                 self.stop_worker(worker, "shutdown", self.settings.graceful_timeout)
         while self.live():
             await self.pump(TICK)
-        outcome = {EXIT_OK: "cleanly", EXIT_BOOT_FAILURE: "(app failed to start)"}.get(
+        outcome = {Exit.OK: "cleanly", Exit.BOOT_FAILURE: "(app failed to start)"}.get(
             self.exit_code, "uncleanly"
         )
         took = time.monotonic() - started
@@ -162,8 +158,7 @@ class Arbiter:
 
     @property
     def target(self) -> int:
-        """Workers wanted: one per slot (SIGTTIN/SIGTTOU add and remove slots)."""
-        return len(self.slots)
+        return self.table.target
 
     @property
     def running(self) -> bool:
@@ -174,21 +169,21 @@ class Arbiter:
 
     def unclean(self) -> None:
         """Requests were cut; a boot failure's own code still wins."""
-        if self.exit_code == EXIT_OK and self.phase is not Phase.RUNNING:
-            self.exit_code = EXIT_UNCLEAN
+        if self.exit_code == Exit.OK and self.phase is not Phase.RUNNING:
+            self.exit_code = Exit.UNCLEAN
 
     # --- workers ------------------------------------------------------------------------
 
     def live(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.alive]
+        return self.table.live()
 
     def ready_count(self) -> int:
-        return sum(w.state is State.READY for w in self.workers.values())
+        return self.table.ready_count()
 
     def fill_slots(self) -> None:
         now = time.monotonic()
         occupied = {w.slot for w in self.live() if w.stop_reason is None or w.hold_slot}
-        for slot, health in self.slots.items():
+        for slot, health in self.table.slots.items():
             if slot not in occupied and now >= health.not_before:
                 self.start_worker(slot)
 
@@ -199,7 +194,7 @@ class Arbiter:
         )
         self.observe.worker_started(worker)
         worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
-        self.workers[worker.pid] = worker
+        self.table.add(worker)
         loop = asyncio.get_running_loop()
         loop.add_reader(worker.control.fileno(), self.on_worker_message, worker)
         log.info("%s booting", worker.tag(), extra=worker.extra("booting"))
@@ -233,39 +228,41 @@ class Arbiter:
         now = time.monotonic()
         s = self.settings
         for worker in self.live():
-            if worker.kill_at is not None and now >= worker.kill_at:
-                if worker.state is State.DRAINING and worker.failure is None:
-                    log.warning(
-                        "%s still busy after the %.1fs graceful timeout: killing",
-                        worker.tag(),
-                        worker.kill_at - (worker.stopping_since or now),
-                        extra=worker.extra("drain_timeout"),
-                    )
-                    self.unclean()
-                worker.kill("graceful timeout")
-                worker.kill_at = None
-            elif worker.failure is not None:
-                continue  # already being killed
-            elif worker.state is State.BOOTING and now - worker.started > s.ready_timeout:
-                log.error(
-                    "%s not ready after %.1fs (ready-timeout): killing",
-                    worker.tag(),
-                    now - worker.started,
-                    extra=worker.extra("ready_timeout"),
-                )
-                worker.boot_error = f"not ready within {s.ready_timeout:g}s"
-                worker.kill("ready timeout")
-            elif worker.state is State.READY and now - worker.last_beat > s.worker_timeout:
-                silent = now - worker.last_beat
-                log.error(
-                    "%s event loop silent for %.1fs (worker-timeout %gs): killing; "
-                    "its stack follows if the loop was blocked in Python",
-                    worker.tag(),
-                    silent,
-                    s.worker_timeout,
-                    extra=worker.extra("timeout", silent_s=silent),
-                )
-                worker.kill(f"event loop blocked {silent:.1f}s", signal.SIGABRT)
+            verdict = policy.overdue(
+                worker.state, now, worker.started, worker.last_beat, worker.kill_at,
+                worker.failure is not None, s.ready_timeout, s.worker_timeout,
+            )  # fmt: skip
+            if verdict is not None:
+                self.overdue(worker, verdict, now)
+
+    def overdue(self, worker: Worker, verdict: Overdue, now: float) -> None:
+        """Kill a worker past a deadline, saying which (SIGABRT: its stack if blocked)."""
+        s = self.settings
+        if verdict is Overdue.DRAIN:
+            log.warning(
+                "%s still busy after the %.1fs graceful timeout: killing",
+                worker.tag(),
+                now - (worker.stopping_since or now),
+                extra=worker.extra("drain_timeout"),
+            )
+            self.unclean()
+        elif verdict is Overdue.BOOT:
+            log.error(
+                "%s not ready after %.1fs (ready-timeout): killing",
+                worker.tag(), now - worker.started, extra=worker.extra("ready_timeout"),
+            )  # fmt: skip
+            worker.boot_error = f"not ready within {s.ready_timeout:g}s"
+        elif verdict is Overdue.SILENT:
+            silent = now - worker.last_beat
+            log.error(
+                "%s event loop silent for %.1fs (worker-timeout %gs): killing; "
+                "its stack follows if the loop was blocked in Python",
+                worker.tag(), silent, s.worker_timeout,
+                extra=worker.extra("timeout", silent_s=silent),
+            )  # fmt: skip
+            worker.kill(f"event loop blocked {silent:.1f}s", signal.SIGABRT)
+            return
+        worker.kill(verdict.value)
 
     def reap(self) -> None:
         """Collect every exited child: our workers, and orphans re-parented to us as PID 1."""
@@ -276,7 +273,7 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            worker = self.workers.get(pid)
+            worker = self.table.get(pid)
             if worker is None:
                 log.debug("reaped orphan process %d", pid)
                 continue
@@ -284,7 +281,7 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
             worker.control.close()
             worker.exited(status)
-            del self.workers[pid]
+            self.table.remove(worker)
             self.observe.worker_exited(worker)
             self.worker_exited(worker)
 
@@ -300,7 +297,7 @@ class Arbiter:
                 "%s %s after draining %.2fs (%s)",
                 worker.tag(), worker.exit_status, took, worker.stop_reason, extra=extra,
             )  # fmt: skip
-            new = self.workers.get(worker.replaced_by or -1)
+            new = self.table.get(worker.replaced_by)
             if new is not None:
                 log.info(
                     "worker %d replaced (%s) in %.2fs: pid %d -> %d",
@@ -315,7 +312,7 @@ class Arbiter:
             self.boot_failed(worker)
             return
         cap = self.settings.restart_backoff_max
-        delay = self.slots[worker.slot].crashed(now, worker.uptime(now), cap)
+        delay = self.table.slots[worker.slot].crashed(now, worker.uptime(now), cap)
         cause = worker.failure or worker.exit_status
         if worker.exit_status == "killed by SIGKILL" and worker.failure is None:
             cause += " (out of memory?)"
@@ -354,11 +351,11 @@ class Arbiter:
                 headline,
                 extra={"event": "boot_failure", "error": headline},
             )
-            self.exit_code = EXIT_BOOT_FAILURE
+            self.exit_code = Exit.BOOT_FAILURE
             self.phase = Phase.STOPPING
             return
         now = time.monotonic()
-        delay = self.slots[worker.slot].crashed(now, 0.0, self.settings.restart_backoff_max)
+        delay = self.table.slots[worker.slot].crashed(now, 0.0, self.settings.restart_backoff_max)
         if delay:
             log.info("%s slot respawns in %.1fs", worker.tag(), delay)
 
@@ -407,11 +404,22 @@ class Arbiter:
         self.phase = Phase.STOPPING
         self.unclean()
         for worker in self.live():
-            worker.kill_at = time.monotonic() + 2.0
-            worker.send_signal(signal.SIGQUIT)
+            worker.hurry(signal.SIGQUIT)
 
     def handle_sighup(self) -> None:
-        self.rollout.start("SIGHUP")
+        self.reload("SIGHUP")
+
+    def reload(self, why: str) -> None:
+        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
+        if not self.running:
+            return
+        self.rollout.start(why)
+        self.notify.reloading()
+        self.wake()
+
+    def reload_finished(self, seconds: float, outcome: str) -> None:
+        self.observe.reload_finished(seconds, outcome)
+        self.notify.ready(f"serving with {self.target} workers ({outcome})")
 
     def files_changed(self, paths: list[str]) -> None:
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
@@ -420,7 +428,7 @@ class Arbiter:
             self.waiting_for_fix = False
             self.boot.succeeded()
             return
-        self.rollout.start(f"{shown} changed")
+        self.reload(f"{shown} changed")
 
     def handle_sigusr1(self) -> None:
         logs.reopen()
@@ -429,7 +437,7 @@ class Arbiter:
         log.info("SIGUSR1: log files reopened", extra={"event": "reopen_logs"})
 
     def handle_sigttin(self) -> None:
-        self.slots[max(self.slots, default=0) + 1] = policy.SlotHealth()
+        self.table.add_slot()
         log.info(
             "SIGTTIN: %d workers", self.target, extra={"event": "scale", "workers": self.target}
         )
@@ -438,8 +446,7 @@ class Arbiter:
         if self.target <= 1:
             log.info("SIGTTOU ignored: already at 1 worker")
             return
-        slot = max(self.slots)
-        del self.slots[slot]
+        slot = self.table.remove_slot()
         self.observe.slot_removed(slot)
         log.info(
             "SIGTTOU: %d workers", self.target, extra={"event": "scale", "workers": self.target}

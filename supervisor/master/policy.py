@@ -1,10 +1,12 @@
-"""Pure decisions of the master: respawn backoff, and when a crash loop has to stop.
+"""Pure decisions of the master: respawn backoff, when a crash loop has to stop, when a
+worker is overdue, and how replacements proceed.
 
 Kept free of processes and clocks (time is passed in) so every rule is tested directly.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -155,6 +157,38 @@ def plan_replacements(due: list[Candidate], extra: int, surge: int, room: int) -
     return steps
 
 
-def room(used: int, each: int, budget: int) -> int:
-    """How many more of `each` fit in what is left of `budget` (memory, connections)."""
-    return max(0, (budget - used) // each)
+# --- deadlines ----------------------------------------------------------------------
+
+KILL_GRACE = 2.0  # seconds a worker told to stop now (SIGQUIT, SIGABRT) gets before SIGKILL
+
+
+class Overdue(enum.Enum):
+    """Why a worker must be killed now."""
+
+    DRAIN = "graceful timeout"  # still draining at its deadline: its requests are cut
+    KILL = "kill deadline"  # already told to die (SIGQUIT, SIGABRT) and still here
+    BOOT = "ready timeout"  # not ready within --ready-timeout
+    SILENT = "event loop blocked"  # no heartbeat for --worker-timeout
+
+
+def overdue(
+    state: str,
+    now: float,
+    started: float,
+    last_beat: float,
+    kill_at: float | None,
+    killed: bool,
+    ready_timeout: float,
+    worker_timeout: float,
+) -> Overdue | None:
+    """The deadline a worker has passed, if any. `state` is booting, ready or draining;
+    `killed` says the master already signalled it to die for a failure."""
+    if kill_at is not None and now >= kill_at:
+        return Overdue.DRAIN if state == "draining" and not killed else Overdue.KILL
+    if killed:
+        return None  # its kill deadline is pending
+    if state == "booting" and now - started > ready_timeout:
+        return Overdue.BOOT
+    if state == "ready" and now - last_beat > worker_timeout:
+        return Overdue.SILENT
+    return None

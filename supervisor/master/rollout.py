@@ -5,6 +5,9 @@ due. Recycling marks a worker due by requests, memory or lifetime. Either way a 
 starts in the same slot and the old one drains only once the new one is ready. At most
 `--reload-surge` workers are in transition at a time: old ones still draining count, and
 so do slots without a serving worker (`policy.in_transition`, `policy.plan_replacements`).
+
+A rollout reads the worker table and changes it only through `Lifecycle`: the arbiter's
+start, stop and reporting, so the table has one owner.
 """
 
 from __future__ import annotations
@@ -12,33 +15,52 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psutil
 
 from asgi_supervise import sizing
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import policy
+from asgi_supervise.master.table import WorkerTable
 from asgi_supervise.master.workers import State, Worker
+from asgi_supervise.sizing.budgets import Room, fits
 from asgi_supervise.sizing.facts import MIB
-
-if TYPE_CHECKING:
-    from asgi_supervise.master.arbiter import Arbiter
 
 log = logging.getLogger("asgi_supervise.master")
 
 SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
 
 
+class Lifecycle(Protocol):
+    """What a rollout asks of the arbiter."""
+
+    def start_worker(self, slot: int) -> Worker: ...
+
+    def stop_worker(self, worker: Worker, reason: str, grace: float) -> None: ...
+
+    def report_boot_error(self, worker: Worker, attempt: str) -> str: ...
+
+    def reload_finished(self, seconds: float, outcome: str) -> None: ...
+
+
 class Rollout:
-    def __init__(self, arbiter: Arbiter, settings: Settings, memory_limit: int | None):
-        self.arbiter = arbiter
+    def __init__(
+        self,
+        table: WorkerTable,
+        lifecycle: Lifecycle,
+        settings: Settings,
+        memory_limit: int | None,
+    ):
+        self.table = table
+        self.lifecycle = lifecycle
         self.settings = settings
         self.memory_limit = memory_limit  # the instance's (cgroup) limit, for surge decisions
         self.db_share = sizing.db_share(settings)  # connections this instance may hold
         self.generation = 0
         self.reload_started: float | None = None
         self.last_sample = 0.0
+        self.master_rss = 0
         self.rng = random.Random()
 
     @property
@@ -57,13 +79,13 @@ class Rollout:
 
     def failed(self, worker: Worker) -> None:
         """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
-        old = self.arbiter.workers.get(worker.replaces or -1)
+        old = self.table.get(worker.replaces)
         reason = self.due_reason(old) if old else None
         if old is not None:
             old.replaced_by = None
-        headline = self.arbiter.report_boot_error(worker, f"replacing pid {worker.replaces}")
+        headline = self.lifecycle.report_boot_error(worker, f"replacing pid {worker.replaces}")
         if reason == "reload":
-            for live in self.arbiter.live():
+            for live in self.table.live():
                 live.generation = self.generation
             self.finish("aborted")
             log.error(
@@ -73,25 +95,27 @@ class Rollout:
             )
             return
         cap = self.settings.restart_backoff_max
-        delay = self.arbiter.slots[worker.slot].crashed(time.monotonic(), 0.0, cap)
+        delay = self.table.slots[worker.slot].crashed(time.monotonic(), 0.0, cap)
         log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
 
     def sample(self) -> bool:
-        """Once a second: RSS and CPU of every worker (memory strikes come from these)."""
+        """Once a second: RSS and CPU of every worker (memory strikes come from these), and
+        the master's own RSS, which the memory room counts."""
         now = time.monotonic()
         if now - self.last_sample < SAMPLE_INTERVAL:
             return False
         self.last_sample = now
         limit = self.settings.max_worker_memory
         max_rss = None if limit is None else limit * MIB
-        for worker in self.arbiter.live():
+        for worker in self.table.live():
             worker.sample(max_rss)
+        self.master_rss = psutil.Process().memory_info().rss
         return True
 
     def mark_recycling(self) -> None:
         """Every pass (request counts arrive with each heartbeat): who is due, and why."""
         now = time.monotonic()
-        for worker in self.arbiter.live():
+        for worker in self.table.live():
             if worker.state is not State.READY or worker.recycle or worker.stop_reason:
                 continue
             worker.recycle = policy.recycle_reason(
@@ -117,109 +141,93 @@ class Rollout:
         """Replacement first: start the new worker, drain the old one once the new is ready."""
         now = time.monotonic()
         due = []
-        for worker in self.arbiter.live():
+        for worker in self.table.live():
             reason = self.due_reason(worker)
             if reason is None or worker.state is not State.READY or worker.stop_reason:
                 continue
-            if worker.replaced_by is None and now < self.arbiter.slots[worker.slot].not_before:
+            if worker.replaced_by is None and now < self.table.slots[worker.slot].not_before:
                 continue  # its last replacement failed: back off
-            new = self.arbiter.workers.get(worker.replaced_by or -1)
+            new = self.table.get(worker.replaced_by)
             progress = None if new is None else new.state.value
             due.append(policy.Candidate(worker.pid, worker.slot, reason, progress))
         if not due:
             if self.reload_started is not None and not self.old_generation_alive():
                 self.finish("completed")
             return
-        room, full = self.room()
+        room, tight = sizing.reload_room(self.settings.reload_surge, self.rooms())
         steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
+        grace = self.settings.graceful_timeout
         for step in steps:
-            old = self.arbiter.workers[step.pid]
+            old = self.table.workers[step.pid]
             if step.action == "spawn":
-                new = self.arbiter.start_worker(old.slot)
+                new = self.lifecycle.start_worker(old.slot)
                 new.replaces, old.replaced_by = old.pid, new.pid
             elif step.action == "stop":
-                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+                self.lifecycle.stop_worker(old, step.reason, grace)
             else:
+                full = tight.taken if tight else "room"
                 log.warning(
                     "%s: no %s for a replacement beside it: draining it first",
                     old.tag(), full, extra=old.extra("drain_first", reason=step.reason),
                 )  # fmt: skip
                 old.hold_slot = True
-                self.arbiter.stop_worker(old, step.reason, self.settings.graceful_timeout)
+                self.lifecycle.stop_worker(old, step.reason, grace)
 
     def old_generation_alive(self) -> bool:
         """A reload is complete once the last old worker has drained and exited."""
-        return any(w.generation < self.generation for w in self.arbiter.live())
+        return any(w.generation < self.generation for w in self.table.live())
 
     def extra(self) -> int:
         """`policy.in_transition`. A worker still draining counts, as it holds its memory and
         database connections until it exits; not with --reload, where a save must not wait
         for the previous worker's idle keep-alive clients."""
-        live = self.arbiter.live()
+        live = self.table.live()
         if self.settings.reload:
             live = [w for w in live if w.stop_reason is None]
         serving = [(w.slot, w.state is State.READY and w.stop_reason is None) for w in live]
-        return policy.in_transition(serving, self.arbiter.slots)
+        return policy.in_transition(serving, self.table.slots)
 
-    def room(self) -> tuple[int, str]:
-        """How many more workers the budgets hold now, and the fullest one's account.
-
-        Memory under the cgroup limit, and this instance's share of the database
-        connections (`sizing.db_share`): every live worker holds its pool (a draining one
-        until it exits), and so will each empty slot's refill."""
-        rooms = [(self.settings.reload_surge, "")]
+    def rooms(self) -> list[Room]:
+        """What the budgets hold now: memory under the cgroup limit, as measured, and this
+        instance's share of the database connections (`sizing.db_share`). Every live worker
+        holds its pool (a draining one until it exits), and so will each empty slot's
+        refill; a worker not sampled yet counts as the largest that was."""
+        live, refills = self.table.live(), len(self.table.empty_slots())
+        rooms = []
         if self.memory_limit is not None:
-            used, each = self.memory_committed(), self.one_more_worker()
+            sampled = [w.rss for w in live if w.rss]
+            each = max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
+            used = sum(w.rss or each for w in live) + refills * each + self.master_rss
             taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"
-            rooms.append((policy.room(used, each, self.memory_limit), taken))
+            rooms.append(Room("memory", fits(used, each, self.memory_limit), taken))
         pool = self.settings.db_pool_size
         if self.db_share is not None and pool is not None:
-            holders = len(self.arbiter.live()) + self.refills()
+            holders = len(live) + refills
             taken = f"database connections ({holders} x {pool} of {self.db_share} held)"
-            rooms.append((policy.room(holders * pool, pool, self.db_share), taken))
-        return min(rooms, key=lambda r: r[0])
-
-    def refills(self) -> int:
-        """Slots without a live worker: `fill_slots` refills them."""
-        return len(set(self.arbiter.slots) - {w.slot for w in self.arbiter.live()})
-
-    def memory_committed(self) -> int:
-        """The master's RSS and every worker's, and a worker's worth for each empty slot.
-        A worker not sampled yet counts as the largest that was: one just ready may already
-        hold its full size."""
-        one_more = self.one_more_worker()
-        workers = sum(w.rss or one_more for w in self.arbiter.live())
-        return workers + self.refills() * one_more + psutil.Process().memory_info().rss
-
-    def one_more_worker(self) -> int:
-        sampled = [w.rss for w in self.arbiter.live() if w.rss]
-        return max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
+            rooms.append(Room("db", fits(holders * pool, pool, self.db_share), taken))
+        return rooms
 
     def finish(self, outcome: str) -> None:
         if self.reload_started is None:
             return
         took = time.monotonic() - self.reload_started
         self.reload_started = None
-        self.arbiter.observe.reload_finished(took, outcome)
-        self.arbiter.notify.ready(f"serving with {self.arbiter.target} workers ({outcome})")
+        self.lifecycle.reload_finished(took, outcome)
         if outcome == "completed":
             log.info(
                 "reload complete in %.2fs: %d workers on the new code",
                 took,
-                sum(w.generation == self.generation for w in self.arbiter.live()),
+                sum(w.generation == self.generation for w in self.table.live()),
                 extra={"event": "reload_done", "duration_s": took, "outcome": outcome},
             )
 
     def start(self, why: str) -> None:
         """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
-        if not self.arbiter.running:
-            return
         if self.reload_started is not None and not self.old_generation_alive():
             self.finish("completed")  # its last old worker exited in this same batch
         self.generation += 1
         restarting = self.reload_started is not None
         self.reload_started = self.reload_started or time.monotonic()
-        self.arbiter.notify.reloading()
         log.info(
             "%s: rolling reload%s, %d at a time",
             why,
@@ -227,4 +235,3 @@ class Rollout:
             self.settings.reload_surge,
             extra={"event": "reload", "generation": self.generation},
         )
-        self.arbiter.wake()

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
 log = logging.getLogger("asgi_supervise.master")
@@ -121,17 +122,30 @@ class Worker:
         """Ask for a graceful drain; the master kills it if it is not gone by `grace`."""
         if self.state is State.EXITED or self.stop_reason:
             return
-        now = time.monotonic()
         self.stop_reason = reason
         self.state = State.DRAINING
-        self.stopping_since = now
-        self.kill_at = now + grace
-        self.send_signal(sig)
+        self.stopping_since = time.monotonic()
+        self.signal_with_deadline(sig, grace)
+
+    def hurry(self, sig: int = signal.SIGQUIT) -> None:
+        """Stop now, draining or not: SIGKILL follows if it is still here after KILL_GRACE."""
+        self.signal_with_deadline(sig, KILL_GRACE)
 
     def kill(self, failure: str, sig: int = signal.SIGKILL) -> None:
+        """Kill for a failure (timeouts). SIGABRT first shows the stack; SIGKILL follows."""
         self.failure = self.failure or failure
+        if sig == signal.SIGKILL:
+            self.send_signal(sig)
+            self.kill_at = None  # nothing follows SIGKILL
+        else:
+            self.signal_with_deadline(sig, KILL_GRACE)
+
+    def signal_with_deadline(self, sig: int, grace: float) -> None:
+        """The one escalation: send `sig` now, SIGKILL at the deadline (never later than
+        one already set)."""
         self.send_signal(sig)
-        self.kill_at = time.monotonic() + 2.0  # escalate if SIGABRT did not end it
+        deadline = time.monotonic() + grace
+        self.kill_at = deadline if self.kill_at is None else min(self.kill_at, deadline)
 
     def exited(self, status: int) -> None:
         self.state = State.EXITED

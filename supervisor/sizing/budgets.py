@@ -174,27 +174,57 @@ def _db_rule(settings: Settings) -> Rule:
     return Budget("db", max(1, raw), detail), over, warnings
 
 
-def reload_room(settings: Settings, facts: HostFacts, workers: int) -> str:
-    """How a reload will replace `workers`: beside the old ones while the memory limit and
-    the database share hold more, else by draining each first. (`Rollout.room` decides at
-    the time, from measured memory.)"""
-    surge, pool, share = settings.reload_surge, settings.db_pool_size, db_share(settings)
-    rooms = [(surge, "", "")]
+@dataclass(frozen=True)
+class Room:
+    """How many more workers one budget holds now, and its account for the log."""
+
+    name: str  # memory, db
+    left: int
+    taken: str  # what holds it, of how much
+
+
+def fits(used: int, each: int, budget: int) -> int:
+    """How many more of `each` fit in what is left of `budget` (memory, connections)."""
+    return max(0, (budget - used) // each)
+
+
+def reload_room(surge: int, rooms: list[Room]) -> tuple[int, Room | None]:
+    """How many replacements may start beside the old workers: the surge, or fewer when a
+    budget holds fewer; with the budget that limits it (None: the surge does)."""
+    tight = min(rooms, key=lambda room: room.left, default=None)
+    if tight is None or tight.left >= surge:
+        return surge, None
+    return tight.left, tight
+
+
+def planned_rooms(settings: Settings, facts: HostFacts, workers: int) -> list[Room]:
+    """The rooms a reload of `workers` will find, from the estimates (`Rollout` measures)."""
+    rooms = []
     limit, est = facts.memory_limit, settings.worker_memory_estimate * MIB
     if limit is not None:
-        left = (limit - MASTER_RESERVE) // est - workers
         taken = f"{_plural(workers, 'worker')} x {_size(est)} + 64 MiB master"
-        rooms.append((left, "memory", f"{taken} of {_size(limit)} ({facts.memory_limit_source})"))
+        account = f"{taken} of {_size(limit)} ({facts.memory_limit_source})"
+        rooms.append(Room("memory", fits(workers * est + MASTER_RESERVE, est, limit), account))
+    share, pool = db_share(settings), settings.db_pool_size
     if share is not None and pool is not None:
-        left = share // pool - workers
         taken = f"{_plural(workers, 'worker')} x {pool} connections"
-        rooms.append((left, "db", f"{taken} of this instance's {share}"))
-    room, name, taken = min(rooms, key=lambda r: r[0])
-    if room >= surge:
+        rooms.append(
+            Room("db", fits(workers * pool, pool, share), f"{taken} of this instance's {share}")
+        )
+    return rooms
+
+
+def describe_reloads(settings: Settings, facts: HostFacts, workers: int) -> str:
+    """How a reload will replace `workers`: beside the old ones while the memory limit and
+    the database share hold more, else by draining each first."""
+    surge = settings.reload_surge
+    room, tight = reload_room(surge, planned_rooms(settings, facts, workers))
+    if tight is None:
         return f"replacement first, {surge} at a time (--reload-surge)"
-    if room > 0:
-        return f"replacement first, {room} at a time: the {name} budget holds {room} more ({taken})"
-    return f"drain first, {surge} at a time: the {name} budget holds no more ({taken})"
+    budget = f"the {tight.name} budget"
+    if room == 0:
+        return f"drain first, {surge} at a time: {budget} holds no more ({tight.taken})"
+    return f"replacement first, {room} at a time: {budget} holds {room} more ({tight.taken})"
 
 
 def plan(settings: Settings, facts: HostFacts) -> Plan:
@@ -206,7 +236,7 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
     if settings.workers != "auto":
         n = settings.workers
         warnings += [over(n) for allows, _, over in bound if n > allows]
-        reloads = reload_room(settings, facts, n)
+        reloads = describe_reloads(settings, facts, n)
         return Plan(n, "configured", budgets, True, tuple(warnings), reloads)
     n, limited_by, _ = min(bound, key=lambda b: b[0])
     forced = False
@@ -219,5 +249,5 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
         ]
     elif settings.max_workers is not None and n > settings.max_workers:
         n, limited_by = settings.max_workers, "max-workers"
-    reloads = reload_room(settings, facts, n)
+    reloads = describe_reloads(settings, facts, n)
     return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads)

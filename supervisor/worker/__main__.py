@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
 from asgi_supervise import logs
-from asgi_supervise.protocol import BOOT_FAILURE, Control
+from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker import apploader, forwarded
 from asgi_supervise.worker.meter import RequestMetrics
 from asgi_supervise.worker.server import WorkerServer, uvicorn_config
@@ -60,7 +60,7 @@ def _user_traceback(exc: BaseException) -> str:
 
 def _boot_error(control: Control, exc: BaseException) -> None:
     control.send("boot_error", error=_user_traceback(exc))
-    sys.exit(BOOT_FAILURE)
+    sys.exit(Exit.BOOT_FAILURE)
 
 
 def run(control: Control, listeners: list[socket.socket]) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from asgi_supervise import logs
-from asgi_supervise.protocol import BOOT_FAILURE, Control
+from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker.meter import RequestMetrics
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class WorkerServer(uvicorn.Server):
         except SystemExit:
             reason = "\n".join(errors.lines) or "lifespan startup failed"
             self.control.send("boot_error", error=reason)
-            raise SystemExit(BOOT_FAILURE) from None
+            raise SystemExit(Exit.BOOT_FAILURE) from None
         finally:
             error_log.removeFilter(errors)
         metrics = self.request_metrics

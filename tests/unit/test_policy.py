@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asgi_supervise.master import policy
-from asgi_supervise.master.policy import Candidate, Step
+from asgi_supervise.master.policy import Candidate, Overdue, Step
+from asgi_supervise.sizing.budgets import Room, fits, reload_room
 
 
 def test_first_crash_respawns_at_once_then_backs_off_exponentially():
@@ -135,8 +136,52 @@ def test_planner_never_exceeds_the_surge_nor_the_room(workers, extra, surge, roo
     assert stopped == {c.pid for c in candidates if c.replacement == "ready"}
 
 
-def test_room():
-    assert policy.room(used=600, each=400, budget=1000) == 1
-    assert policy.room(used=700, each=400, budget=1000) == 0
-    assert policy.room(used=1200, each=400, budget=1000) == 0  # over already: none, not < 0
-    assert policy.room(used=4 * 10, each=10, budget=60) == 2  # connections: 4 pools of 10
+def test_fits():
+    assert fits(used=600, each=400, budget=1000) == 1
+    assert fits(used=700, each=400, budget=1000) == 0
+    assert fits(used=1200, each=400, budget=1000) == 0  # over already: none, not < 0
+    assert fits(used=4 * 10, each=10, budget=60) == 2  # connections: 4 pools of 10
+
+
+def test_reload_room_is_the_surge_unless_a_budget_holds_fewer():
+    memory, db = Room("memory", 3, "m"), Room("db", 1, "d")
+    assert reload_room(2, []) == (2, None)
+    assert reload_room(2, [memory]) == (2, None)  # holds 3: the surge decides
+    assert reload_room(2, [memory, db]) == (1, db)
+    assert reload_room(1, [Room("db", 0, "d"), memory]) == (0, Room("db", 0, "d"))
+
+
+# --- deadlines: the state machine of one worker ----------------------------------------
+
+READY_TIMEOUT, WORKER_TIMEOUT = 30.0, 10.0
+
+
+def overdue(state, now, *, started=0.0, last_beat=0.0, kill_at=None, killed=False):
+    return policy.overdue(
+        state, now, started, last_beat, kill_at, killed, READY_TIMEOUT, WORKER_TIMEOUT
+    )
+
+
+def test_a_booting_worker_has_until_the_ready_timeout():
+    assert overdue("booting", 30.0) is None
+    assert overdue("booting", 30.1) is Overdue.BOOT
+
+
+def test_a_ready_worker_must_beat_within_the_worker_timeout():
+    assert overdue("ready", 100.0, last_beat=90.0) is None
+    assert overdue("ready", 100.1, last_beat=90.0) is Overdue.SILENT
+    assert overdue("ready", 100.1, started=0.0, last_beat=95.0) is None  # boot age is not it
+
+
+def test_a_draining_worker_is_killed_at_its_deadline_and_only_then():
+    assert overdue("draining", 9.9, kill_at=10.0) is None
+    assert overdue("draining", 10.0, kill_at=10.0) is Overdue.DRAIN
+    assert overdue("draining", 500.0, last_beat=0.0, kill_at=600.0) is None  # beats don't matter
+
+
+def test_a_worker_already_killed_waits_for_its_escalation():
+    """SIGABRT sent (a blocked loop): no second verdict until its SIGKILL deadline."""
+    assert overdue("ready", 200.0, last_beat=0.0, kill_at=201.0, killed=True) is None
+    assert overdue("ready", 201.0, last_beat=0.0, kill_at=201.0, killed=True) is Overdue.KILL
+    assert overdue("draining", 201.0, kill_at=201.0, killed=True) is Overdue.KILL
+    assert overdue("booting", 99.0, killed=True) is None  # ready timeout already acted on
