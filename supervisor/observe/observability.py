@@ -1,7 +1,7 @@
 """What the master shows: its metrics, the health server, and the /status document.
 
 The arbiter reports lifecycle events here; this module turns them into Prometheus
-metrics and answers probes. With `--no-metrics` every call is a no-op.
+metrics and answers probes. With `--no-metrics` every call is a no-op (`OFF`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("asgi_supervise.master")
 
 
+class _Off:
+    """The metrics and their directory under --no-metrics: every call, at any depth
+    (``metrics.requests.add(...)``), does nothing and returns None."""
+
+    def __getattr__(self, name: str) -> _Off:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+OFF: Any = _Off()
+
+
 class Observability:
     def __init__(self, settings: Settings, plan: Plan):
         self.settings = settings
         self.plan = plan
-        self.metrics: SupervisorMetrics | None = None  # None: --no-metrics, all calls no-ops
-        self.dir: MultiprocDir | None = None
+        self.metrics: SupervisorMetrics = OFF  # until start(), and for good with --no-metrics
+        self.dir: MultiprocDir = OFF
         self.server: HealthServer | None = None
 
     async def start(self, arbiter: Arbiter) -> None:
@@ -62,32 +76,26 @@ class Observability:
 
     def worker_environ(self) -> dict[str, str] | None:
         """Workers' prometheus_client (ours and the app's) writes into our directory."""
-        return self.dir.environ() if self.dir else None
+        return self.dir.environ()
 
     # --- lifecycle events -------------------------------------------------------------
 
     def worker_started(self, worker: Worker) -> None:
-        if self.metrics:
-            self.metrics.worker_started(worker.slot)
+        self.metrics.worker_started(worker.slot)
 
     def worker_ready(self, worker: Worker, boot_seconds: float) -> None:
-        if self.metrics:
-            self.metrics.worker_ready(worker.slot, boot_seconds)
+        self.metrics.worker_ready(worker.slot, boot_seconds)
 
     def worker_exited(self, worker: Worker) -> None:
         """Called as soon as the pid is reaped: the kernel may hand the pid out again."""
-        if self.dir is not None:
-            self.dir.worker_exited(worker.pid)
-        if self.metrics:
-            self.metrics.requests.worker_gone(worker.pid)
-            self.metrics.worker_exited(worker.slot, worker.exit_reason)
-            if worker.stopping_since is not None:  # it drained: from the stop request to now
-                self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
+        self.dir.worker_exited(worker.pid)
+        self.metrics.requests.worker_gone(worker.pid)
+        self.metrics.worker_exited(worker.slot, worker.exit_reason)
+        if worker.stopping_since is not None:  # it drained: from the stop request to now
+            self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
 
     def requests_reported(self, worker: Worker) -> None:
         reports, worker.reports = worker.reports, []
-        if not self.metrics:
-            return
         for report in reports:
             try:
                 self.metrics.requests.add(worker.pid, report)
@@ -95,8 +103,6 @@ class Observability:
                 log.warning("%s: %s", worker.tag(), exc)
 
     def sampled(self, workers: list[Worker]) -> None:
-        if not self.metrics:
-            return
         self.metrics.set_worker_states(Counter(w.state.value for w in workers))
         for worker in workers:
             if worker.state is State.READY and worker.stop_reason is None:
@@ -105,23 +111,19 @@ class Observability:
                 )
 
     def slot_removed(self, slot: int) -> None:
-        if self.metrics:
-            self.metrics.forget_slot(slot)
+        self.metrics.forget_slot(slot)
 
     def reload_finished(self, seconds: float, outcome: str) -> None:
-        if self.metrics:
-            self.metrics.observe_reload(seconds, outcome)
+        self.metrics.observe_reload(seconds, outcome)
 
     def draining(self) -> None:
-        if self.metrics:
-            self.metrics.set_draining(True)
+        self.metrics.set_draining(True)
 
     async def stop(self) -> None:
         """Last thing the master does, so /readyz says 503 through the whole drain."""
         if self.server is not None:
             await self.server.stop()
-        if self.dir is not None:
-            self.dir.cleanup()
+        self.dir.cleanup()
 
     # --- /status ----------------------------------------------------------------------
 
