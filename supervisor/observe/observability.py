@@ -67,6 +67,8 @@ class Observability:
     # --- lifecycle events -------------------------------------------------------------
 
     def worker_started(self, worker: Worker) -> None:
+        if self.dir is not None:
+            self.dir.worker_started(worker.pid)
         if self.metrics:
             self.metrics.worker_started(worker.slot)
 
