@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import Counter, values
 from prometheus_client.mmap_dict import MmapedDict
 
+from asgi_supervise.observe.metrics import SupervisorMetrics, render
 from asgi_supervise.observe.multiproc import (
     MARKER,
     PREFIX,
@@ -214,3 +215,15 @@ def test_a_kept_file_whose_pid_returns_is_left_to_its_new_worker(
     directory.worker_exited(802)
     assert Path(directory.path, "counter_801.db").exists()
     assert total(directory) == 3
+
+
+def test_dropped_app_samples_add_up_and_nonsense_is_refused() -> None:
+    supervisor = SupervisorMetrics()
+    supervisor.app_samples_dropped(3)
+    supervisor.app_samples_dropped(0)
+    supervisor.app_samples_dropped(4)
+    for bad in (-1, "5", 1.5, True, None):
+        with pytest.raises(ValueError):
+            supervisor.app_samples_dropped(bad)
+    body, _ = render(None, None, supervisor)
+    assert b"\nasgi_supervise_app_metric_samples_dropped_total 7.0\n" in body
