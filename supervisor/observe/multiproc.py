@@ -15,10 +15,14 @@ crash and two masters sharing one volume. A directory the master made, with a ma
 inside, is provably its own.
 
 A master killed with SIGKILL cannot remove its directory. The next master on the same DIR
-removes such leftovers when their marker (``owner.json``: pid, the pid's start time, and
-the host, boot and pid namespace those mean something in) shows the owner is gone: the
-pid is not running, or is running with another start time (reused). A marker from another
-host, boot or pid namespace (a shared volume) proves nothing, so that directory is left.
+removes such leftovers when their marker proves the owner gone. The marker
+(``owner.json``: pid and the kernel's boot id) is held under an exclusive flock() for the
+master's whole life, and the kernel drops that lock when the master dies, however it
+dies: a marker whose lock can be taken belongs to a dead master. Unlike a pid, the lock
+means the same across pid namespaces, so a container restarted on the same volume (a new
+namespace, where the old pid means nothing) still cleans up after its predecessor. A
+marker from another kernel (another machine on a network volume, or before a reboot)
+proves nothing: its lock is not this kernel's, so that directory is left alone.
 
 A full filesystem. prometheus_client writes through shared memory maps of sparse files,
 and a page that a full disk cannot back kills the writer with SIGBUS. The master never
@@ -31,20 +35,19 @@ Workers are protected by ``asgi_supervise.worker.promfiles``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import logging
-import math
 import os
 import shutil
 import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
-import psutil
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
@@ -56,7 +59,6 @@ ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is fir
 ARCHIVED_TYPES = ("counter", "histogram", "summary")  # what compaction folds; never gauges
 PREFIX = "asgi-supervise-metrics-"  # of every private directory, in DIR or in /tmp
 MARKER = "owner.json"  # in the private directory: not *.db, so never read as metrics
-START_SLACK = 1.0  # seconds: a start time read twice may differ by rounding
 _UNREADABLE = (RuntimeError, struct.error, UnicodeDecodeError, ValueError)
 
 
@@ -67,15 +69,14 @@ class MultiprocDirError(OSError):
 
 @dataclass(frozen=True)
 class Owner:
-    """Who made a private directory: enough to tell later whether that process is gone."""
+    """Who made a private directory: written into its marker, for the staleness rule."""
 
-    pid: int
-    started: float  # the process's start time (psutil's create_time)
-    where: str  # host, boot and pid namespace: where `pid` names this process
+    pid: int  # for people reading the marker and the log
+    where: str  # the kernel whose locks the marker's lock is: see here()
 
     @classmethod
     def this_process(cls) -> Owner:
-        return cls(os.getpid(), psutil.Process().create_time(), here())
+        return cls(os.getpid(), here())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -85,48 +86,41 @@ class Owner:
         """None for anything that is not a marker we wrote."""
         try:
             data = json.loads(text)
-            owner = cls(int(data["pid"]), float(data["started"]), str(data["where"]))
+            owner = cls(int(data["pid"]), str(data["where"]))
         except (ValueError, TypeError, KeyError):
             return None
         return owner if owner.pid > 0 and owner.where else None
 
 
 def here() -> str:
-    """Host, boot and pid namespace: a pid names one process only within all three."""
+    """The running kernel, by its boot id: the one whose flock() locks a marker's lock is.
+
+    Containers on one host share it; another machine on a network volume, or this one
+    after a reboot, has another.
+    """
     try:
         with open("/proc/sys/kernel/random/boot_id") as fh:
-            boot = fh.read().strip()
+            return "boot " + fh.read().strip()
     except OSError:
-        boot = "?"
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = "?"
-    return f"{socket.gethostname()} {boot} {namespace}"
+        return "host " + socket.gethostname()
 
 
-def is_stale(owner: Owner | None, where: str, started: Callable[[int], float | None]) -> bool:
+def is_stale(owner: Owner | None, where: str, locked: bool) -> bool:
     """Whether a private directory's master is provably gone, so its directory may go.
 
-    `started(pid)` is the start time of the running process `pid`: None when no such
-    process runs, NaN when one runs but its start time cannot be read. No marker, or a
-    marker from another host, boot or pid namespace, proves nothing: the directory stays.
+    `locked`: someone holds the marker's lock (its master lives, as it holds it for its
+    whole life). No marker, or a marker from another kernel, proves nothing.
     """
-    if owner is None or owner.where != where:
-        return False
-    now = started(owner.pid)
-    if now is None:
-        return True
-    return not math.isnan(now) and abs(now - owner.started) > START_SLACK
+    return owner is not None and owner.where == where and not locked
 
 
-def _running_since(pid: int) -> float | None:
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock on an open marker without waiting: False if it is held."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:  # zombies too: dead, only not yet reaped
-        return None
-    except psutil.AccessDenied:
-        return math.nan
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class MultiprocDir:
@@ -145,6 +139,7 @@ class MultiprocDir:
         self.lock = threading.Lock()  # compaction never overlaps a scrape
         self.unarchived: set[int] = set()  # dead pids whose files stay: no room to fold
         self.full_logged = False
+        self.marker: int | None = None  # the marker's fd, holding its lock while we live
 
     @classmethod
     def create(cls, path: str | None = None) -> MultiprocDir:
@@ -169,8 +164,11 @@ class MultiprocDir:
             raise _unusable(path or parent, exc) from None
         directory = cls(private, made)
         try:
-            with open(os.path.join(private, MARKER), "w") as fh:
-                fh.write(owner.to_json())
+            fd = os.open(os.path.join(private, MARKER), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            directory.marker = fd  # open (not inherited: O_CLOEXEC) until cleanup()
+            with contextlib.suppress(OSError):  # no locks here (ENOLCK): no one else's either
+                _lock(fd)
+            os.write(fd, owner.to_json().encode())
         except OSError as exc:
             directory.cleanup()
             raise _unusable(path or parent, exc) from None
@@ -252,6 +250,9 @@ class MultiprocDir:
     def cleanup(self) -> None:
         """Remove the private directory, and a DIR this master created if it is empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.marker is not None:  # the lock goes only once the directory has
+            os.close(self.marker)
+            self.marker = None
         if self.parent is not None:
             with contextlib.suppress(OSError):  # not empty: someone else's files are there
                 os.rmdir(self.parent)
@@ -282,14 +283,19 @@ def _remove_stale(parent: str) -> None:
                 continue
             if entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue  # not one this user could have made
-            with open(os.path.join(entry.path, MARKER)) as fh:
-                owner = Owner.from_json(fh.read(4096))
+            fd = os.open(os.path.join(entry.path, MARKER), os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
             continue
-        if is_stale(owner, where, _running_since):
-            assert owner is not None
-            shutil.rmtree(entry.path, ignore_errors=True)
-            log.info("removed %s: its master (pid %d) is gone", entry.path, owner.pid)
+        try:  # read, then lock: a master still writing its marker holds the lock already
+            owner = Owner.from_json(os.read(fd, 4096).decode(errors="replace"))
+            if is_stale(owner, where, locked=not _lock(fd)):
+                assert owner is not None
+                shutil.rmtree(entry.path, ignore_errors=True)  # under the lock: one remover
+                log.info("removed %s: its master (pid %d) is gone", entry.path, owner.pid)
+        except OSError:  # no locks on this filesystem (ENOLCK): nothing is provable
+            pass
+        finally:
+            os.close(fd)
 
 
 class _DirectoryCollector(MultiProcessCollector):

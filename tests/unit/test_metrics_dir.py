@@ -3,7 +3,7 @@ OSError it survives. Real files; the full-disk end to end: e2e/test_metrics_dir.
 
 from __future__ import annotations
 
-import math
+import fcntl
 import os
 import stat
 import tempfile
@@ -93,59 +93,70 @@ def test_an_unusable_path_is_one_line_naming_the_setting(tmp_path: Path) -> None
     assert (tmp_path / "file").read_text() == "not a directory"
 
 
-WHERE = "host boot pid:[1]"
+WHERE = "boot 1a8c215b"
 
 
 @pytest.mark.parametrize(
-    ("owner", "running", "stale"),
+    ("owner", "locked", "stale"),
     [
-        (Owner(10, 100.0, WHERE), {}, True),  # no process 10: gone
-        (Owner(10, 100.0, WHERE), {10: 100.4}, False),  # alive: the same start, rounded
-        (Owner(10, 100.0, WHERE), {10: 250.0}, True),  # pid 10 is someone else now
-        (Owner(10, 100.0, WHERE), {10: math.nan}, False),  # alive, start unreadable
-        (Owner(10, 100.0, "other-host boot pid:[1]"), {}, False),  # says nothing here
-        (Owner(10, 100.0, "host boot pid:[2]"), {}, False),  # another pid namespace
-        (None, {}, False),  # no marker, or not ours: not provably a master's
+        (Owner(10, WHERE), False, True),  # no one holds its lock: its master is gone
+        (Owner(10, WHERE), True, False),  # its master lives
+        (Owner(10, "boot 77"), False, False),  # another kernel's lock: says nothing here
+        (None, False, False),  # no marker, or not ours: not provably a master's
     ],
 )
-def test_is_stale(owner: Owner | None, running: dict[int, float], stale: bool) -> None:
-    assert is_stale(owner, WHERE, running.get) is stale
+def test_is_stale(owner: Owner | None, locked: bool, stale: bool) -> None:
+    assert is_stale(owner, WHERE, locked) is stale
 
 
 def test_markers_are_read_strictly() -> None:
-    owner = Owner(42, 1.5, WHERE)
+    owner = Owner(42, WHERE)
     assert Owner.from_json(owner.to_json()) == owner
-    for text in ("", "{}", "[1]", '{"pid": "x", "started": 1, "where": "h"}', "null"):
+    for text in ("", "{}", "[1]", '{"pid": "x", "where": "h"}', "null", '{"pid": 1}'):
         assert Owner.from_json(text) is None
-    assert Owner.from_json('{"pid": 0, "started": 1, "where": "h"}') is None
+    assert Owner.from_json('{"pid": 0, "where": "h"}') is None
 
 
 def test_only_provably_dead_masters_directories_are_removed(tmp_path: Path) -> None:
     given = tmp_path / "shared"
     fill(given, FOREIGN)
     me = Owner.this_process()
+    held: list[int] = []
 
-    def private(name: str, owner: Owner | None, parent: Path = given) -> Path:
+    def private(name: str, owner: Owner | None, parent: Path = given, lock=False) -> Path:
         path = parent / name
         path.mkdir()
         (path / "counter_7.db").write_bytes(b"x")
         if owner is not None:
             (path / MARKER).write_text(owner.to_json())
+        if lock:  # as a live master does, for its whole life
+            fd = os.open(path / MARKER, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.append(fd)
         return path
 
-    reused = private(f"{PREFIX}1-a", Owner(me.pid, me.started - 1000, me.where))
-    alive = private(f"{PREFIX}2-b", me)
-    elsewhere = private(f"{PREFIX}3-c", Owner(me.pid, 0.0, "another host"))
+    dead = private(f"{PREFIX}1-a", me)  # same pid even: the lock decides, not the pid
+    alive = private(f"{PREFIX}2-b", Owner(12345, me.where), lock=True)
+    elsewhere = private(f"{PREFIX}3-c", Owner(me.pid, "boot another-kernel"))
     unmarked = private(f"{PREFIX}4-d", None)
-    not_ours = private("backup", Owner(me.pid, 0.0, me.where))
-    target = private(f"{PREFIX}5-e", Owner(me.pid, 0.0, me.where), tmp_path)
+    not_ours = private("backup", me)
+    target = private(f"{PREFIX}5-e", me, tmp_path)
     (given / f"{PREFIX}6-link").symlink_to(target)
 
-    directory = MultiprocDir.create(str(given))
-    assert not reused.exists()
+    try:
+        directory = MultiprocDir.create(str(given))
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert not dead.exists()
     for kept in (alive, elsewhere, unmarked, not_ours, target, given / f"{PREFIX}6-link"):
         assert (kept / "counter_7.db").exists(), kept
     assert contents(given) == FOREIGN
+
+    again = MultiprocDir.create(str(given))  # a live master's own directory is locked
+    assert os.path.isdir(directory.path)
+    assert not alive.exists()  # its "master" let go of the lock above
+    again.cleanup()
     directory.cleanup()
 
 
