@@ -161,7 +161,7 @@ class MultiprocDir:
         try:  # mkdtemp: mode 0700, a name no one else has
             private = tempfile.mkdtemp(prefix=f"{PREFIX}{owner.pid}-", dir=parent)
         except OSError as exc:
-            raise _unusable(path or parent, exc) from None
+            raise _unusable(path, exc, parent) from None
         directory = cls(private, made)
         try:
             fd = os.open(os.path.join(private, MARKER), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -171,7 +171,7 @@ class MultiprocDir:
             os.write(fd, owner.to_json().encode())
         except OSError as exc:
             directory.cleanup()
-            raise _unusable(path or parent, exc) from None
+            raise _unusable(path, exc, parent) from None
         return directory
 
     def environ(self) -> dict[str, str]:
@@ -258,14 +258,16 @@ class MultiprocDir:
                 os.rmdir(self.parent)
 
 
-def _unusable(path: str, exc: OSError) -> MultiprocDirError:
+def _unusable(path: str | None, exc: OSError, parent: str = "") -> MultiprocDirError:
     if isinstance(exc, FileExistsError | NotADirectoryError):
         reason = "not a directory"
     else:
         reason = exc.strerror or str(exc)
-    return MultiprocDirError(
-        f"--multiproc-dir {path}: cannot hold the workers' metrics directory: {reason}"
-    )
+    if path is None:  # the default: say what to set instead
+        where = f"the temp directory {parent} (set --multiproc-dir)"
+    else:
+        where = f"--multiproc-dir {path}"
+    return MultiprocDirError(f"{where}: cannot hold the workers' metrics directory: {reason}")
 
 
 def _remove_stale(parent: str) -> None:
