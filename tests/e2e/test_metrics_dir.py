@@ -1,5 +1,5 @@
 """The metrics directory: the master deletes only what it made, and a full metrics
-filesystem degrades the metrics, never the server. Pure parts: unit/test_metrics_dir.py."""
+filesystem degrades the metrics, never the server. Pure parts: unit/test_multiproc_dir.py."""
 
 from __future__ import annotations
 
