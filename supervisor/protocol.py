@@ -6,7 +6,9 @@ hold secrets), then the worker's messages, each a JSON object whose ``t`` names 
 
 - ``ready``: the lifespan startup is done and the worker accepts; ``meter`` names its meter;
 - ``beat``: once a second from the event loop, with ``requests`` and ``connections``;
-- ``metrics``: request histograms since the last delivery (`worker.meter`);
+- ``metrics``: request histograms since the last delivery (`worker.meter`), or the count
+  of app metric samples dropped since the last one (`APP_SAMPLES_DROPPED`,
+  `worker.promfiles`);
 - ``boot_error``: why it could not start, just before exiting with `Exit.BOOT_FAILURE`.
 
 Both processes import this module, so it imports nothing but the standard library.
@@ -35,6 +37,7 @@ class Exit(enum.IntEnum):
 SPEC_BYTES = 1 << 20  # the largest spec a worker reads
 READ_BYTES = 1 << 16  # what the master reads of one worker message
 MESSAGE_BYTES = 48 * 1024  # a worker's metrics message stays below READ_BYTES
+APP_SAMPLES_DROPPED = "app_samples_dropped"  # key of a metrics message: a count
 
 # OpenTelemetry HTTP semantic conventions, as Prometheus buckets.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)

@@ -149,6 +149,7 @@ class SupervisorMetrics:
         self.samples: dict[int, tuple[float, float, float]] = {}
         self.plan: dict[str, Any] | None = None
         self.draining = False
+        self.dropped = 0  # app metric samples workers could not write: see app_samples_dropped
         self.requests = RequestTotals()
         self.registry.register(self)
         self.registry.register(self.requests)
@@ -191,6 +192,14 @@ class SupervisorMetrics:
     def set_draining(self, draining: bool) -> None:
         self.draining = draining
 
+    def app_samples_dropped(self, count: Any) -> None:
+        """Writes to the app's own prometheus_client metrics that a worker dropped because
+        the multiprocess directory had no room (``worker.promfiles``): a count since its
+        last report. ValueError for anything but a count."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"unreadable count of dropped app metric samples: {count!r}")
+        self.dropped += count
+
     def collect(self) -> Iterator[Metric]:
         counter, gauge, prefix = CounterMetricFamily, GaugeMetricFamily, "asgi_supervise_"
         yield counter(prefix + "worker_starts", "Worker processes spawned.", self.starts)
@@ -201,6 +210,11 @@ class SupervisorMetrics:
         yield _histogram("reload_duration_seconds", "Rolling reloads.", self.reload)
         yield _family(counter, "reloads", "Reloads by outcome.", self.reloads, "outcome")
         yield gauge(prefix + "draining", "1 once the master drains.", int(self.draining))
+        yield counter(
+            prefix + "app_metric_samples_dropped",
+            "Writes to the app's prometheus_client metrics dropped: no room for their files.",
+            self.dropped,
+        )
         per_slot = sorted(self.samples.items())
         for index, (name, doc) in enumerate(SLOT_GAUGES):
             values = {str(slot): sample[index] for slot, sample in per_slot}

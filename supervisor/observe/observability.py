@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master.workers import State, Worker
+from asgi_supervise.protocol import APP_SAMPLES_DROPPED
 from asgi_supervise.sizing import Plan
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Observability:
     # --- lifecycle events -------------------------------------------------------------
 
     def worker_started(self, worker: Worker) -> None:
+        self.dir.worker_started(worker.pid)
         self.metrics.worker_started(worker.slot)
 
     def worker_ready(self, worker: Worker, boot_seconds: float) -> None:
@@ -99,6 +101,7 @@ class Observability:
         for report in reports:
             try:
                 self.metrics.requests.add(worker.pid, report)
+                self.metrics.app_samples_dropped(report.get(APP_SAMPLES_DROPPED, 0))
             except ValueError as exc:
                 log.warning("%s: %s", worker.tag(), exc)
 

