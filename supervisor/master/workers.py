@@ -214,6 +214,8 @@ def spawn(
     command = [
         sys.executable, "-m", "asgi_supervise.worker",
         "--slot", str(slot),
+        # Not secret, and needed before the worker's imports: it dies with the master.
+        "--master-pid", str(os.getpid()),
         "--control-fd", str(theirs.fileno()),
         "--socket-fds", ",".join(map(str, fds)),
     ]  # fmt: skip

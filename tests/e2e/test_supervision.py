@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import free_port, get, try_get, wait_until
+from conftest import APPS, free_port, get, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,3 +153,47 @@ def test_replacement_killed_while_booting_does_not_abort_the_reload(supervisor, 
     assert "reload aborted" not in log and "failed to start" not in log
     assert log.count("starting another replacement for pid") == 3
     assert serving_pid(server.port) not in (None, old)
+
+
+def test_app_children_do_not_inherit_the_listener(supervisor, tmp_path: Path):
+    """An app's background process outlives a clean stop, yet the port is free."""
+    child_pid_file = tmp_path / "child.pid"
+    port = free_port()
+    server = supervisor(
+        "spawner:app", "--workers", "1", env={"SPAWNER_PIDFILE": str(child_pid_file)}, port=port
+    )
+    server.wait_ready(1)
+    assert server.get("/spawn") == (200, "spawned")
+    child = int(wait_until(lambda: child_pid_file.read_text().strip(), 10, "the child's pid"))
+    try:
+        fds = [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+        assert not [fd for fd in fds if fd.startswith("socket:")], fds
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert alive(child)  # what the app started is the app's business
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        again = supervisor("testapp:app", "--workers", "1", port=port)
+        again.wait_ready(1)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(child)
+            if proc.name() == "sleep":
+                proc.kill()
+                proc.wait(5)
+
+
+def test_worker_orphaned_while_importing_dies_at_once(supervisor, tmp_path: Path):
+    """The master is SIGKILLed while a worker is still importing uvicorn (held, as on a
+    loaded machine): the worker goes with it instead of finishing its boot first."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "hold").touch()
+    env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_IMPORT_GATE": str(gate)}
+    server = supervisor("testapp:app", "--workers", "1", env=env)
+    marker = wait_until(lambda: list(gate.glob("importing-*")), 20, "a worker importing")
+    worker = int(marker[0].name.split("-", 1)[1])
+    assert worker in server.worker_pids()
+    server.process.kill()
+    server.process.wait(5)
+    wait_until(lambda: not alive(worker), 10, f"worker {worker} to die with its master")
