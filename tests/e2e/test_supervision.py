@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -197,3 +199,28 @@ def test_worker_orphaned_while_importing_dies_at_once(supervisor, tmp_path: Path
     server.process.kill()
     server.process.wait(5)
     wait_until(lambda: not alive(worker), 10, f"worker {worker} to die with its master")
+
+
+@pytest.mark.parametrize("owner", ["this test", "a younger process"])
+def test_pid_file_of_an_unrelated_live_process_is_taken_over(supervisor, tmp_path, owner):
+    path = tmp_path / "app.pid"
+    sleeper = None
+    if owner == "this test":
+        path.write_text(f"{os.getpid()}\n")
+    else:
+        sleeper = subprocess.Popen(["sleep", "30"])
+        path.write_text(f"{sleeper.pid}\n")
+        written = time.time() - 3600  # the file predates the process: its pid was reused
+        os.utime(path, (written, written))
+    try:
+        server = supervisor("testapp:app", "--pid-file", str(path))
+        server.wait_ready(1)
+        assert path.read_text() == f"{server.pid}\n"
+        assert "stale" in server.log() and "taking it over" in server.log()
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not path.exists()
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait(5)
