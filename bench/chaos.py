@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    load_before = os.getloadavg()
     rows = asyncio.run(main_async(o))
     result = {
         "scenario": "chaos",
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
             "python": sys.version.split()[0],
+            # Other work on the machine widens the keep-alive race (the client's loop sees
+            # a dead connection's FIN later): load averages before and after the run.
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "versions": {
                 p: version(p) for p in ("asgi-supervise", "uvicorn", "gunicorn", "uvicorn-worker")
             },
