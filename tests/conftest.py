@@ -124,8 +124,9 @@ class Supervisor:
         cwd: Path = APPS,
         pass_fds: tuple[int, ...] = (),
         cgroups: tuple[Path, ...] = (),
+        port: int | None = None,
     ):
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = tmp_path / f"supervisor-{self.port}.log"
         self.args = args
         # The tests' own settings only: nothing leaks in from the developer's shell.

@@ -65,6 +65,7 @@ class Arbiter:
         self.exit_code = Exit.OK
         self.started = time.monotonic()
         self.waiting_for_fix = False  # --reload: the app cannot start; retry on the next save
+        self.booted_generation = -1  # newest code generation that had a worker become ready
         self.watcher: Watcher | None = None
         self.rollout = Rollout(self.table, self, settings, memory_limit)
         self.notify = Notifier()
@@ -180,12 +181,21 @@ class Arbiter:
     def ready_count(self) -> int:
         return self.table.ready_count()
 
+    @property
+    def app_boots(self) -> bool:
+        """A worker of the current code became ready: the app is known to start."""
+        return self.booted_generation >= self.rollout.generation
+
+    def serving(self) -> int:
+        return sum(w.state is State.READY and w.stop_reason is None for w in self.live())
+
     def fill_slots(self) -> None:
-        now = time.monotonic()
-        occupied = {w.slot for w in self.live() if w.stop_reason is None or w.hold_slot}
-        for slot, health in self.table.slots.items():
-            if slot not in occupied and now >= health.not_before:
-                self.start_worker(slot)
+        live = [w for w in self.live() if w.stop_reason is None or w.hold_slot]
+        occupied = {w.slot for w in live}
+        empty = {s: h.not_before for s, h in self.table.slots.items() if s not in occupied}
+        answering = sum(w.stop_reason is None for w in live)
+        for slot in policy.slots_to_fill(empty, time.monotonic(), answering, self.app_boots):
+            self.start_worker(slot)
 
     def start_worker(self, slot: int) -> Worker:
         s = self.settings
@@ -213,6 +223,7 @@ class Arbiter:
             self.observe.requests_reported(worker)
         if changed and worker.state is State.READY and worker.ready_at is not None:
             self.boot.succeeded()
+            self.booted_generation = max(self.booted_generation, worker.generation)
             took = worker.ready_at - worker.started
             log.info(
                 "%s ready in %.2fs", worker.tag(), took, extra=worker.extra("ready", boot_s=took)
@@ -305,14 +316,17 @@ class Arbiter:
                     extra=worker.extra("replaced", reason=worker.stop_reason, new_pid=new.pid),
                 )  # fmt: skip
             return
-        if worker.ready_at is None and worker.replaces is not None:
-            self.rollout.failed(worker)
-            return
         if worker.ready_at is None:
-            self.boot_failed(worker)
+            killed_by_master = worker.failure is not None
+            kind = policy.boot_exit(worker.exit_signal, worker.boot_error, killed_by_master)
+            if kind is policy.BootExit.KILLED:
+                self.killed_while_booting(worker)
+            elif worker.replaces is not None:
+                self.rollout.failed(worker)
+            else:
+                self.boot_failed(worker)
             return
-        cap = self.settings.restart_backoff_max
-        delay = self.table.slots[worker.slot].crashed(now, worker.uptime(now), cap)
+        delay = self.crashed(worker, worker.uptime(now))
         cause = worker.failure or worker.exit_status
         if worker.exit_status == "killed by SIGKILL" and worker.failure is None:
             cause += " (out of memory?)"
@@ -322,6 +336,33 @@ class Arbiter:
             cause,
             f"in {delay:.1f}s" if delay else "now",
             extra={**extra, "cause": cause, "respawn_delay_s": delay},
+        )
+
+    def crashed(self, worker: Worker, uptime: float) -> float:
+        """The slot's respawn delay (`policy.SlotHealth.crashed`): none if it served, and
+        none if it was the last one serving while the app is known to boot."""
+        alone = self.serving() == 0 and self.app_boots
+        cap = self.settings.restart_backoff_max
+        health = self.table.slots.get(worker.slot)
+        if health is None:  # its slot went with SIGTTOU
+            return 0.0
+        return health.crashed(time.monotonic(), uptime, cap, requests=worker.requests, alone=alone)
+
+    def killed_while_booting(self, worker: Worker) -> None:
+        """A signal from outside (OOM killer, an operator) says nothing about the app: the
+        slot is refilled, with crash backoff if it keeps happening, and the boot-failure
+        count stands. A replacement's old worker keeps serving and gets a new one."""
+        old = self.table.get(worker.replaces)
+        if old is not None and old.replaced_by == worker.pid:
+            old.replaced_by = None
+        delay = self.crashed(worker, 0.0)
+        log.warning(
+            "%s %s while booting (not counted as a failure to start); %s %s",
+            worker.tag(),
+            worker.exit_status,
+            "replacing it" if old is None else f"starting another replacement for pid {old.pid}",
+            f"in {delay:.1f}s" if delay else "now",
+            extra=worker.extra("killed_booting", status=worker.exit_status, respawn_delay_s=delay),
         )
 
     def report_boot_error(self, worker: Worker, attempt: str) -> str:
@@ -354,8 +395,7 @@ class Arbiter:
             self.exit_code = Exit.BOOT_FAILURE
             self.phase = Phase.STOPPING
             return
-        now = time.monotonic()
-        delay = self.table.slots[worker.slot].crashed(now, 0.0, self.settings.restart_backoff_max)
+        delay = self.crashed(worker, 0.0)
         if delay:
             log.info("%s slot respawns in %.1fs", worker.tag(), delay)
 

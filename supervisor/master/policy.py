@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 BACKOFF_BASE = 0.5  # seconds before the second respawn of a slot
-STABLE_AFTER = 30.0  # a worker ready this long has "recovered": its slot's crash count resets
+# A ready worker that reported a request, or stayed up this long, served: its death is not
+# part of a crash loop (a kill from outside, one bad request), so its slot respawns at once.
+SERVED_AFTER = 1.0
 
 
 def respawn_delay(crashes: int, cap: float) -> float:
@@ -28,21 +30,80 @@ def respawn_delay(crashes: int, cap: float) -> float:
     return min(cap, BACKOFF_BASE * 2 ** min(crashes - 1, 64))
 
 
+def served(uptime: float, requests: int) -> bool:
+    """Whether a worker that was ready for `uptime` s (0: never ready) served before dying.
+
+    Requests arrive with the once-a-second heartbeat, so a worker that lived a second past
+    ready counts as having served even if its first report did not make it.
+    """
+    return uptime > 0 and (requests > 0 or uptime >= SERVED_AFTER)
+
+
 @dataclass
 class SlotHealth:
     """Crash history of one worker slot."""
 
-    crashes: int = 0  # consecutive crashes of workers that had become ready
+    crashes: int = 0  # consecutive workers of this slot that died young (a crash loop)
     not_before: float = 0.0  # monotonic time before which the slot must not respawn
 
-    def crashed(self, now: float, uptime: float, cap: float) -> float:
-        """Record a crash of a worker that was up `uptime` s; return the respawn delay."""
-        if uptime >= STABLE_AFTER:
+    def crashed(
+        self, now: float, uptime: float, cap: float, *, requests: int = 0, alone: bool = False
+    ) -> float:
+        """Record a worker that died unasked after `uptime` s of being ready (0: it never
+        was); return the respawn delay.
+
+        Backoff is for workers that die young: a worker that served (`served`) is no crash
+        loop, so its slot's count resets and it is replaced at once, however often workers
+        are killed from outside. `alone`: no other worker serves and the app is known to
+        boot; a delay would leave the instance with no worker while clients wait on the
+        socket, so the slot respawns now (its count still grows, for the next crash).
+        """
+        if served(uptime, requests):
             self.crashes = 0
-        delay = respawn_delay(self.crashes, cap)
-        self.crashes += 1
+            delay = 0.0
+        else:
+            delay = respawn_delay(self.crashes, cap)
+            self.crashes += 1
+        if alone:
+            delay = 0.0
         self.not_before = now + delay
         return delay
+
+
+def slots_to_fill(empty: Mapping[int, float], now: float, live: int, app_boots: bool) -> list[int]:
+    """Which empty slots (slot -> not_before) start a worker now.
+
+    Those whose backoff is over; and, whatever the backoff, the soonest one when no worker
+    is left at all (`live` counts workers serving or booting) while the app is known to
+    boot: no backoff leaves the instance with nothing to answer the socket.
+    """
+    due = sorted(slot for slot, not_before in empty.items() if now >= not_before)
+    if not due and empty and live == 0 and app_boots:
+        due = [min(empty, key=lambda slot: (empty[slot], slot))]
+    return due
+
+
+class BootExit(enum.Enum):
+    APP_FAILED = "app failed"  # counts toward --boot-failure-limit
+    KILLED = "killed"  # from outside (OOM killer, an operator): respawn, do not count
+
+
+# A worker dying of these before ready crashed in its own code (a C extension, abort()).
+CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGSYS", "SIGTRAP"})
+
+
+def boot_exit(signal_name: str | None, boot_error: str | None, killed_by_master: bool) -> BootExit:
+    """Why a worker died before it became ready; `signal_name` is the signal that ended
+    it (None if it exited by itself).
+
+    The app failed: it said so (an exception, a failed lifespan: `boot_error`), it exited
+    by itself, it crashed (a fatal signal of its own), or the master killed it (the
+    ready timeout). Any other signal came from outside the app (SIGKILL from the OOM
+    killer or an operator, SIGTERM): that says nothing about whether the app can start.
+    """
+    if boot_error or killed_by_master or signal_name is None or signal_name in CRASH_SIGNALS:
+        return BootExit.APP_FAILED
+    return BootExit.KILLED
 
 
 @dataclass

@@ -26,6 +26,8 @@ def _reason(exc: OSError) -> str:
 
 
 def bind(settings: Settings) -> list[socket.socket]:
+    """The listening sockets, not inheritable: `workers.spawn` passes them to each worker
+    (pass_fds), and nothing else the master starts may hold the port."""
     if settings.fd is not None:
         return [_from_fd(settings.fd)]
     if settings.uds:
@@ -58,7 +60,7 @@ def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
         raise BindError(f"cannot bind {where}: unknown host ({exc.strerror})") from None
     except OSError as exc:
         raise BindError(f"cannot bind {where}: {_reason(exc)}") from None
-    sock.set_inheritable(True)
+    sock.set_inheritable(False)
     return sock
 
 
@@ -77,7 +79,7 @@ def _bind_unix(path: str, backlog: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise BindError(f"cannot bind unix socket {path}: {_reason(exc)}") from None
-    sock.set_inheritable(True)
+    sock.set_inheritable(False)
     return sock
 
 
@@ -99,7 +101,7 @@ def _from_fd(fd: int) -> socket.socket:
         raise BindError(f"cannot use --fd {fd}: {_reason(exc)}") from None
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
         raise BindError(f"cannot use --fd {fd}: it is not a listening socket")
-    sock.set_inheritable(True)
+    sock.set_inheritable(False)
     return sock
 
 

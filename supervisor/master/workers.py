@@ -59,6 +59,7 @@ class Worker:
         self.kill_at: float | None = None  # SIGKILL deadline once stopping
         self.stopping_since: float | None = None
         self.exit_status: str | None = None
+        self.exit_signal: str | None = None  # the signal that ended it ("SIGKILL"), if one did
         # Replacement: a new worker `replaces` an old one, which is `replaced_by` it.
         self.replaces: int | None = None
         self.replaced_by: int | None = None
@@ -152,7 +153,11 @@ class Worker:
         code = os.waitstatus_to_exitcode(status)
         self.process.returncode = code  # we reaped it; keep Popen from trying again
         if code < 0:
-            self.exit_status = f"killed by {signal.Signals(-code).name}"
+            try:
+                self.exit_signal = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                self.exit_signal = f"signal {-code}"
+            self.exit_status = f"killed by {self.exit_signal}"
         else:
             self.exit_status = f"exited with code {code}"
 
@@ -209,6 +214,8 @@ def spawn(
     command = [
         sys.executable, "-m", "asgi_supervise.worker",
         "--slot", str(slot),
+        # Not secret, and needed before the worker's imports: it dies with the master.
+        "--master-pid", str(os.getpid()),
         "--control-fd", str(theirs.fileno()),
         "--socket-fds", ",".join(map(str, fds)),
     ]  # fmt: skip

@@ -9,27 +9,20 @@ master, of the settings model (pydantic) or of `observe`: it runs in every worke
 
 from __future__ import annotations
 
+# Only what dying with the master needs is imported up front: until prctl runs, a worker
+# whose master died would finish importing uvicorn and the app first (seconds on a
+# loaded machine). Everything else is imported in `run`, after it.
 import argparse
 import ctypes
-import faulthandler
-import importlib
 import os
-import resource
 import signal
 import socket
 import sys
-import traceback
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
-
-from asgi_supervise import logs
-from asgi_supervise.protocol import Control, Exit
-from asgi_supervise.worker import apploader, forwarded, promfiles
-from asgi_supervise.worker.meter import RequestMetrics
-from asgi_supervise.worker.server import WorkerServer, uvicorn_config
 
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
+    from asgi_supervise.protocol import Control
 
 PR_SET_PDEATHSIG = 1
 
@@ -45,6 +38,9 @@ def _die_with_master(master_pid: int) -> None:
 
 def _user_traceback(exc: BaseException) -> str:
     """The traceback from the first frame of the user's code on: ours and importlib's are noise."""
+    import importlib
+    import traceback
+
     noise = (
         os.path.dirname(os.path.dirname(__file__)),
         os.path.dirname(importlib.__file__),
@@ -59,13 +55,24 @@ def _user_traceback(exc: BaseException) -> str:
 
 
 def _boot_error(control: Control, exc: BaseException) -> None:
+    from asgi_supervise.protocol import Exit
+
     control.send("boot_error", error=_user_traceback(exc))
     sys.exit(Exit.BOOT_FAILURE)
 
 
 def run(control: Control, listeners: list[socket.socket]) -> None:
+    import faulthandler
+    import resource
+    from types import SimpleNamespace
+
+    from asgi_supervise import logs
+    from asgi_supervise.worker import apploader, forwarded, promfiles
+    from asgi_supervise.worker.meter import RequestMetrics
+    from asgi_supervise.worker.server import WorkerServer, uvicorn_config
+
     spec = control.receive()
-    _die_with_master(spec["master_pid"])
+    _die_with_master(spec["master_pid"])  # a no-op unless started without --master-pid
     faulthandler.enable()  # SIGABRT from the master's timeout shows where the loop was stuck
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # ... without leaving a core file
     # Validated by the master already: plain values keep pydantic (and ~20 MB) out of workers.
@@ -98,10 +105,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--socket-fds", required=True)
+    parser.add_argument("--master-pid", type=int)
     args = parser.parse_args(argv)
-    control = Control(socket.socket(fileno=args.control_fd))
+    if args.master_pid is not None:
+        _die_with_master(args.master_pid)
+    # The master passed these inheritable. The app's own children (a subprocess, a shell
+    # command) must not hold the listener or the channel: they would keep the port bound
+    # and accepting after the master stopped.
+    channel = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
-    run(control, listeners)
+    for sock in (channel, *listeners):
+        sock.set_inheritable(False)
+    from asgi_supervise.protocol import Control
+
+    run(Control(channel), listeners)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,87 @@ def test_backoff_never_exceeds_its_cap(crashes, cap):
     assert 0 <= policy.respawn_delay(crashes, cap) <= cap
 
 
-def test_slot_crash_count_resets_after_a_stable_period():
+def test_workers_that_die_young_back_off_exponentially():
     slot = policy.SlotHealth()
-    assert slot.crashed(now=100, uptime=1, cap=30) == 0.0
-    assert slot.crashed(now=101, uptime=1, cap=30) == 0.5
+    assert slot.crashed(now=100, uptime=0.0, cap=30) == 0.0  # never ready
+    assert slot.crashed(now=101, uptime=0.2, cap=30) == 0.5  # ready, died at once, no request
     assert slot.not_before == 101.5
-    assert slot.crashed(now=102, uptime=1, cap=30) == 1.0
-    # Up long enough to count as recovered: the next crash is a first crash again.
-    assert slot.crashed(now=500, uptime=policy.STABLE_AFTER, cap=30) == 0.0
+    assert slot.crashed(now=102, uptime=0.0, cap=30) == 1.0
+
+
+def test_a_worker_that_served_is_replaced_at_once_and_clears_the_crash_count():
+    """Killed from outside every few seconds after serving: never a growing backoff."""
+    slot = policy.SlotHealth()
+    for now in range(100, 160, 3):  # SIGKILL every 3 s, each after 2.5 s of serving
+        assert slot.crashed(now=now, uptime=2.5, cap=30) == 0.0
+        assert slot.not_before == now
+    # Served a request, then killed within the second: not a crash loop either.
+    assert slot.crashed(now=200, uptime=0.1, cap=30, requests=1) == 0.0
+    # A crash loop that ended with a worker that served starts counting afresh.
+    slot.crashed(now=300, uptime=0.0, cap=30)
+    slot.crashed(now=301, uptime=0.0, cap=30)
+    assert slot.crashed(now=302, uptime=5.0, cap=30) == 0.0
+    assert slot.crashed(now=303, uptime=0.0, cap=30) == 0.0  # first young death again
+    assert slot.crashed(now=304, uptime=0.0, cap=30) == 0.5
+
+
+def test_served_needs_ready_and_a_request_or_a_second_up():
+    assert not policy.served(0.0, 0)
+    assert not policy.served(0.0, 5)  # never ready: its request count means nothing
+    assert not policy.served(0.5, 0)
+    assert policy.served(0.5, 1)
+    assert policy.served(policy.SERVED_AFTER, 0)
+
+
+def test_the_last_serving_worker_is_replaced_at_once_even_in_a_crash_loop():
+    slot = policy.SlotHealth()
+    for crash in range(10):
+        assert slot.crashed(now=crash, uptime=0.0, cap=30, alone=True) == 0.0
+    assert slot.crashed(now=10, uptime=0.0, cap=30) == 30  # others serve: the backoff stands
+
+
+@given(
+    st.lists(st.tuples(st.floats(0, 100), st.integers(0, 5), st.booleans()), max_size=30),
+    st.floats(min_value=0, max_value=600),
+)
+def test_never_zero_workers_while_the_app_is_known_to_boot(deaths, cap):
+    """Whatever the history of a slot, the last worker standing respawns now."""
+    slot = policy.SlotHealth()
+    now = 0.0
+    for uptime, requests, alone in deaths:
+        now += 1
+        delay = slot.crashed(now, uptime, cap, requests=requests, alone=alone)
+        assert 0 <= delay <= cap
+        if alone:
+            assert delay == 0.0 and slot.not_before == now
+        assert policy.slots_to_fill({1: slot.not_before}, now, live=0, app_boots=True) == [1]
+
+
+def test_slots_to_fill_waits_out_the_backoff_unless_no_worker_is_left():
+    empty = {1: 110.0, 2: 105.0, 3: 120.0}
+    assert policy.slots_to_fill(empty, now=100, live=1, app_boots=True) == []
+    assert policy.slots_to_fill(empty, now=106, live=1, app_boots=True) == [2]
+    assert policy.slots_to_fill(empty, now=111, live=1, app_boots=True) == [1, 2]
+    # Nothing serving or booting, and a worker of this code became ready before: the
+    # soonest slot starts now, the others keep their backoff.
+    assert policy.slots_to_fill(empty, now=100, live=0, app_boots=True) == [2]
+    # The app never booted (a crash loop from the start): the backoff holds.
+    assert policy.slots_to_fill(empty, now=100, live=0, app_boots=False) == []
+    assert policy.slots_to_fill({}, now=100, live=0, app_boots=True) == []
+
+
+def test_a_signal_from_outside_during_boot_is_no_boot_failure():
+    killed, failed = policy.BootExit.KILLED, policy.BootExit.APP_FAILED
+    assert policy.boot_exit("SIGKILL", None, killed_by_master=False) is killed  # OOM, operator
+    assert policy.boot_exit("SIGTERM", None, killed_by_master=False) is killed
+    assert policy.boot_exit("signal 40", None, killed_by_master=False) is killed
+    # The app failing to start: what counts toward --boot-failure-limit.
+    assert policy.boot_exit(None, "ImportError: x", killed_by_master=False) is failed
+    assert policy.boot_exit(None, None, killed_by_master=False) is failed  # exited by itself
+    assert policy.boot_exit("SIGSEGV", None, killed_by_master=False) is failed
+    assert policy.boot_exit("SIGABRT", None, killed_by_master=False) is failed
+    # The master's own ready-timeout kill is a SIGKILL too, and a failure of the app.
+    assert policy.boot_exit("SIGKILL", "not ready within 60s", killed_by_master=True) is failed
 
 
 def test_boot_budget_stops_after_the_limit_and_resets_on_success():

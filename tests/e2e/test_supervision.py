@@ -1,0 +1,226 @@
+"""Supervision under chaos: workers killed from outside, orphans, fds, stale pid files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import APPS, free_port, get, try_get, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+RESPAWN_NOW = "died: killed by SIGKILL (out of memory?); respawning now"
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def serving_pid(port: int) -> int | None:
+    answer = try_get(port, "/pid", timeout=1.0)
+    return int(answer[1]) if answer and answer[0] == 200 else None
+
+
+def test_worker_killed_after_serving_is_respawned_at_once_every_time(supervisor):
+    """Five SIGKILLs in a row, each after a request: no backoff grows, each replacement
+    serves again."""
+    server = supervisor("testapp:app", "--workers", "1")
+    server.wait_ready(1)
+    for kill in range(1, 6):
+        (victim,) = server.serving_pids(1)  # it served a request
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda victim=victim: serving_pid(server.port) not in (None, victim),
+            20,
+            lambda kill=kill: f"a replacement serving after kill {kill}\n{server.log()}",
+        )
+    log = server.log()
+    assert log.count(RESPAWN_NOW) == 5, log
+    assert server.process.poll() is None
+
+
+def test_a_worker_that_served_is_no_crash_loop_even_with_others_serving(supervisor):
+    """Slot 1 killed again and again after serving while slot 2 serves: still no backoff."""
+    mport = free_port()
+    server = supervisor("testapp:app", "--workers", "2", "--metrics", "--metrics-port", str(mport))
+    server.wait_ready(2)
+
+    def slot_one() -> dict | None:
+        workers = json.loads(get(mport, "/status")[1])["workers"]
+        return next((w for w in workers if w["slot"] == 1 and w["state"] == "ready"), None)
+
+    victims = []
+    for _ in range(4):
+        victim = wait_until(
+            lambda: (w := slot_one()) and w["pid"] not in victims and w["pid"],
+            20,
+            lambda: f"a new worker ready in slot 1\n{server.log()}",
+        )
+        wait_until(
+            lambda victim=victim: serving_pid(server.port) == victim,
+            20,
+            f"worker {victim} answering a request",
+        )
+        wait_until(  # the master heard of it (heartbeats come once a second)
+            lambda victim=victim: (w := slot_one()) and w["pid"] == victim and w["requests"],
+            10,
+            f"the master counting worker {victim}'s request",
+        )
+        os.kill(victim, signal.SIGKILL)
+        victims.append(victim)
+    wait_until(
+        lambda: (w := slot_one()) and w["pid"] not in victims,
+        20,
+        lambda: f"slot 1 refilled\n{server.log()}",
+    )
+    log = server.log()
+    assert log.count(RESPAWN_NOW) == 4, log
+    assert " respawning in " not in log
+
+
+def _booting_killer(server, markers: Path, killed: set[int]):
+    """SIGKILL `count` workers of `server` caught in their (held) import, one by one."""
+
+    def kill_booting(count: int) -> None:
+        for _ in range(count):
+
+            def booting() -> int | None:
+                workers = server.worker_pids()
+                for marker in markers.glob("booting-*"):
+                    pid = int(marker.name.split("-", 1)[1])
+                    if pid not in killed and pid in workers:
+                        return pid
+                return None
+
+            pid = wait_until(booting, 20, lambda: f"a worker booting\n{server.log()}")
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+
+    return kill_booting
+
+
+def test_workers_killed_while_booting_are_no_boot_failure(supervisor, tmp_path: Path):
+    markers = tmp_path / "boot"
+    markers.mkdir()
+    hold = markers / "hold"
+    hold.touch()
+    server = supervisor("slowboot:app", "--workers", "1", env={"SLOWBOOT_DIR": str(markers)})
+    killed: set[int] = set()
+    kill_booting = _booting_killer(server, markers, killed)
+    kill_booting(4)  # before the app ever booted: more than --boot-failure-limit (3)
+    hold.unlink()
+    (first,) = server.serving_pids(1)
+    killed.add(first)
+    # Now the app is known to boot: kill the serving worker, then its replacements as they boot.
+    hold.touch()
+    os.kill(first, signal.SIGKILL)
+    kill_booting(4)
+    hold.unlink()
+    wait_until(
+        lambda: serving_pid(server.port) not in (None, *killed),
+        20,
+        lambda: f"a worker serving again\n{server.log()}",
+    )
+    log = server.log()
+    assert server.process.poll() is None, log
+    assert "giving up" not in log and "failed to start" not in log
+    assert log.count("while booting (not counted as a failure to start)") == 8
+
+
+def test_replacement_killed_while_booting_does_not_abort_the_reload(supervisor, tmp_path: Path):
+    markers = tmp_path / "boot"
+    markers.mkdir()
+    hold = markers / "hold"
+    server = supervisor("slowboot:app", "--workers", "1", env={"SLOWBOOT_DIR": str(markers)})
+    (old,) = server.serving_pids(1)
+    hold.touch()
+    server.signal(signal.SIGHUP)
+    _booting_killer(server, markers, {old})(3)
+    assert serving_pid(server.port) == old  # the old worker serves meanwhile
+    hold.unlink()
+    wait_until(lambda: "reload complete" in server.log(), 30, lambda: server.log())
+    log = server.log()
+    assert "reload aborted" not in log and "failed to start" not in log
+    assert log.count("starting another replacement for pid") == 3
+    assert serving_pid(server.port) not in (None, old)
+
+
+def test_app_children_do_not_inherit_the_listener(supervisor, tmp_path: Path):
+    """An app's background process outlives a clean stop, yet the port is free."""
+    child_pid_file = tmp_path / "child.pid"
+    port = free_port()
+    server = supervisor(
+        "spawner:app", "--workers", "1", env={"SPAWNER_PIDFILE": str(child_pid_file)}, port=port
+    )
+    server.wait_ready(1)
+    assert server.get("/spawn") == (200, "spawned")
+    child = int(wait_until(lambda: child_pid_file.read_text().strip(), 10, "the child's pid"))
+    try:
+        fds = [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+        assert not [fd for fd in fds if fd.startswith("socket:")], fds
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert alive(child)  # what the app started is the app's business
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        again = supervisor("testapp:app", "--workers", "1", port=port)
+        again.wait_ready(1)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(child)
+            if proc.name() == "sleep":
+                proc.kill()
+                proc.wait(5)
+
+
+def test_worker_orphaned_while_importing_dies_at_once(supervisor, tmp_path: Path):
+    """The master is SIGKILLed while a worker is still importing uvicorn (held, as on a
+    loaded machine): the worker goes with it instead of finishing its boot first."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "hold").touch()
+    env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_IMPORT_GATE": str(gate)}
+    server = supervisor("testapp:app", "--workers", "1", env=env)
+    marker = wait_until(lambda: list(gate.glob("importing-*")), 20, "a worker importing")
+    worker = int(marker[0].name.split("-", 1)[1])
+    assert worker in server.worker_pids()
+    server.process.kill()
+    server.process.wait(5)
+    wait_until(lambda: not alive(worker), 10, f"worker {worker} to die with its master")
+
+
+@pytest.mark.parametrize("owner", ["this test", "a younger process"])
+def test_pid_file_of_an_unrelated_live_process_is_taken_over(supervisor, tmp_path, owner):
+    path = tmp_path / "app.pid"
+    sleeper = None
+    if owner == "this test":
+        path.write_text(f"{os.getpid()}\n")
+    else:
+        sleeper = subprocess.Popen(["sleep", "30"])
+        path.write_text(f"{sleeper.pid}\n")
+        written = time.time() - 3600  # the file predates the process: its pid was reused
+        os.utime(path, (written, written))
+    try:
+        server = supervisor("testapp:app", "--pid-file", str(path))
+        server.wait_ready(1)
+        assert path.read_text() == f"{server.pid}\n"
+        assert "stale" in server.log() and "taking it over" in server.log()
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not path.exists()
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait(5)
