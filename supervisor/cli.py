@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS, meta, redact
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
+from asgi_supervise.suggest import did_you_mean
 from asgi_supervise.worker import apploader
 
 COMMANDS = ("run", "config", "plan")
@@ -35,8 +35,7 @@ class Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             unknown = message.split(":", 1)[1].split()[0].split("=")[0]
             known = [o for action in self._actions for o in action.option_strings]
-            close = difflib.get_close_matches(unknown, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = did_you_mean(unknown, known, spell=str)
         logs.say(f"{message} (command line){hint}")
         sys.exit(Exit.USAGE)
 

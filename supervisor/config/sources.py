@@ -7,7 +7,6 @@ an error can say ``ASGI_SUPERVISE_WORKERS='abc' (environment)`` rather than ``wo
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 
 from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, redact
 from asgi_supervise.profiles import ProfileError, find_profile
+from asgi_supervise.suggest import did_you_mean
 
 CONFIG_FILE = "asgi-supervise.toml"
 PYPROJECT_TABLE = ("tool", "asgi-supervise")
@@ -64,8 +64,7 @@ def _kebab(name: str) -> str:
 
 
 def _suggest(name: str, spell: Callable[[str], str] = _kebab) -> str:
-    close = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.6)
-    return f"; did you mean '{spell(close[0])}'?" if close else ""
+    return did_you_mean(name, FIELDS, lambda close: f"'{spell(close)}'")
 
 
 def _table_layer(source: str, where: str, table: Mapping[str, Any]) -> Layer:
