@@ -208,7 +208,6 @@ def spawn(
     fds = [s.fileno() for s in sockets]
     command = [
         sys.executable, "-m", "asgi_supervise.worker",
-        "--slot", str(slot),
         "--control-fd", str(theirs.fileno()),
         "--socket-fds", ",".join(map(str, fds)),
     ]  # fmt: skip
