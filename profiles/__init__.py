@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
+
+from asgi_supervise.suggest import did_you_mean
 
 HERE = Path(__file__).parent
 
@@ -25,7 +26,6 @@ def find_profile(name: str) -> Path:
         return path
     path = HERE / f"{name}.toml"
     if not path.is_file():
-        close = difflib.get_close_matches(name, names(), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, names())
         raise ProfileError(f"unknown profile '{name}' (built-in: {', '.join(names())}){hint}")
     return path

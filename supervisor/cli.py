@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import json
 import logging
 import os
@@ -21,10 +20,20 @@ from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS, meta, redact
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
+from asgi_supervise.suggest import did_you_mean
 from asgi_supervise.worker import apploader
 
 COMMANDS = ("run", "config", "plan")
 log = logging.getLogger("asgi_supervise.master")
+
+
+# uvicorn flags with no counterpart here, where the closest spelling would mislead.
+NOT_OURS = {
+    "--timeout-worker-healthcheck": (
+        "; uvicorn's ping-reply timeout has no counterpart: --worker-timeout is the seconds "
+        "of event-loop silence before a worker is killed"
+    ),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,8 +44,7 @@ class Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             unknown = message.split(":", 1)[1].split()[0].split("=")[0]
             known = [o for action in self._actions for o in action.option_strings]
-            close = difflib.get_close_matches(unknown, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = NOT_OURS.get(unknown) or did_you_mean(unknown, known, spell=str)
         logs.say(f"{message} (command line){hint}")
         sys.exit(Exit.USAGE)
 
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "plan":
             return show_plan(loaded, as_json)
         return run(loaded)
-    except (sources.ConfigError, apploader.AppStringError) as exc:
+    except sources.ConfigError as exc:
         logs.say(str(exc))
         return Exit.USAGE
 
@@ -149,7 +157,7 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
 def run(loaded: sources.Loaded) -> int:
     from asgi_supervise.master.arbiter import Arbiter
     from asgi_supervise.master.pidfile import PidFileError, pid_file
-    from asgi_supervise.master.sockets import BindError, bind, cleanup
+    from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
 
     settings = loaded.settings
     if not settings.app:
@@ -157,7 +165,10 @@ def run(loaded: sources.Loaded) -> int:
             "no app to serve: pass APP (module:attribute), set ASGI_SUPERVISE_APP, "
             'or put app = "module:attribute" in asgi-supervise.toml'
         )
-    apploader.check(settings.app, settings.app_dir)
+    try:
+        apploader.check(settings.app, settings.app_dir)
+    except apploader.AppStringError as exc:
+        raise sources.ConfigError(f"{loaded.describe('app')}: {exc.detail}") from None
     s = settings
     try:
         logs.configure(
@@ -168,6 +179,24 @@ def run(loaded: sources.Loaded) -> int:
         raise sources.ConfigError(f"{where}: cannot set up logging: {exc}") from None
     facts = host.read_host()
     plan = sizing.plan(settings, facts)
+    if settings.min_ready > plan.workers:  # a fixed count was checked with the settings
+        raise sources.ConfigError(
+            f"{loaded.describe('min_ready')}: above the {plan.workers} workers --workers auto "
+            f"sized (limited by {plan.limited_by}): /readyz could never answer 200"
+        )
+    try:
+        sockets = bind(settings)
+    except BindError as exc:
+        raise sources.ConfigError(f"{loaded.describe(exc.setting)}: {exc}") from None
+    if settings.metrics:  # a busy metrics port fails here, before any worker starts
+        try:
+            check_free(
+                s.metrics_host, s.metrics_port, "serve metrics and health on", prefix="metrics_"
+            )
+        except BindError as exc:
+            cleanup(sockets)
+            raise sources.ConfigError(f"{loaded.describe(exc.setting)}: {exc}") from None
+    # Said once nothing can fail any more: a usage error stays one line.
     if not plan.forced:
         limit = next((b for b in plan.budgets if b.name == plan.limited_by), None)
         detail = f": {limit.detail}" if limit else ""
@@ -177,11 +206,6 @@ def run(loaded: sources.Loaded) -> int:
         )  # fmt: skip
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
-    try:
-        sockets = bind(settings)
-    except BindError as exc:
-        logs.say(str(exc))
-        return Exit.USAGE
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     try:
         with pid_file(settings.pid_file):

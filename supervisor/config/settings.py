@@ -7,19 +7,24 @@ so adding an option means adding one field here.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from asgi_supervise.config import tls
 
 ENV_PREFIX = "ASGI_SUPERVISE_"
 
 
 def _split_commas(value: Any) -> Any:
-    """Lists arrive as TOML arrays, comma-separated strings (env) or repeated flags."""
+    """Items arrive as TOML arrays, comma-separated strings (env) or repeated flags, and
+    each string may hold several: `--forwarded-allow-ips 10.0.0.1,10.0.0.2`."""
     if isinstance(value, str):
         value = [value]
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
@@ -27,7 +32,13 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _one_item(value: Any) -> Any:
+    """Items that may contain commas (a header value may): one string is one item."""
+    return [value] if isinstance(value, str) else value
+
+
 CommaList = Annotated[list[str], BeforeValidator(_split_commas)]
+ItemList = Annotated[list[str], BeforeValidator(_one_item)]
 WorkerCount = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
@@ -83,7 +94,7 @@ class Settings(BaseSettings):
     port: int = opt(8000, "Port to bind (0 picks a free one).", "bind", ge=0, le=65535)
     uds: str | None = opt(None, "Bind a Unix domain socket instead of host:port.", "bind")
     fd: int | None = opt(None, "Serve on an already-open listening file descriptor.", "bind", ge=0)
-    backlog: int = opt(2048, "Listen queue length of the shared socket.", "bind", ge=1)
+    backlog: int = opt(2048, "Listen queue length of the shared socket.", "bind", ge=1, le=65535)
 
     # --- uvicorn server ------------------------------------------------------------------
     loop: Literal["auto", "asyncio", "uvloop", "none"] = opt("auto", "Event loop.", "server")
@@ -121,15 +132,20 @@ class Settings(BaseSettings):
     )
     server_header: bool = opt(True, "Send the Server header.", "server")
     date_header: bool = opt(True, "Send the Date header.", "server")
-    headers: CommaList = opt(
-        [], "Extra response headers, 'Name: value'.", "server", aliases=("--header",)
+    headers: ItemList = opt(
+        [],
+        "An extra response header, 'Name: value' (repeat the flag for more).",
+        "server",
+        aliases=("--header",),
     )
     ssl_keyfile: str | None = opt(None, "TLS private key file.", "tls")
     ssl_certfile: str | None = opt(None, "TLS certificate file.", "tls")
     ssl_keyfile_password: str | None = opt(None, "Password of the TLS key.", "tls", secret=True)
     ssl_ca_certs: str | None = opt(None, "CA certificates file.", "tls")
     ssl_version: int = opt(17, "TLS protocol (stdlib ssl constant; 17 = TLS server).", "tls")
-    ssl_cert_reqs: int = opt(0, "Client certificates: 0 none, 1 optional, 2 required.", "tls")
+    ssl_cert_reqs: int = opt(
+        0, "Client certificates: 0 none, 1 optional, 2 required.", "tls", ge=0, le=2
+    )
     ssl_ciphers: str = opt("TLSv1", "TLS ciphers.", "tls")
 
     # --- logging -------------------------------------------------------------------------
@@ -158,7 +174,6 @@ class Settings(BaseSettings):
         30.0,
         "Kill a worker whose event loop is silent this long.",
         "workers",
-        aliases=("--timeout-worker-healthcheck",),
         gt=0,
     )
     ready_timeout: float = opt(
@@ -271,6 +286,14 @@ class Settings(BaseSettings):
     )
     replicas: int = opt(1, "Instances sharing the database (e.g. the HPA maximum).", "sizing", ge=1)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """TOML `workers = true` is a mistake, not 1: only bool fields take true/false."""
+        if isinstance(value, bool) and info.field_name not in _BOOL_FIELDS:
+            raise PydanticCustomError("bool_not_allowed", "a boolean is not allowed here")
+        return value
+
     @field_validator("log_config", "env_file", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs")
     @classmethod
     def _file_exists(cls, path: str | None) -> str | None:
@@ -278,6 +301,38 @@ class Settings(BaseSettings):
         if path is not None and not os.path.isfile(path):
             raise ValueError("no such file")
         return path
+
+    @field_validator("reload_dirs")
+    @classmethod
+    def _dirs_exist(cls, dirs: list[str]) -> list[str]:
+        """A watch on a missing directory would claim to watch and never reload."""
+        missing = [d for d in dirs if not os.path.isdir(d)]
+        if missing:
+            raise ValueError(f"no such directory: {', '.join(missing)}")
+        return dirs
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_well_formed(cls, headers: list[str]) -> list[str]:
+        for header in headers:
+            name, colon, value = header.partition(":")
+            if not colon or not _TOKEN.fullmatch(name.strip()):
+                raise ValueError(f"{header!r} is not 'Name: value'")
+            if "\r" in value or "\n" in value or not value.isascii():
+                raise ValueError(f"{header!r}: the value must be one line of ASCII")
+        return headers
+
+    @field_validator("http", "loop", "ws")
+    @classmethod
+    def _implementation_installed(cls, choice: str, info: ValidationInfo) -> str:
+        """uvicorn lists implementations whose package may be missing: say so here, once."""
+        package = _NEEDS_PACKAGE.get(choice)
+        if package and importlib.util.find_spec(package) is None:
+            installed = [c for c in _CHOICES[str(info.field_name)] if _installed(c)]
+            choices = ", ".join(map(repr, installed))
+            message = f"expected one of {choices} ({choice!r} needs the {package} package)"
+            raise PydanticCustomError("choice_not_installed", message)
+        return choice
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
@@ -295,6 +350,31 @@ class Settings(BaseSettings):
             raise _combination(
                 "TLS needs both ssl_keyfile and ssl_certfile", "ssl_keyfile", "ssl_certfile"
             )
+        if self.ssl_certfile:
+            problem = tls.check(self)
+            if problem is not None:
+                raise _problem(problem.message, *problem.fields)
+        if self.http2 and self.http != "zttp":
+            raise _combination("HTTP/2 needs --http zttp", "http2", "http")
+        if isinstance(self.workers, int) and self.min_ready > self.workers:
+            raise _problem(
+                f"above the {self.workers} worker(s) there will be: /readyz could never answer 200",
+                "min_ready",
+                "workers",
+            )
+        if self.workers == "auto" and self.max_workers and self.min_ready > self.max_workers:
+            raise _problem(
+                f"above --max-workers {self.max_workers}: /readyz could never answer 200",
+                "min_ready",
+                "max_workers",
+            )
+        most, reserved = self.db_max_connections, self.db_reserved_connections
+        if most is not None and reserved >= most:
+            raise _problem(
+                f"leaves none of the {most} database connections to the app",
+                "db_reserved_connections",
+                "db_max_connections",
+            )
         return self
 
 
@@ -305,7 +385,38 @@ def _combination(message: str, *fields: str) -> PydanticCustomError:
     return PydanticCustomError("settings_combination", text, {"fields": list(fields)})
 
 
+def _problem(message: str, subject: str, *others: str) -> PydanticCustomError:
+    """An error about one setting, given the others: `--min-ready=5 (...): message; got ...`."""
+    text = message.replace("{", "(").replace("}", ")")
+    ctx = {"fields": [subject, *others], "subject": subject}
+    return PydanticCustomError("settings_combination", text, ctx)
+
+
+# An HTTP header name (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Implementations uvicorn offers whose package is optional.
+_NEEDS_PACKAGE = {
+    "httptools": "httptools",
+    "zttp": "zttp",
+    "uvloop": "uvloop",
+    "websockets": "websockets",
+    "websockets-sansio": "websockets",
+    "wsproto": "wsproto",
+}
+
+
+def _installed(choice: str) -> bool:
+    package = _NEEDS_PACKAGE.get(choice)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
 FIELDS = Settings.model_fields
+_BOOL_FIELDS = {
+    name
+    for name, field in FIELDS.items()
+    if field.annotation is bool or bool in typing.get_args(field.annotation)
+}
+_CHOICES = {name: typing.get_args(FIELDS[name].annotation) for name in ("http", "loop", "ws")}
 # scheme://user:password@host, and scheme://:password@host (Redis URLs have no user).
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)")
 

@@ -7,9 +7,10 @@ an error can say ``ASGI_SUPERVISE_WORKERS='abc' (environment)`` rather than ``wo
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, redact
+from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, meta, redact
 from asgi_supervise.profiles import ProfileError, find_profile
+from asgi_supervise.suggest import did_you_mean
 
 CONFIG_FILE = "asgi-supervise.toml"
+LIST_FIELDS = {
+    name for name, field in FIELDS.items() if typing.get_origin(field.annotation) is list
+}
 PYPROJECT_TABLE = ("tool", "asgi-supervise")
 
 
@@ -54,6 +59,10 @@ class Loaded:
             return layer.where
         return f"{layer.source}: {layer.where}"
 
+    def describe(self, name: str) -> str:
+        """`--port='8000' (command line)`: the setting as the user gave it, for errors."""
+        return _describe(name, self.origins)
+
 
 def _normalise_key(key: str) -> str:
     return key.strip().lower().replace("-", "_")
@@ -64,8 +73,7 @@ def _kebab(name: str) -> str:
 
 
 def _suggest(name: str, spell: Callable[[str], str] = _kebab) -> str:
-    close = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.6)
-    return f"; did you mean '{spell(close[0])}'?" if close else ""
+    return did_you_mean(name, FIELDS, lambda close: f"'{spell(close)}'")
 
 
 def _table_layer(source: str, where: str, table: Mapping[str, Any]) -> Layer:
@@ -128,6 +136,10 @@ def file_layer(explicit: str | None, cwd: Path, chosen_by: str = "") -> Layer | 
             table = table.get(key) if isinstance(table, dict) else None
         if isinstance(table, dict):
             return _table_layer("file", "pyproject.toml [tool.asgi-supervise]", table)
+        if table is not None:  # `[tool] asgi-supervise = "x"`: ours, but not a table
+            raise ConfigError(
+                f"pyproject.toml: [tool.asgi-supervise] must be a table, got {table!r}"
+            )
     return None
 
 
@@ -147,8 +159,34 @@ def env_layer(environ: Mapping[str, str]) -> Layer:
         name = key[len(ENV_PREFIX) :].lower()
         if name not in FIELDS:
             raise ConfigError(f"unknown environment variable {key}{_suggest(name, _env_name)}")
-        values[name] = value
+        values[name] = _env_list(key, value) if name in LIST_FIELDS else value
     return Layer("env", "environment", values, spell=_env_name)
+
+
+# Items of a list variable are separated by commas, except where an item may hold one.
+_ENV_SEPARATOR = {"headers": "\n"}
+
+
+def _env_list(key: str, value: str) -> list[str] | str:
+    """A JSON array (`["a", "b"]`), else items separated by commas (newlines for headers).
+
+    A plain string is left to the model, which splits comma lists as it does for flags.
+    """
+    name = key[len(ENV_PREFIX) :].lower()
+    if value.lstrip().startswith("["):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{key}={value!r} (environment): not a JSON array of strings ({exc.msg})"
+            ) from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{key}={value!r} (environment): expected a JSON array of strings")
+        return items
+    separator = _ENV_SEPARATOR.get(name)
+    if separator is None:
+        return value
+    return [item.strip() for item in value.split(separator) if item.strip()]
 
 
 def web_concurrency_layer(environ: Mapping[str, str]) -> Layer:
@@ -158,7 +196,12 @@ def web_concurrency_layer(environ: Mapping[str, str]) -> Layer:
 
 
 def _flag_name(name: str) -> str:
-    return "APP" if name == "app" else "--" + _kebab(name)  # the app is positional
+    """The flag as users write it: the app is positional, a list flag takes one item."""
+    if name == "app":
+        return "APP"
+    flag = "--" + _kebab(name)
+    singular = flag.removesuffix("s")
+    return singular if singular in meta(name).get("aliases", ()) else flag
 
 
 def flag_layer(values: dict[str, Any]) -> Layer:
@@ -180,7 +223,7 @@ def _expected(schema: dict[str, Any]) -> str:
         "number": "a number",
         "boolean": "true or false",
         "string": "a string",
-        "array": "a list (comma-separated)",
+        "array": "a list",
     }.get(kind, kind or "a value")
     bounds = [
         f"{op} {schema[key]}"
@@ -199,17 +242,25 @@ def _describe(name: str, origins: dict[str, Layer | None]) -> str:
     return f"{name} not set" if default is None else f"{name}={default!r} (default)"
 
 
+# Error types whose message says what is expected; others are explained from the schema.
+_SELF_EXPLAINED = {"value_error", "choice_not_installed"}
+
+
 def _explain(exc: ValidationError, origins: dict[str, Layer | None]) -> str:
     properties = Settings.model_json_schema()["properties"]
     messages = []
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
         message = str(error["msg"]).removeprefix("Value error, ")
+        ctx = error.get("ctx") or {}
         if name not in FIELDS:  # a whole-model rule: say where each clashing value came from
-            involved = (error.get("ctx") or {}).get("fields") or []
-            got = " and ".join(_describe(n, origins) for n in involved if n in FIELDS)
+            involved = [n for n in ctx.get("fields") or [] if n in FIELDS]
+            if ctx.get("subject") in FIELDS:  # one setting at fault, judged by the others
+                subject, *involved = involved
+                message = f"{_describe(subject, origins)}: {message}"
+            got = " and ".join(_describe(n, origins) for n in involved)
             messages.append(f"{message}; got {got}" if got else message)
-        elif error["type"] == "value_error":  # a field's own check explains itself
+        elif error["type"] in _SELF_EXPLAINED:  # a field's own check explains itself
             messages.append(f"{_describe(name, origins)}: {message}")
         else:
             expected = _expected(properties[name])
@@ -237,6 +288,41 @@ def _check_conflicts(origins: dict[str, Layer | None]) -> None:
                 )
 
 
+def _metrics_address_means_metrics(
+    merged: dict[str, Any], origins: dict[str, Layer | None]
+) -> None:
+    """`--metrics-port 9100` alone turns metrics on: an address given is never ignored.
+
+    Given together with an explicit `--no-metrics` (anywhere but a profile, which is a
+    preset), the two contradict each other: an error naming both.
+    """
+    given = [
+        (name, layer)
+        for name in ("metrics_port", "metrics_host")
+        if (layer := origins[name]) is not None and layer.source != "profile"
+    ]
+    if not given:
+        return
+    address, layer = given[0]
+    switch = origins["metrics"]
+    if switch is None or switch.source == "profile":
+        merged["metrics"] = True
+        where = f"{layer.where}, implied by {layer.spell(address)}"
+        origins["metrics"] = Layer(layer.source, where, {"metrics": True}, spell=layer.spell)
+    elif not _truthy(merged["metrics"]):
+        raise ConfigError(
+            f"{switch.describe('metrics')} contradicts {layer.describe(address)}: "
+            "drop the metrics address, or turn metrics on"
+        )
+
+
+def _truthy(value: Any) -> bool:
+    """A bool as the model will read it; an invalid one is left for the model to report."""
+    if isinstance(value, str):
+        return value.strip().lower() not in {"0", "false", "f", "no", "n", "off"}
+    return bool(value)
+
+
 def load(
     flags: dict[str, Any],
     *,
@@ -248,6 +334,9 @@ def load(
     """Merge every layer, validate once, and keep where each value came from."""
     environ = os.environ if environ is None else environ
     cwd = Path.cwd() if cwd is None else cwd
+    for flag, given in (("--profile", profile), ("--config", config_file)):
+        if given is not None and not given.strip():  # `--profile "$UNSET"`: not "no profile"
+            raise ConfigError(f"{flag}={given!r} (command line): expected a name or a file")
     config_by = ""  # who chose the config file and the profile, for error messages
     if not config_file and environ.get(ENV_PREFIX + "CONFIG"):
         config_file = environ[ENV_PREFIX + "CONFIG"]
@@ -276,6 +365,7 @@ def load(
             merged[name] = value
             origins[name] = layer
     _check_conflicts(origins)
+    _metrics_address_means_metrics(merged, origins)
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:

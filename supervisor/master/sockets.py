@@ -11,7 +11,11 @@ from asgi_supervise.config.settings import Settings
 
 
 class BindError(Exception):
-    """The address cannot be served: printed as one line, exit code 2."""
+    """The address cannot be served: printed as one line naming `setting`, exit code 2."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting  # the one to change: "port", "host", "uds", "fd", ...
 
 
 _REASONS = {
@@ -35,6 +39,16 @@ def bind(settings: Settings) -> list[socket.socket]:
     return [_bind_tcp(settings.host, settings.port, settings.backlog)]
 
 
+def check_free(host: str, port: int, what: str, prefix: str = "") -> None:
+    """Bind and release `host:port`, so a busy port fails before any worker exists.
+
+    `prefix` names the settings (`metrics_` for the metrics server's). Port 0 is always free.
+    """
+    if port == 0:
+        return
+    _bind_tcp(host, port, 1, what, prefix).close()
+
+
 def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket; OSError (socket.gaierror for a bad host) if it cannot be."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -52,14 +66,18 @@ def listen_tcp(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+def _bind_tcp(
+    host: str, port: int, backlog: int, what: str = "bind", prefix: str = ""
+) -> socket.socket:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         sock = listen_tcp(host, port, backlog)
     except socket.gaierror as exc:
-        raise BindError(f"cannot bind {where}: unknown host ({exc.strerror})") from None
+        message = f"cannot {what} {where}: unknown host ({exc.strerror})"
+        raise BindError(message, prefix + "host") from None
     except OSError as exc:
-        raise BindError(f"cannot bind {where}: {_reason(exc)}") from None
+        at_fault = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
+        raise BindError(f"cannot {what} {where}: {_reason(exc)}", prefix + at_fault) from None
     sock.set_inheritable(False)
     return sock
 
@@ -67,9 +85,13 @@ def _bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
 def _bind_unix(path: str, backlog: int) -> socket.socket:
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise BindError(f"cannot bind unix socket {path}: a file that is not a socket is there")
+            raise BindError(
+                f"cannot bind unix socket {path}: a file that is not a socket is there", "uds"
+            )
         if _socket_in_use(path):
-            raise BindError(f"cannot bind unix socket {path}: another server is listening on it")
+            raise BindError(
+                f"cannot bind unix socket {path}: another server is listening on it", "uds"
+            )
         os.unlink(path)  # stale socket left by a killed server
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -78,7 +100,7 @@ def _bind_unix(path: str, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot bind unix socket {path}: {_reason(exc)}") from None
+        raise BindError(f"cannot bind unix socket {path}: {_reason(exc)}", "uds") from None
     sock.set_inheritable(False)
     return sock
 
@@ -98,9 +120,9 @@ def _from_fd(fd: int) -> socket.socket:
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise BindError(f"cannot use --fd {fd}: {_reason(exc)}") from None
+        raise BindError(f"cannot use it: {_reason(exc)}", "fd") from None
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
-        raise BindError(f"cannot use --fd {fd}: it is not a listening socket")
+        raise BindError("it is not a listening socket", "fd")
     sock.set_inheritable(False)
     return sock
 

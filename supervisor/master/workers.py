@@ -213,7 +213,6 @@ def spawn(
     fds = [s.fileno() for s in sockets]
     command = [
         sys.executable, "-m", "asgi_supervise.worker",
-        "--slot", str(slot),
         # Not secret, and needed before the worker's imports: it dies with the master.
         "--master-pid", str(os.getpid()),
         "--control-fd", str(theirs.fileno()),

@@ -155,16 +155,16 @@ class SupervisorMetrics:
         self.registry.register(self.requests)
         ProcessCollector(registry=self.registry)  # the master's own CPU, memory, fds
 
-    def worker_started(self, slot: int) -> None:
+    def worker_started(self) -> None:
         self.starts += 1
 
-    def worker_ready(self, slot: int, boot_seconds: float) -> None:
+    def worker_ready(self, boot_seconds: float) -> None:
         self.observe_boot(boot_seconds)
 
     def observe_boot(self, seconds: float) -> None:
         self.boot.observe(seconds)
 
-    def worker_exited(self, slot: int, reason: str) -> None:
+    def worker_exited(self, reason: str) -> None:
         if reason != NOT_A_RESTART:  # reasons as `master.workers.Worker.exit_reason` names them
             self.restarts[reason] = self.restarts.get(reason, 0) + 1
 

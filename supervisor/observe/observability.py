@@ -83,16 +83,16 @@ class Observability:
 
     def worker_started(self, worker: Worker) -> None:
         self.dir.worker_started(worker.pid)
-        self.metrics.worker_started(worker.slot)
+        self.metrics.worker_started()
 
     def worker_ready(self, worker: Worker, boot_seconds: float) -> None:
-        self.metrics.worker_ready(worker.slot, boot_seconds)
+        self.metrics.worker_ready(boot_seconds)
 
     def worker_exited(self, worker: Worker) -> None:
         """Called as soon as the pid is reaped: the kernel may hand the pid out again."""
         self.dir.worker_exited(worker.pid)
         self.metrics.requests.worker_gone(worker.pid)
-        self.metrics.worker_exited(worker.slot, worker.exit_reason)
+        self.metrics.worker_exited(worker.exit_reason)
         if worker.stopping_since is not None:  # it drained: from the stop request to now
             self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
 

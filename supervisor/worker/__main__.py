@@ -102,7 +102,6 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="asgi-supervise worker")
-    parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--socket-fds", required=True)
     parser.add_argument("--master-pid", type=int)

@@ -17,6 +17,7 @@ from asgi_supervise import logs
 from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker import promfiles
 from asgi_supervise.worker.meter import RequestMetrics
+from asgi_supervise.worker.uvicorn_options import PASSED_AS_IS
 
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
@@ -161,40 +162,18 @@ def _is_idle(connection: Any) -> bool:
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
-    s = settings
+    """uvicorn's settings as validated by the master; ours are not its to see."""
+    options = {name: getattr(settings, name) for name in PASSED_AS_IS}
     return uvicorn.Config(
         app,
-        loop=s.loop,
-        http=s.http,
-        http2=s.http2,
-        interface=s.interface,
-        reset_contextvars=s.reset_contextvars,
-        ssl_version=s.ssl_version,
-        ssl_cert_reqs=s.ssl_cert_reqs,
-        ws=s.ws,
-        ws_max_size=s.ws_max_size,
-        ws_max_queue=s.ws_max_queue,
-        ws_ping_interval=s.ws_ping_interval,
-        ws_ping_timeout=s.ws_ping_timeout,
-        ws_per_message_deflate=s.ws_per_message_deflate,
-        lifespan=s.lifespan,
-        env_file=s.env_file,
+        **options,
         log_config=None,  # run() configured logging already, the master's way
-        log_level=s.log_level,
-        access_log=s.access_log,
-        use_colors=s.use_colors,
         proxy_headers=False,  # run() wraps the app in forwarded.proxy_headers instead
-        server_header=s.server_header,
-        date_header=s.date_header,
-        root_path=s.root_path,
-        limit_concurrency=s.limit_concurrency,
-        backlog=s.backlog,
-        timeout_keep_alive=int(s.timeout_keep_alive),
-        ssl_keyfile=s.ssl_keyfile,
-        ssl_certfile=s.ssl_certfile,
-        ssl_keyfile_password=s.ssl_keyfile_password,
-        ssl_ca_certs=s.ssl_ca_certs,
-        ssl_ciphers=s.ssl_ciphers,
-        headers=[tuple(h.split(":", 1)) for h in s.headers],  # type: ignore[misc]
-        h11_max_incomplete_event_size=s.h11_max_incomplete_event_size,
+        headers=[_header(h) for h in settings.headers],
     )
+
+
+def _header(header: str) -> tuple[str, str]:
+    """`Name: value` (checked by the master) as uvicorn's (name, value)."""
+    name, _, value = header.partition(":")
+    return name.strip(), value.strip()

@@ -6,8 +6,12 @@ the config-file discovery, the environment and argparse are the ones users get.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import select
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import Settings
-from conftest import APPS, free_port, run_cli
+from conftest import APPS, free_port, get, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -329,6 +333,142 @@ def test_env_list_variable_through_the_cli(tmp_path: Path):
     assert setting(data, "forwarded_allow_ips") == (["10.0.0.1", "10.0.0.2"], "env: environment")
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("FORWARDED_ALLOW_IPS", '["10.0.0.1", "10.0.0.2"]', ["10.0.0.1", "10.0.0.2"]),
+        ("FORWARDED_ALLOW_IPS", '["10.0.0.1,10.0.0.2"]', ["10.0.0.1", "10.0.0.2"]),
+        ("RELOAD_INCLUDES", '["*.py", "*.toml"]', ["*.py", "*.toml"]),
+        ("HEADERS", '["A: 1, 2", "B: 3"]', ["A: 1, 2", "B: 3"]),
+        ("HEADERS", "A: 1, 2\nB: 3\n", ["A: 1, 2", "B: 3"]),
+        ("HEADERS", "Cache-Control: no-cache, no-store", ["Cache-Control: no-cache, no-store"]),
+    ],
+    ids=["ips-json", "ips-json-with-commas", "globs-json", "headers-json", "headers-lines",
+         "header-one"],
+)  # fmt: skip
+def test_env_lists_as_json_or_separated(tmp_path: Path, name: str, value: str, expected: Any):
+    """Any list variable may be a JSON array; else commas separate items, except in
+    ASGI_SUPERVISE_HEADERS, where a header value may hold commas and newlines do."""
+    data = config_json(cwd=tmp_path, env={"ASGI_SUPERVISE_" + name: value})
+    assert setting(data, name.lower()) == (expected, "env: environment")
+
+
+def test_header_flags_are_one_header_each(tmp_path: Path):
+    args = ["--header", "Cache-Control: no-cache, no-store", "--header", "X-Two: a,b"]
+    data = config_json(*args, cwd=tmp_path)
+    assert setting(data, "headers") == (
+        ["Cache-Control: no-cache, no-store", "X-Two: a,b"],
+        "flag: command line",
+    )
+
+
+def test_header_with_commas_reaches_responses(supervisor):
+    env = {"ASGI_SUPERVISE_HEADERS": "X-From-Env: 1, 2\nX-Also: 3"}
+    server = supervisor("testapp:app", env=env)
+    server.wait_ready(1)
+    headers = response_headers(server.port)
+    assert headers["x-from-env"] == "1, 2" and headers["x-also"] == "3"
+    server = supervisor("testapp:app", "--header", "Cache-Control: no-cache, no-store")
+    server.wait_ready(1)
+    assert response_headers(server.port)["cache-control"] == "no-cache, no-store"
+
+
+def response_headers(port: int) -> dict[str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        return {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+# --- a metrics address means metrics -----------------------------------------------------
+
+
+def test_metrics_address_turns_metrics_on(tmp_path: Path):
+    data = config_json("--metrics-port", "9100", cwd=tmp_path)
+    assert setting(data, "metrics") == (True, "flag: command line, implied by --metrics-port")
+    env = {"ASGI_SUPERVISE_METRICS_HOST": "0.0.0.0"}
+    data = config_json("--profile", "dev", cwd=tmp_path, env=env)  # dev says metrics = false
+    assert setting(data, "metrics") == (True, "env: environment, implied by "
+                                        "ASGI_SUPERVISE_METRICS_HOST")  # fmt: skip
+    data = config_json("--profile", "container", cwd=tmp_path)  # a profile's own address
+    assert setting(data, "metrics") == (True, "profile container")
+    data = config_json("--metrics-port", "9100", "--metrics", cwd=tmp_path)
+    assert setting(data, "metrics") == (True, "flag: command line")
+    assert setting(config_json(cwd=tmp_path), "metrics") == (False, "default")
+
+
+def test_metrics_port_alone_serves_metrics(supervisor, tmp_path: Path):
+    mport = free_port()
+    server = supervisor("testapp:app", "--metrics-port", str(mport))
+    server.wait_ready(1)
+    wait_until(lambda: try_get(mport, "/livez"), 10, lambda: "/livez\n" + server.log())
+    assert get(mport, "/livez")[0] == 200
+
+
+# --- values reach uvicorn as given --------------------------------------------------------
+
+
+def test_keep_alive_below_one_second_is_not_zero(supervisor):
+    """--timeout-keep-alive 0.5 keeps an idle connection open 0.3 s and closes it after."""
+    server = supervisor("testapp:app", "--timeout-keep-alive", "0.5")
+    server.wait_ready(1)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    with sock:
+        request = b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        first = read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200")
+        readable, _, _ = select.select([sock], [], [], 0.3)  # a close would wake this early
+        assert not readable, "the server closed an idle keep-alive connection early"
+        sock.sendall(request)
+        second = read_response(sock)
+        assert second.startswith(b"HTTP/1.1 200"), second
+        assert second.split(b"\r\n\r\n", 1)[1] == first.split(b"\r\n\r\n", 1)[1]
+        wait_until(lambda: select.select([sock], [], [], 0.05)[0], 5, "the keep-alive close")
+        assert sock.recv(1) == b""  # closed by the server, not a stray byte
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length body, read off a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_tls_with_an_encrypted_key_serves_https(supervisor, tmp_path: Path):
+    env = {"ASGI_SUPERVISE_SSL_KEYFILE_PASSWORD": "correct-horse"}
+    server = supervisor("testapp:app", *TLS_CERT, "--ssl-keyfile", ENCRYPTED_KEY, env=env)
+    context = ssl.create_default_context(cafile=f"{TLS}/cert.pem")
+
+    def https_pid() -> str | None:
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=2, context=context)
+        try:
+            conn.request("GET", "/pid")
+            return conn.getresponse().read().decode()
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+    pid = wait_until(https_pid, 15, lambda: "an https answer\n" + server.log())
+    assert int(pid) in server.worker_pids()
+
+
 # --- bad input: one line, exit 2, names what and where ----------------------------------------
 
 # A well-formed app that does not exist: if a case wrongly passed validation, the run would
@@ -348,7 +488,12 @@ def case(
 
 
 PORT = "{port}"
+HELD = "{held}"  # a port the test holds: `{held}` in args, env, files and expectations
 RUN = [APP, "--port", PORT]
+TLS = str(APPS / "tls")  # a self-signed pair, another key, and the first key encrypted
+TLS_CERT = ["--ssl-certfile", f"{TLS}/cert.pem"]
+TLS_PAIR = [*TLS_CERT, "--ssl-keyfile", f"{TLS}/key.pem"]
+ENCRYPTED_KEY = f"{TLS}/key-encrypted.pem"  # password: correct-horse
 
 BAD_INPUTS = [
     # --- files named by options must exist and load
@@ -437,14 +582,26 @@ BAD_INPUTS = [
          "cannot read config file", "adir", files={"adir/keep.toml": ""}),
     # --- the app
     case("app-without-attribute", ["testapp", "--port", PORT],
-         "app 'testapp' is not in the form module:attribute (e.g. main:app)", exact=True),
+         "APP='testapp' (command line): not in the form module:attribute (e.g. main:app)",
+         exact=True),
     case("app-bad-module-path", ["my-app:app", "--port", PORT],
-         "app 'my-app:app': 'my-app' is not a valid module path", exact=True),
+         "APP='my-app:app' (command line): 'my-app' is not a valid module path", exact=True),
     case("app-missing-module", [*RUN],
-         f"app '{APP}': no module named 'nosuch_app_mod' (looked in . and sys.path)", exact=True),
+         f"APP='{APP}' (command line): no module named 'nosuch_app_mod' (looked in . and "
+         "sys.path)", exact=True),
     case("app-from-file-missing-module", ["--port", PORT],
-         "app 'ghost_module:app': no module named 'ghost_module'",
+         "app='ghost_module:app' (asgi-supervise.toml): no module named 'ghost_module'",
          files={"asgi-supervise.toml": 'app = "ghost_module:app"\n'}),
+    case("app-missing-attribute", ["testapp:nosuch", "--port", PORT, "--app-dir", str(APPS)],
+         "APP='testapp:nosuch' (command line): module 'testapp' has no attribute 'nosuch'",
+         exact=True),
+    case("app-from-env-missing-attribute", ["--port", PORT],
+         "ASGI_SUPERVISE_APP='okapp:ap' (environment): module 'okapp' has no attribute 'ap'",
+         env={"ASGI_SUPERVISE_APP": "okapp:ap"},
+         files={"okapp.py": "import os\nif os.environ:\n    app = None\n"}),
+    case("app-attribute-of-a-package", ["pkg:nosuch", "--port", PORT],
+         "APP='pkg:nosuch' (command line): module 'pkg' has no attribute 'nosuch'",
+         files={"pkg/__init__.py": "from pkg.sub import app\n", "pkg/sub.py": "app = 1\n"}),
     case("no-app-at-all", ["--port", PORT], "no app to serve", "ASGI_SUPERVISE_APP"),
     # --- environment
     case("workers-abc-env", [*RUN],
@@ -511,21 +668,130 @@ BAD_INPUTS = [
     case("file-profile-not-a-name", [*RUN],
          "profile=3 (asgi-supervise.toml): expected a profile name",
          files={"asgi-supervise.toml": "profile = 3\n"}),
+    case("file-workers-true", [*RUN],
+         "workers=True (asgi-supervise.toml): expected an integer >= 1 or 'auto'",
+         files={"asgi-supervise.toml": "workers = true\n"}),
+    case("file-timeout-false", [*RUN],
+         "graceful-timeout=False (asgi-supervise.toml): expected a number",
+         files={"asgi-supervise.toml": "graceful-timeout = false\n"}),
+    case("pyproject-table-not-a-table", [*RUN],
+         "pyproject.toml: [tool.asgi-supervise] must be a table, got 'x'",
+         files={"pyproject.toml": "[tool]\nasgi-supervise = 'x'\n"}),
+    case("empty-profile", [*RUN, "--profile", ""],
+         "--profile='' (command line): expected a name or a file", exact=True),
+    case("empty-config", [*RUN, "--config", ""],
+         "--config='' (command line): expected a name or a file", exact=True),
+    # --- response headers: a value may hold commas; a header needs a name and a colon
+    case("header-without-colon", [*RUN, "--header", "NoColon"],
+         "--header=['NoColon'] (command line): 'NoColon' is not 'Name: value'", exact=True),
+    case("header-bad-name", [*RUN, "--header", "Bad Name: x"],
+         "--header=['Bad Name: x'] (command line)", "is not 'Name: value'"),
+    case("header-env-second-line-bad", [*RUN],
+         "ASGI_SUPERVISE_HEADERS=['X-A: 1, 2', 'nocolon'] (environment)",
+         "'nocolon' is not 'Name: value'", env={"ASGI_SUPERVISE_HEADERS": "X-A: 1, 2\nnocolon"}),
+    case("header-env-json-not-strings", [*RUN],
+         "ASGI_SUPERVISE_HEADERS='[1]' (environment): expected a JSON array of strings",
+         env={"ASGI_SUPERVISE_HEADERS": "[1]"}, exact=True),
+    case("list-env-bad-json", [*RUN],
+         "ASGI_SUPERVISE_FORWARDED_ALLOW_IPS='[10.0.0.1' (environment)",
+         "not a JSON array of strings", env={"ASGI_SUPERVISE_FORWARDED_ALLOW_IPS": "[10.0.0.1"}),
+    # --- TLS material is loaded in the master, as uvicorn will in every worker
+    case("tls-junk-files", [*RUN, "--ssl-keyfile", "junk.pem", "--ssl-certfile", "junk.pem"],
+         "--ssl-certfile='junk.pem' (command line): no certificate in PEM format",
+         files={"junk.pem": "junk\n"}),
+    case("tls-junk-key", [*RUN, *TLS_CERT, "--ssl-keyfile", "junk.pem"],
+         "--ssl-keyfile='junk.pem' (command line): no private key in PEM format",
+         files={"junk.pem": "junk\n"}),
+    case("tls-key-of-another-cert", [*RUN, *TLS_CERT, "--ssl-keyfile", f"{TLS}/other-key.pem"],
+         f"--ssl-keyfile='{TLS}/other-key.pem' (command line): the key does not belong to the "
+         f"certificate; got --ssl-certfile='{TLS}/cert.pem' (command line)", exact=True),
+    case("tls-encrypted-key-no-password", [*RUN, *TLS_CERT, "--ssl-keyfile", ENCRYPTED_KEY],
+         f"--ssl-keyfile='{ENCRYPTED_KEY}' (command line): the key is encrypted",
+         "--ssl-keyfile-password"),
+    case("tls-wrong-password", [*RUN, *TLS_CERT, "--ssl-keyfile", ENCRYPTED_KEY],
+         "ASGI_SUPERVISE_SSL_KEYFILE_PASSWORD='***' (environment): does not decrypt the key",
+         f"--ssl-keyfile='{ENCRYPTED_KEY}' (command line)",
+         env={"ASGI_SUPERVISE_SSL_KEYFILE_PASSWORD": "wrong-horse"}),
+    case("tls-ciphers-junk", [*RUN, *TLS_PAIR, "--ssl-ciphers", "junk"],
+         "--ssl-ciphers='junk' (command line): no cipher of this OpenSSL matches", exact=True),
+    case("tls-cert-reqs-7", [*RUN, *TLS_PAIR, "--ssl-cert-reqs", "7"],
+         "--ssl-cert-reqs='7' (command line): expected an integer >= 0 and <= 2", exact=True),
+    case("tls-version-99", [*RUN, *TLS_PAIR, "--ssl-version", "99"],
+         "--ssl-version='99' (command line): not a TLS protocol"),
+    case("tls-ca-certs-junk", [*RUN, *TLS_PAIR, "--ssl-ca-certs", "junk.pem"],
+         "--ssl-ca-certs='junk.pem' (command line): no CA certificates in it",
+         files={"junk.pem": "junk\n"}),
+    # --- values uvicorn or the kernel would take badly
+    case("http-not-installed", [*RUN, "--http", "zttp"],
+         "--http='zttp' (command line): expected one of 'auto', 'h11'",
+         "'zttp' needs the zttp package"),
+    case("http2-without-zttp", [*RUN, "--http2"], "HTTP/2 needs --http zttp",
+         "--http2=True (command line)", "http='auto' (default)"),
+    case("backlog-overflow", [*RUN, "--backlog", "99999999999"],
+         "--backlog='99999999999' (command line): expected an integer >= 1 and <= 65535",
+         exact=True),
+    case("reload-dir-missing", [*RUN, "--reload", "--reload-dir", "/nonexistent"],
+         "--reload-dir=['/nonexistent'] (command line): no such directory: /nonexistent",
+         exact=True),
+    case("timeout-worker-healthcheck-is-not-ours", [*RUN, "--timeout-worker-healthcheck", "5"],
+         "unrecognized arguments: --timeout-worker-healthcheck", "--worker-timeout"),
+    # --- settings that cannot all hold
+    case("min-ready-above-workers", [*RUN, "--workers", "2", "--min-ready", "5"],
+         "--min-ready='5' (command line): above the 2 worker(s)",
+         "got --workers='2' (command line)"),
+    case("min-ready-above-max-workers", [*RUN, "--max-workers", "2"],
+         "min-ready=3 (asgi-supervise.toml): above --max-workers 2",
+         "got --max-workers='2' (command line)",
+         files={"asgi-supervise.toml": 'workers = "auto"\nmin-ready = 3\n'}),
+    case("min-ready-above-auto-plan", ["testapp:app", "--port", PORT, "--app-dir", str(APPS),
+                                       "--workers", "auto", "--min-ready", "100000"],
+         "--min-ready='100000' (command line): above the", "workers --workers auto sized"),
+    case("db-reserved-above-max", [*RUN, "--db-max-connections", "10"],
+         "ASGI_SUPERVISE_DB_RESERVED_CONNECTIONS='20' (environment): leaves none of the 10",
+         "--db-max-connections='10' (command line)",
+         env={"ASGI_SUPERVISE_DB_RESERVED_CONNECTIONS": "20"}),
+    case("metrics-port-with-no-metrics", [*RUN, "--metrics-port", "9100"],
+         "metrics=False (asgi-supervise.toml) contradicts --metrics-port='9100' (command line)",
+         files={"asgi-supervise.toml": "metrics = false\n"}),
+    # --- addresses in use: HELD is a port this test holds open
+    case("port-in-use", ["testapp:app", "--app-dir", str(APPS), "--port", HELD],
+         "--port='{held}' (command line): cannot bind 127.0.0.1:{held}: address already in use",
+         exact=True),
+    case("port-in-use-env", ["testapp:app", "--app-dir", str(APPS)],
+         "ASGI_SUPERVISE_PORT='{held}' (environment): cannot bind",
+         env={"ASGI_SUPERVISE_PORT": HELD}),
+    case("metrics-port-in-use", ["testapp:app", "--app-dir", str(APPS), "--port", PORT,
+                                 "--metrics-port", HELD],
+         "--metrics-port='{held}' (command line): cannot serve metrics and health on "
+         "127.0.0.1:{held}: address already in use", exact=True),
+    case("metrics-port-in-use-profile", ["testapp:app", "--app-dir", str(APPS), "--port", PORT,
+                                         "--profile", "conf/p.toml"],
+         "metrics-port={held} (profile conf/p.toml): cannot serve metrics and health on",
+         files={"conf/p.toml": "metrics = true\nmetrics-port = {held}\n"}),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("args", "env", "files", "expect", "exact"), BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, files, expect, exact):
-    for name, content in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    port = str(free_port())
-    argv = [port if arg == PORT else arg for arg in args]
-    result = run_cli(*argv, cwd=tmp_path, env=env, timeout=20)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+
+        def fill(text: str) -> str:
+            return text.replace(HELD, str(port))
+
+        for name, content in files.items():
+            path = tmp_path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(fill(content))
+        argv = [str(free_port()) if arg == PORT else fill(arg) for arg in args]
+        env = {key: fill(value) for key, value in env.items()}
+        expect = [fill(fragment) for fragment in expect]
+        result = run_cli(*argv, cwd=tmp_path, env=env, timeout=20)
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert result.returncode == 2, output
@@ -538,7 +804,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, files, expect, ex
         assert line == "asgi-supervise: " + expect[0]
     for fragment in expect:
         assert fragment in line, f"{fragment!r} not in {line!r}"
-    assert "booting" not in output and "ready in" not in output
+    assert "booting" not in output and " ready in " not in output
 
 
 def test_the_bad_input_table_is_big_enough():

@@ -168,7 +168,7 @@ def test_blocked_event_loop_is_detected_and_worker_replaced(supervisor):
     [
         ("broken_import:app", "No module named 'this_module_does_not_exist'"),
         ("lifespan_fail:app", "database unreachable: db:5432"),
-        ("testapp:missing", "has no attribute 'missing'"),
+        ("dynamic_names:missing", "has no attribute 'missing'"),  # past the master's check
     ],
 )
 def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, error):
@@ -209,7 +209,10 @@ def test_port_in_use_is_a_one_line_usage_error():
         holder.close()
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"asgi-supervise: cannot bind 127.0.0.1:{port}: address already in use"]
+    assert lines == [
+        f"asgi-supervise: --port='{port}' (command line): cannot bind 127.0.0.1:{port}: "
+        "address already in use"
+    ]
 
 
 def test_refused_connection_is_econnrefused():
@@ -272,20 +275,20 @@ def test_master_as_pid_1_honours_sigterm_and_reaps_orphans(tmp_path: Path):
 @pytest.mark.parametrize(
     ("app", "message"),
     [
-        ("testapp", "app 'testapp' is not in the form module:attribute (e.g. main:app)"),
-        ("testapp:", "app 'testapp:' is not in the form module:attribute (e.g. main:app)"),
-        (
-            "no_such_module:app",
-            "app 'no_such_module:app': no module named 'no_such_module' (looked in . and sys.path)",
-        ),
-        ("testapp.sub:app", "app 'testapp.sub:app': 'testapp' is a module, not a package"),
-        ("my-app:app", "app 'my-app:app': 'my-app' is not a valid module path"),
+        ("testapp", "not in the form module:attribute (e.g. main:app)"),
+        ("testapp:", "not in the form module:attribute (e.g. main:app)"),
+        ("no_such_module:app", "no module named 'no_such_module' (looked in . and sys.path)"),
+        ("testapp.sub:app", "'testapp' is a module, not a package"),
+        ("my-app:app", "'my-app' is not a valid module path"),
+        ("testapp:missing", "module 'testapp' has no attribute 'missing'"),
     ],
 )
 def test_bad_app_path_is_caught_before_spawning(app, message):
     result = run_cli(app, "--port", str(free_port()))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"asgi-supervise: {message}"]
+    assert result.stderr.strip().splitlines() == [
+        f"asgi-supervise: APP='{app}' (command line): {message}"
+    ]
     assert "booting" not in result.stderr
 
 

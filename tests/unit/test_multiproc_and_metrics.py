@@ -177,12 +177,12 @@ def value(family: Any, suffix: str = "", **labels: str) -> float:
 
 def test_supervisor_metrics() -> None:
     supervisor = SupervisorMetrics()
-    supervisor.worker_started(1)
-    supervisor.worker_ready(1, 0.3)
-    supervisor.worker_exited(1, "crash")
-    supervisor.worker_exited(1, "memory")
-    supervisor.worker_exited(1, "scale")
-    supervisor.worker_exited(1, "shutdown")
+    supervisor.worker_started()
+    supervisor.worker_ready(0.3)
+    supervisor.worker_exited("crash")
+    supervisor.worker_exited("memory")
+    supervisor.worker_exited("scale")
+    supervisor.worker_exited("shutdown")
     supervisor.set_worker_states({"ready": 2, "draining": 1})
     supervisor.observe_reload(4.2, "completed")
     supervisor.observe_drain(0.7)

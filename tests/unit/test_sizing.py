@@ -574,14 +574,16 @@ host_facts = st.builds(
 @st.composite
 def sizing_settings(draw: st.DrawFn, auto: bool = False) -> Settings:
     min_workers = draw(st.integers(1, 8))
+    most = draw(st.none() | st.integers(1, 10_000))
+    reserved = draw(st.integers(0, 200 if most is None else min(200, most - 1)))  # below max
     values: dict[str, Any] = {
         "workers": "auto" if auto else draw(st.just("auto") | st.integers(1, 64)),
         "min_workers": min_workers,
         "max_workers": draw(st.none() | st.integers(min_workers, 64)),
         "worker_memory_estimate": draw(st.integers(1, 8192)),
         "cpu_workers_per_core": draw(st.floats(0.1, 8, allow_nan=False)),
-        "db_max_connections": draw(st.none() | st.integers(1, 10_000)),
-        "db_reserved_connections": draw(st.integers(0, 200)),
+        "db_max_connections": most,
+        "db_reserved_connections": reserved,
         "db_pool_size": draw(st.none() | st.integers(1, 100)),
         "replicas": draw(st.integers(1, 20)),
         "reload_surge": draw(st.integers(1, 4)),
