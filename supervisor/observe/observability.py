@@ -81,6 +81,7 @@ class Observability:
         if self.metrics:
             self.metrics.requests.worker_gone(worker.pid)
             self.metrics.worker_exited(worker.slot, worker.exit_reason)
+            self.metrics.header_timeouts_final(worker.pid, worker.header_timeouts)
             if worker.stopping_since is not None:  # it drained: from the stop request to now
                 self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
 
@@ -99,6 +100,7 @@ class Observability:
             return
         self.metrics.set_worker_states(Counter(w.state.value for w in workers))
         for worker in workers:
+            self.metrics.header_timeouts_seen(worker.pid, worker.header_timeouts)
             if worker.state is State.READY and worker.stop_reason is None:
                 self.metrics.sample_worker(
                     worker.slot, worker.rss, worker.cpu_percent, worker.requests
