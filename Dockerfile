@@ -1,6 +1,6 @@
 # An image for the bundled example; for your app, COPY it and change CMD's app string.
 
-# Build stage: a C compiler for the extensions (supervisor/_meter.c, _forwarded.c), kept out of the image.
+# Build stage: a C compiler for the request meter (supervisor/worker/_meter.c), kept out of the image.
 FROM python:3.12-slim AS build
 RUN apt-get update \
     && apt-get install --yes --no-install-recommends gcc libc6-dev \
@@ -23,8 +23,8 @@ WORKDIR /app
 
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels \
-    && python -c "from asgi_supervise import httpmetrics as h, forwarded as f; \
-assert h.COMPILED and f.COMPILED, 'the C extensions did not build'"
+    && python -c "from asgi_supervise.worker import meter; \
+assert meter.COMPILED, 'the C meter did not build'"
 
 COPY examples ./examples
 USER 10001

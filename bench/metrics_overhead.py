@@ -18,7 +18,8 @@ two floors for any Python middleware: `layer` (an `async def` that awaits the ap
 `layer+send` (the same, passing a plain-function wrapper of `send`, which any middleware
 that sees the status needs). Each runs behind uvicorn's ProxyHeadersMiddleware, as in
 uvicorn by default; prefixed `worker` (`worker`, `worker+on`, ...), behind
-`forwarded.proxy_headers` instead, as in asgi-supervise's workers; suffixed `@xff`
+`forwarded.proxy_headers` instead, as in asgi-supervise's workers; prefixed `bare`, behind
+neither (`--no-proxy-headers`); suffixed `@xff`
 (`off@xff`, ..., `--instructions` only), the requests carry an X-Forwarded-For header
 (`bench/interleaved.py --header` does that under wrk). Under callgrind the
 server runs with PYTHONHASHSEED=0: with random hashes, dict probing alone moves the count
@@ -191,8 +192,9 @@ def serve(variant: str, port: int, every_second: bool) -> None:
     import uvicorn
 
     worker = variant.startswith("worker")  # proxy headers the worker's way
+    bare = variant.startswith("bare")  # no proxy-headers handling at all
     inner = forwarded.proxy_headers(hello, ["127.0.0.1"]) if worker else hello
-    app = VARIANTS[variant.removeprefix("worker").lstrip("+") or "off"](inner)
+    app = VARIANTS[variant.removeprefix("worker").removeprefix("bare").lstrip("+") or "off"](inner)
     metrics = app if isinstance(app, RequestMetrics) else None
     if metrics:
         app = metrics.meter  # as the worker serves it
@@ -212,7 +214,8 @@ def serve(variant: str, port: int, every_second: bool) -> None:
 
     config = uvicorn.Config(
         app, port=port, http="httptools", loop="uvloop", lifespan="off",
-        access_log=False, log_level="warning", interface="asgi3", proxy_headers=not worker,
+        access_log=False, log_level="warning", interface="asgi3",
+        proxy_headers=not (worker or bare),
     )  # fmt: skip
     Server(config).run()
 

@@ -5,7 +5,9 @@ master's spec (its pid and the validated settings, never in argv or environ, as 
 hold secrets), then the worker's messages, each a JSON object whose ``t`` names it:
 
 - ``ready``: the lifespan startup is done and the worker accepts; ``meter`` names its meter;
-- ``beat``: once a second from the event loop, with ``requests`` and ``connections``;
+- ``beat``: once a second from the event loop, with ``requests`` and ``connections``, and
+  ``header_timeouts`` (connections closed by --timeout-request-header), totals since the
+  worker started, so a beat the channel refused loses nothing;
 - ``metrics``: request histograms since the last delivery (`worker.meter`), or the count
   of app metric samples dropped since the last one (`APP_SAMPLES_DROPPED`,
   `worker.promfiles`);

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     timeout_keep_alive: float = opt(
         5.0, "Close idle keep-alive connections after N s.", "server", gt=0
     )
+    timeout_request_header: float = opt(
+        10.0,
+        "Close a connection whose request headers are not all in N s after it opened, or "
+        "after the first byte of its next request on keep-alive (idle and slowloris clients).",
+        "server",
+        gt=0,
+    )
     limit_concurrency: int | None = opt(
         None, "Answer 503 above this many connections or tasks per worker.", "server", ge=1
     )

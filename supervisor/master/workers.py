@@ -52,6 +52,7 @@ class Worker:
         self.last_beat = self.started
         self.requests = 0
         self.connections = 0
+        self.header_timeouts = 0  # connections it closed for --timeout-request-header
         self.stop_reason: str | None = None  # why the master asked it to go
         self.failure: str | None = None  # why the master killed it (timeouts)
         self.boot_error: str | None = None  # what the worker said when it failed to start
@@ -187,6 +188,7 @@ class Worker:
             self.last_beat = time.monotonic()
             self.requests = int(message.get("requests", 0))
             self.connections = int(message.get("connections", 0))
+            self.header_timeouts = int(message.get("header_timeouts", 0))
         elif kind == "ready" and self.state is State.BOOTING:
             self.state = State.READY
             self.meter = message.get("meter")

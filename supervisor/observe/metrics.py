@@ -151,6 +151,8 @@ class SupervisorMetrics:
         self.draining = False
         self.dropped = 0  # app metric samples workers could not write: see app_samples_dropped
         self.requests = RequestTotals()
+        self.header_timeouts_gone = 0  # closed by workers that have exited
+        self.header_timeouts_live: dict[int, int] = {}  # by live worker pid: its total so far
         self.registry.register(self)
         self.registry.register(self.requests)
         ProcessCollector(registry=self.registry)  # the master's own CPU, memory, fds
@@ -182,6 +184,14 @@ class SupervisorMetrics:
     def sample_worker(self, slot: int, rss_bytes: float, cpu_percent: float, requests: int) -> None:
         self.samples[slot] = (rss_bytes, cpu_percent / 100.0, requests)
 
+    def header_timeouts_seen(self, pid: int, total: int) -> None:
+        """A live worker's count of connections closed by --timeout-request-header."""
+        self.header_timeouts_live[pid] = max(total, self.header_timeouts_live.get(pid, 0))
+
+    def header_timeouts_final(self, pid: int, total: int) -> None:
+        """An exited worker's last count: it keeps counting towards the total."""
+        self.header_timeouts_gone += max(total, self.header_timeouts_live.pop(pid, 0))
+
     def forget_slot(self, slot: int) -> None:
         self.samples.pop(slot, None)
 
@@ -203,6 +213,11 @@ class SupervisorMetrics:
     def collect(self) -> Iterator[Metric]:
         counter, gauge, prefix = CounterMetricFamily, GaugeMetricFamily, "asgi_supervise_"
         yield counter(prefix + "worker_starts", "Worker processes spawned.", self.starts)
+        yield counter(
+            prefix + "header_timeouts",
+            "Connections closed without complete request headers (--timeout-request-header).",
+            self.header_timeouts_gone + sum(self.header_timeouts_live.values()),
+        )
         yield _family(counter, "worker_restarts", "Worker exits, by reason.", self.restarts)
         yield _family(gauge, "workers", "Workers by state.", self.states, "state")
         yield _histogram("worker_boot_seconds", "Spawn to ready.", self.boot)

@@ -93,6 +93,7 @@ class Observability:
         self.dir.worker_exited(worker.pid)
         self.metrics.requests.worker_gone(worker.pid)
         self.metrics.worker_exited(worker.exit_reason)
+        self.metrics.header_timeouts_final(worker.pid, worker.header_timeouts)
         if worker.stopping_since is not None:  # it drained: from the stop request to now
             self.metrics.observe_drain(time.monotonic() - worker.stopping_since)
 
@@ -108,6 +109,7 @@ class Observability:
     def sampled(self, workers: list[Worker]) -> None:
         self.metrics.set_worker_states(Counter(w.state.value for w in workers))
         for worker in workers:
+            self.metrics.header_timeouts_seen(worker.pid, worker.header_timeouts)
             if worker.state is State.READY and worker.stop_reason is None:
                 self.metrics.sample_worker(
                     worker.slot, worker.rss, worker.cpu_percent, worker.requests

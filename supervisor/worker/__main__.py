@@ -93,7 +93,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     if settings.proxy_headers:  # outermost, where uvicorn puts its own
         config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
-    server = WorkerServer(config, control, idle_grace)
+    server = WorkerServer(config, control, idle_grace, settings.timeout_request_header)
     if settings.metrics and settings.request_metrics:
         server.request_metrics = RequestMetrics(config.loaded_app)
         config.loaded_app = server.request_metrics.meter  # served directly: no extra call

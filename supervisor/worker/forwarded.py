@@ -1,59 +1,61 @@
-"""X-Forwarded-Proto/For: uvicorn's rules, at a fraction of uvicorn's cost per request.
+"""X-Forwarded-Proto/For: uvicorn's rules, without uvicorn's coroutine on every request.
 
-With proxy headers on, uvicorn wraps the app in its ProxyHeadersMiddleware, a coroutine
-around every request: ~6% of a hello-world request's instructions with no such header,
-~17% with X-Forwarded-For, which it parses and checks against the trusted addresses every
-time. The worker turns uvicorn's off and wraps the app here instead (`_forwarded.c`):
-a request without those headers goes straight to the app; with them, what uvicorn's
-middleware would set depends only on the scope type, the client's host and those
-headers, so `resolve` asks the middleware itself, on just those, and the answer is kept
-for the next request with the same inputs. Trust (--forwarded-allow-ips) and parsing
-stay uvicorn's code. Without the extension, uvicorn's middleware wraps every request, as
-in uvicorn.
+With proxy headers on, uvicorn wraps the app in its ProxyHeadersMiddleware, an `async
+def` around every request: a coroutine frame the server awaits before it reaches the
+app. The worker turns uvicorn's off and wraps the app with `proxy_headers` instead, a
+plain function: it applies the same rules to the scope and returns the app's own
+awaitable, so the server awaits the app with no frame in between. A request without
+either header is passed on after one look at the header names.
+
+Which addresses are trusted (--forwarded-allow-ips) and how X-Forwarded-For is parsed
+stay uvicorn's code (its middleware's `trusted_hosts`); `_apply` is the middleware's
+body, and tests/unit/test_forwarded.py runs every case through both. The uvicorn
+versions this was checked against are pinned in pyproject.toml.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-try:
-    from asgi_supervise.worker._forwarded import Forwarded
-except ImportError:  # no C compiler at install: uvicorn's middleware for every request
-    Forwarded = None
-
-COMPILED = Forwarded is not None
-Resolve = Callable[[str, Any, tuple[tuple[bytes, bytes], ...]], tuple[str | None, Any]]
-
-
-async def _nothing(scope: Any, receive: Any, send: Any) -> None:
-    return None
-
-
-def resolver(trusted: list[str]) -> Resolve:
-    """resolve(type, client, headers) -> (scheme, client): what uvicorn's middleware sets
-    in a scope with these, each None where it sets nothing."""
-    middleware = ProxyHeadersMiddleware(_nothing, trusted_hosts=trusted)
-
-    def resolve(kind: str, client: Any, headers: tuple[tuple[bytes, bytes], ...]) -> Any:
-        scope = {"type": kind, "client": client, "headers": list(headers)}
-        run = middleware(scope, None, None)  # type: ignore[arg-type]
-        try:
-            run.send(None)  # it awaits only _nothing, which returns at once
-        except StopIteration:
-            pass
-        else:
-            run.close()
-            raise RuntimeError("uvicorn's ProxyHeadersMiddleware awaited something")
-        forwarded = scope["client"] if scope["client"] is not client else None
-        return scope.get("scheme"), forwarded
-
-    return resolve
+SCHEMES = frozenset(("http", "https", "ws", "wss"))  # what uvicorn accepts in the header
 
 
 def proxy_headers(app: Any, trusted: list[str]) -> Any:
     """`app` with uvicorn's proxy-headers rules, trusting `trusted` addresses."""
-    proxied = ProxyHeadersMiddleware(app, trusted_hosts=trusted)
-    return proxied if Forwarded is None else Forwarded(app, proxied, resolver(trusted))
+    hosts = ProxyHeadersMiddleware(app, trusted_hosts=trusted).trusted_hosts
+
+    def forwarded(scope: Any, receive: Any, send: Any) -> Any:  # not async: see above
+        for name, _ in scope.get("headers", ()):  # lifespan has none
+            if name in (b"x-forwarded-for", b"x-forwarded-proto"):  # as uvicorn: lower-case
+                _apply(hosts, scope)
+                break
+        return app(scope, receive, send)
+
+    return forwarded
+
+
+def _apply(hosts: Any, scope: Any) -> None:
+    """What uvicorn's ProxyHeadersMiddleware does to `scope` before calling the app."""
+    if scope["type"] == "lifespan":
+        return
+    client = scope.get("client")
+    if (client[0] if client else None) not in hosts:
+        return
+    proto: bytes | None = None
+    hops: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-proto":
+            proto = value
+        elif name == b"x-forwarded-for":
+            hops.append(value)
+    if proto is not None:
+        scheme = proto.decode("latin1").strip()
+        if scheme in SCHEMES:
+            websocket = scope["type"] == "websocket"
+            scope["scheme"] = scheme.replace("http", "ws") if websocket else scheme
+    if hops:
+        host, port = hosts.get_trusted_client_address(b", ".join(hops).decode("latin1"))
+        if host:  # an empty header gives no host: the client stays the proxy
+            scope["client"] = (host, port)

@@ -20,6 +20,7 @@ worker.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -124,6 +125,37 @@ except ImportError:  # built without a C compiler: the same, at ~6x the cost per
     Meter = PythonMeter  # type: ignore[assignment,misc]
 COMPILED = Meter is not PythonMeter
 
+# The uvicorn series the compiled meter was tested under; pyproject.toml pins uvicorn to
+# it, and tests/unit/test_uvicorn_pin.py fails when either moves without the other.
+TESTED_UVICORN = "0.54"
+log = logging.getLogger("asgi_supervise.worker")
+
+
+def uvicorn_tested(version: str) -> bool:
+    return version == TESTED_UVICORN or version.startswith(TESTED_UVICORN + ".")
+
+
+def meter_for(uvicorn_version: str) -> Callable[..., Any]:
+    """The compiled meter under a uvicorn of the tested series, else PythonMeter.
+
+    The compiled meter is no coroutine: it hands the server an awaitable of its own and
+    drives the app's coroutine by hand (send, throw, close, finalisation when a task is
+    dropped). That holds for a server that simply awaits the app, as uvicorn 0.54's
+    protocols do, and its tests drive it that way; a uvicorn that drives apps otherwise
+    could make it miscount, or crash the worker from C. PythonMeter is an ordinary
+    coroutine that measures the same, at a few microseconds more per request: a worker
+    under an untested uvicorn keeps serving and measuring, and says so.
+    """
+    if uvicorn_tested(uvicorn_version) or not COMPILED:
+        return Meter
+    log.warning(
+        "uvicorn %s is not a release asgi-supervise was tested with (%s.x): request "
+        "metrics use the Python meter instead of the compiled one",
+        uvicorn_version,
+        TESTED_UVICORN,
+    )
+    return PythonMeter
+
 
 class RequestMetrics:
     """Request durations, statuses and sizes by route template, folded and delivered.
@@ -135,7 +167,11 @@ class RequestMetrics:
     with a killed worker.
     """
 
-    def __init__(self, app: Any, meter: Callable[..., Any] = Meter) -> None:
+    def __init__(self, app: Any, meter: Callable[..., Any] | None = None) -> None:
+        if meter is None:  # the worker's: the compiled one where it was built and tested
+            from uvicorn import __version__
+
+            meter = meter_for(__version__)
         self.app = app
         self.meter = meter(app, self._websocket, DURATION_BUCKETS, SIZE_BUCKETS)
         self._counts: Counter[str] = Counter()  # requests started minus finished, by method

@@ -22,7 +22,9 @@ from asgi_supervise.worker.uvicorn_options import PASSED_AS_IS
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
 
+log = logging.getLogger("asgi_supervise.worker")
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
+ABSENT = object()  # an attribute a connection does not have
 
 
 class ClosingApp:
@@ -69,12 +71,21 @@ class _CaptureErrors(logging.Filter):
 
 
 class WorkerServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, control: Control, idle_grace: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        control: Control,
+        idle_grace: float,
+        header_timeout: float | None = None,
+    ):
         super().__init__(config)
         self.control = control
         self.idle_grace = idle_grace
         self.reopen_logs = False
         self.request_metrics: RequestMetrics | None = None  # when --metrics is on
+        self.header_timeout = header_timeout  # --timeout-request-header; None: never
+        self.header_timeouts = 0  # connections closed for it, reported in every beat
+        self._awaiting_headers: dict[Any, tuple[Any, float]] = {}  # connection: cycle, since
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -116,14 +127,58 @@ class WorkerServer(uvicorn.Server):
             logs.reopen()
         if self.request_metrics is not None:
             self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
+        if self.header_timeout is not None:
+            self.close_slow_headers(asyncio.get_running_loop().time())
         if counter % HEARTBEAT_TICKS == 0:
-            state = self.server_state
-            beat = {"requests": state.total_requests, "connections": len(state.connections)}
-            self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
+            self.control.offer(self.beat())  # a missed beat: the next one counts
             if self.request_metrics is not None:  # after the beat: it may fill the channel
                 self.request_metrics.deliver(self.control.offer)
             promfiles.deliver(self.control.offer)  # app metrics dropped for want of room
         return await super().on_tick(counter)
+
+    def beat(self) -> dict[str, Any]:
+        """Totals since the worker started: a beat the channel refused loses nothing."""
+        state = self.server_state
+        return {
+            "t": "beat",
+            "requests": state.total_requests,
+            "connections": len(state.connections),
+            "header_timeouts": self.header_timeouts,
+        }
+
+    def close_slow_headers(self, now: float) -> None:
+        """Close HTTP connections whose request headers took longer than `header_timeout`.
+
+        uvicorn times out nothing before a request's headers are in: a connection that
+        sends nothing, or trickles its headers (slowloris), holds its place in
+        --limit-concurrency for ever. A connection awaits headers from when it was
+        accepted, and again from the first byte after a response: until that byte,
+        uvicorn's keep-alive timer runs (--timeout-keep-alive), and any byte cancels it.
+        A request whose headers are in (its body uploading, the app answering) is not
+        awaiting headers. Checked every tick (0.1 s), so a wait is seen to within one,
+        and a request cycle is told from the next by its identity.
+        """
+        awaiting: dict[Any, tuple[Any, float]] = {}
+        limit = self.header_timeout or 0.0
+        for connection in self.server_state.connections:
+            # uvicorn's HTTP/1 connections (h11, httptools, zttp) have both; WebSocket and
+            # HTTP/2 ones do not, and are left alone
+            cycle = getattr(connection, "cycle", ABSENT)
+            if getattr(connection, "timeout_keep_alive_task", ABSENT) is not None:
+                continue  # idle under the keep-alive timer, or not HTTP/1
+            if cycle is ABSENT or (cycle is not None and not cycle.response_complete):
+                continue  # a request in progress: its headers are in
+            if connection.transport.is_closing():
+                continue
+            noted = self._awaiting_headers.get(connection)
+            since = noted[1] if noted is not None and noted[0] is cycle else now
+            if now - since < limit:
+                awaiting[connection] = cycle, since
+                continue
+            connection.transport.close()  # uvicorn's connection_lost does the rest
+            self.header_timeouts += 1
+            log.debug("closed a connection: no request headers within %gs", limit)
+        self._awaiting_headers = awaiting
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
@@ -150,7 +205,8 @@ class WorkerServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         while self.server_state.tasks and not self.force_exit:
             await asyncio.sleep(0.05)
-        if self.request_metrics is not None:  # the last second's requests, before exiting
+        self.control.offer(self.beat(), 1.0)  # the last second's counts, before exiting
+        if self.request_metrics is not None:  # the last second's requests, too
             self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
         promfiles.deliver(lambda message: self.control.offer(message, 1.0))
         if not self.force_exit:
