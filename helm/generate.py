@@ -116,9 +116,53 @@ SECONDS = {"type": "number", "minimum": 0}
 POSITIVE = {"type": "integer", "minimum": 1}
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 QUANTITY = {"anyOf": [{"type": "string", "pattern": r"^[0-9.]+[a-zA-Z]*$"}, {"type": "number"}]}
-# Kubernetes objects passed through as they are (kubernetes-validate checks them rendered).
-K8S_LIST = {"type": "array", "items": {"type": "object"}}
-K8S_OBJECT = {"type": "object"}
+K8S_VERSION = "1.35.0"  # whose object schemas the values that are Kubernetes objects use
+_k8s_defs: dict[str, Any] = {}
+
+
+def k8s(kind: str) -> dict[str, Any]:
+    """A Kubernetes object (io.k8s.api.core.v1.Toleration), closed as Kubernetes closes it:
+    its definition and every one it refers to, from kubernetes-validate's strict schemas,
+    go into the values schema's $defs (descriptions dropped)."""
+    import kubernetes_validate
+
+    if not _k8s_defs:
+        folder = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+        strict = folder / f"v{K8S_VERSION}-local-strict" / "_definitions.json"
+        _k8s_defs["all"] = json.loads(strict.read_text())["$defs"]
+        _k8s_defs["used"] = {}
+
+    def copy_def(name: str) -> None:
+        if name in _k8s_defs["used"]:
+            return
+        _k8s_defs["used"][name] = None  # placeholder: refers to itself at times
+        _k8s_defs["used"][name] = walk(_k8s_defs["all"][name])
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "description" and isinstance(value, str):
+                    continue
+                if key == "$ref":
+                    target = value.rsplit("/", 1)[1]
+                    copy_def(target)
+                    value = f"#/$defs/{target}"
+                out[key] = walk(value) if key != "$ref" else value
+            return out
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return node
+
+    copy_def(kind)
+    return {"$ref": f"#/$defs/{kind}"}
+
+
+def k8s_list(kind: str) -> dict[str, Any]:
+    return {"type": "array", "items": k8s(kind)}
+
+
+CORE = "io.k8s.api.core.v1."
 
 
 def probe(description: str) -> dict[str, Any]:
@@ -135,7 +179,7 @@ def probe(description: str) -> dict[str, Any]:
 
 def values_schema() -> dict[str, Any]:
     resources_side = obj({"cpu": QUANTITY, "memory": QUANTITY, "ephemeral-storage": QUANTITY})
-    return obj(
+    schema = obj(
         {
             "nameOverride": STR,
             "fullnameOverride": STR,
@@ -198,15 +242,19 @@ def values_schema() -> dict[str, Any]:
             "extraEnv": {
                 "type": "array",
                 "items": obj(
-                    {"name": {"type": "string", "minLength": 1}, "value": STR, "valueFrom": K8S_OBJECT},
+                    {
+                        "name": {"type": "string", "minLength": 1},
+                        "value": STR,
+                        "valueFrom": k8s(CORE + "EnvVarSource"),
+                    },
                     required=("name",),
                 ),
             },
-            "envFrom": K8S_LIST,
+            "envFrom": k8s_list(CORE + "EnvFromSource"),
             "resources": obj({"requests": resources_side, "limits": resources_side}),
             "tmpSizeLimit": QUANTITY,
             "readOnlyRootFilesystem": BOOL,
-            "podSecurityContext": K8S_OBJECT,
+            "podSecurityContext": k8s(CORE + "PodSecurityContext"),
             "probes": obj(
                 {
                     "startup": probe("/readyz until the first workers are ready"),
@@ -283,12 +331,14 @@ def values_schema() -> dict[str, Any]:
                 }
             ),
             "nodeSelector": STRING_MAP,
-            "tolerations": K8S_LIST,
-            "affinity": K8S_OBJECT,
+            "tolerations": k8s_list(CORE + "Toleration"),
+            "affinity": k8s(CORE + "Affinity"),
         },
         required=("image", "app", "profile", "workers", "ports", "drain", "probes", "service"),
-        **{"$schema": "http://json-schema.org/draft-07/schema#"},
+        **{"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
+    schema["$defs"] = dict(sorted(_k8s_defs["used"].items()))
+    return schema
 
 
 def outputs() -> dict[Path, str]:

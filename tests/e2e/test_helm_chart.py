@@ -372,6 +372,11 @@ BAD_VALUES = {
         {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
         "autoscaling.maxReplicas (2) is below",
     ),
+    "typo in a Kubernetes object": (
+        {"podSecurityContext": {"runAsUserr": 1}},
+        "at '/podSecurityContext': additional properties 'runAsUserr' not allowed",
+    ),
+    "toleration of the wrong type": ({"tolerations": [{"key": 1}]}, "at '/tolerations/0/key'"),
     "probe without a period": ({"probes": {"readiness": {"periodSeconds": None}}}, "periodSeconds"),
 }
 
