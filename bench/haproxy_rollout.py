@@ -12,8 +12,9 @@ turns 503 the moment SIGTERM arrives while the workers keep serving for --drain-
 with plain `uvicorn --workers 2` (health check on the app: uvicorn has no readiness of its
 own and stops accepting at SIGTERM).
 
-HAProxy does not retry a request that reached a server (`retries 0`): like a Service's
-kube-proxy, a request sent to an instance that is going away fails visibly.
+By default HAProxy does not retry (`retries 0`): like a Service's kube-proxy, a request
+sent to an instance that is going away fails visibly. `--retries 3` gives the forgiving
+setup of many ingress proxies (retry a failed connection, on another server).
 
   .venv/bin/python bench/haproxy_rollout.py                 # both servers, 3 rounds each
   .venv/bin/python bench/haproxy_rollout.py --rounds 1 --servers asgi-supervise
@@ -168,7 +169,8 @@ defaults
     timeout client 30s
     timeout server 30s
     timeout http-keep-alive 30s
-    retries 0
+    retries {retries}
+    {redispatch}
 frontend fe
     bind 127.0.0.1:{frontend}
     default_backend pods
@@ -197,11 +199,12 @@ class Result:
 class LoadBalanced:
     """HAProxy and two instances of `server`, all on loopback ports; cleaned up on exit."""
 
-    def __init__(self, server: str, workdir: Path):
+    def __init__(self, server: str, workdir: Path, retries: int = 0):
         if shutil.which("haproxy") is None:
             raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
         self.server = server
         self.workdir = workdir
+        self.retries = retries
         self.frontend = free_port()
         self.instances = [
             Instance(server, "1", free_port(), 0, workdir / f"{server}-{slot}.log")
@@ -225,6 +228,7 @@ class LoadBalanced:
         config.write_text(
             HAPROXY_CONFIG.format(
                 workdir=self.workdir, frontend=self.frontend, servers=servers,
+                retries=self.retries, redispatch="option redispatch" if self.retries else "",
                 check_path=self.instances[0].check_path, inter=CHECK_INTER_MS, fall=CHECK_FALL,
             )
         )  # fmt: skip
@@ -277,8 +281,8 @@ class LoadBalanced:
 
 
 @contextlib.contextmanager
-def load_balanced(server: str, workdir: Path) -> Iterator[LoadBalanced]:
-    lb = LoadBalanced(server, workdir)
+def load_balanced(server: str, workdir: Path, retries: int = 0) -> Iterator[LoadBalanced]:
+    lb = LoadBalanced(server, workdir, retries)
     try:
         lb.start()
         yield lb
@@ -286,10 +290,12 @@ def load_balanced(server: str, workdir: Path) -> Iterator[LoadBalanced]:
         lb.stop()
 
 
-def rollout(server: str, workdir: Path, rate: float = 200, clients: int = 8) -> Result:
+def rollout(
+    server: str, workdir: Path, rate: float = 200, clients: int = 8, retries: int = 0
+) -> Result:
     """One rollout from version 1 to 2 under load; then 400 requests on the new version."""
     result = Result(server)
-    with load_balanced(server, workdir) as lb:
+    with load_balanced(server, workdir, retries) as lb:
         with Load(
             lb.frontend, rate=rate, clients=clients, path="/version", max_seconds=120
         ) as load:
@@ -319,12 +325,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--retries", type=int, default=0, help="HAProxy's retries (0: none)")
     args = parser.parse_args()
     results: dict[str, list[Result]] = {}
     for round_ in range(args.rounds):
         for server in args.servers.split(","):
             with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
-                result = rollout(server, Path(tmp), rate=args.rate)
+                result = rollout(server, Path(tmp), rate=args.rate, retries=args.retries)
             results.setdefault(server, []).append(result)
             print(
                 f"round {round_ + 1} {server:15} failed {result.failed:4}/{result.total:5} "
