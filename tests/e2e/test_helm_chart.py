@@ -59,6 +59,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 }
 
 
+HELM_ENV: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     binary = os.environ.get("HELM") or shutil.which("helm")
@@ -69,7 +72,8 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         )  # fmt: skip
         binary = fetched.stdout.strip().splitlines()[-1]
     home = tmp_path_factory.mktemp("helm-home")  # no cache or config from the user's home
-    os.environ.update(
+    HELM_ENV.update(
+        os.environ,
         HELM_CACHE_HOME=str(home / "cache"),
         HELM_CONFIG_HOME=str(home / "config"),
         HELM_DATA_HOME=str(home / "data"),
@@ -82,7 +86,7 @@ def run_helm(helm: list[str], tmp_path: Path, values: dict[str, Any], *args: str
     values_file.write_text(json.dumps(values))  # JSON is YAML
     return subprocess.run(
         [*helm, *args, str(CHART), "-f", str(values_file)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=HELM_ENV,
     )  # fmt: skip
 
 
