@@ -1,8 +1,9 @@
 """Write the chart's generated files from the product itself, so they cannot drift:
 
-- ``asgi-supervise/files/profiles.json``: each built-in profile's effective settings
-  (what ``asgi-supervise config --json --profile NAME`` says), which the templates read to
-  derive the drain delay and terminationGracePeriodSeconds the pod will really use.
+- ``asgi-supervise/files/profiles.json``: each built-in profile's effective drain
+  settings (what ``asgi-supervise config --json --profile NAME`` says) and the product's
+  fixed drain overhead (its kill grace and margins), which the templates read to derive
+  the drain delay and terminationGracePeriodSeconds the pod will really use.
 - ``asgi-supervise/values.schema.json``: the values schema. Every level is closed
   (``additionalProperties: false``); the ``config`` map accepts exactly the settings the
   chart has no first-class value for, typed as the settings model types them.
@@ -54,18 +55,31 @@ CHART_OWNED = {
     "db_reserved_connections": "database.reservedConnections",
     "db_pool_size": "database.poolSize",
 }
-# What the templates need from each profile.
-PROFILE_KEYS = ("drain_delay", "graceful_timeout", "workers", "log_format", "reload")
+# What the templates need from each profile (shutdown_timeout: where the product has it).
+PROFILE_KEYS = ("drain_delay", "graceful_timeout", "shutdown_timeout", "workers", "log_format")
 
 
-def profile_settings() -> dict[str, dict[str, Any]]:
+def drain_overhead() -> float:
+    """Seconds a drain may take beyond drain delay + graceful timeout + shutdown timeout:
+    the product's own constants, so the chart's grace period cannot drift from them."""
+    try:  # the full account: cancel wait, exit margin, kill grace
+        from asgi_supervise import drain  # type: ignore[attr-defined]
+
+        return drain.CANCEL_WAIT + drain.EXIT_MARGIN + drain.KILL_GRACE
+    except ImportError:  # the graceful timeout, then SIGKILL after the kill grace
+        from asgi_supervise.master.policy import KILL_GRACE
+
+        return KILL_GRACE
+
+
+def profile_settings() -> dict[str, Any]:
     out = {}
     with tempfile.TemporaryDirectory() as empty:  # no asgi-supervise.toml, no environment
         for name in profiles.names():
             loaded = sources.load({}, profile=name, environ={}, cwd=Path(empty))
             values = loaded.settings.model_dump(mode="json")
-            out[name] = {key: values[key] for key in PROFILE_KEYS}
-    return out
+            out[name] = {key: values[key] for key in PROFILE_KEYS if key in values}
+    return {"drain_overhead_s": drain_overhead(), "profiles": out}
 
 
 def _kebab(name: str) -> str:
@@ -214,10 +228,9 @@ def values_schema() -> dict[str, Any]:
                     "delaySeconds": nullable(SECONDS),
                     "gracefulTimeoutSeconds": nullable(SECONDS),
                     "endpointPropagationSeconds": SECONDS,
-                    "shutdownBoundSeconds": SECONDS,
                     "marginSeconds": SECONDS,
                 },
-                required=("endpointPropagationSeconds", "shutdownBoundSeconds", "marginSeconds"),
+                required=("endpointPropagationSeconds", "marginSeconds"),
             ),
             "terminationGracePeriodSeconds": nullable({"type": "integer", "minimum": 1}),
             "recycling": obj(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -121,15 +122,28 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
-def effective_settings(tmp_path: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the master in the pod would run with: the real CLI reading the rendered file."""
+def effective_config(tmp_path: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`asgi-supervise config --json` on the rendered file: what the pod's master runs with."""
     path = tmp_path / "asgi-supervise.toml"
     path.write_text(config_file(docs))
     args = container(docs)["args"]
     assert args[:3] == ["run", "--config", CONFIG_PATH], args
     done = run_cli("config", "--json", "--config", str(path), env={"TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr
-    return {k: v["value"] for k, v in json.loads(done.stdout)["settings"].items()}
+    return json.loads(done.stdout)
+
+
+def effective_settings(tmp_path: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: v["value"] for k, v in effective_config(tmp_path, docs)["settings"].items()}
+
+
+def worst_case_drain(document: dict[str, Any]) -> float:
+    """SIGTERM to exit at worst, as the product counts it (`config --json` states it once
+    the drain account exists; before, the graceful timeout then the kill grace)."""
+    if "drain" in document:
+        return document["drain"]["worst_case_s"]
+    s = {k: v["value"] for k, v in document["settings"].items()}
+    return s["drain_delay"] + s["graceful_timeout"] + KILL_GRACE
 
 
 def test_generated_files_are_up_to_date():
@@ -198,7 +212,8 @@ def test_grace_period_covers_the_worst_case_drain(helm, tmp_path, profile):
     """Per profile, against what `asgi-supervise config --profile X` says the profile is:
     the profile's numbers are not copied into the chart by hand."""
     docs = render(helm, tmp_path, {"profile": profile})
-    settings = effective_settings(tmp_path, docs)
+    document = effective_config(tmp_path, docs)
+    settings = {k: v["value"] for k, v in document["settings"].items()}
     done = run_cli("config", "--json", "--profile", profile, env={"TMPDIR": str(tmp_path)})
     profile_says = {k: v["value"] for k, v in json.loads(done.stdout)["settings"].items()}
     assert settings["graceful_timeout"] == profile_says["graceful_timeout"]
@@ -208,19 +223,20 @@ def test_grace_period_covers_the_worst_case_drain(helm, tmp_path, profile):
     # and endpoint removal then needs to propagate (values.yaml: 2 s) before the drain
     # delay ends and the workers stop accepting.
     assert settings["drain_delay"] >= readiness["periodSeconds"] * readiness["failureThreshold"] + 2
-    worst = settings["drain_delay"] + settings["graceful_timeout"] + KILL_GRACE
+    worst = worst_case_drain(document)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= worst + 5, (grace, worst)  # shutdown bound and margin on top
+    assert grace >= worst + 5, (grace, worst)  # drain.marginSeconds on top
     if profile == "streaming":
         assert grace >= 70
 
 
 def test_drain_overrides_move_the_grace_period(helm, tmp_path):
     docs = render(helm, tmp_path, VALUE_SETS["custom-config"])
-    settings = effective_settings(tmp_path, docs)
+    document = effective_config(tmp_path, docs)
+    settings = {k: v["value"] for k, v in document["settings"].items()}
     assert (settings["drain_delay"], settings["graceful_timeout"]) == (8, 40)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace == 8 + 40 + 5 + 5
+    assert grace == math.ceil(worst_case_drain(document) + 5)  # the margin, no more
 
 
 def test_every_value_reaches_the_process(helm, tmp_path):

@@ -57,16 +57,19 @@ With the HPA on that is its maxReplicas, not today's count.
 
 {{- /*
 The drain the pod will really do, as JSON: the profile's numbers (files/profiles.json,
-generated from the profiles by helm/generate.py) unless the values override them.
+generated from the profiles and the product's constants by helm/generate.py) unless the
+values override them.
 
   minDelay = readiness period x failureThreshold (a draining pod's 503s take that long to
              pull it) + endpoint propagation (kube-proxy, ingress controllers)
   delay    = drain.delaySeconds, or the profile's raised to minDelay
-  grace    = delay + graceful timeout + shutdown bound + margin, rounded up
+  worst    = delay + graceful timeout + shutdown timeout + the product's fixed overhead
+             (cancel wait, abort and kill grace): SIGTERM to exit at worst
+  grace    = worst + drain.marginSeconds, rounded up
 */ -}}
 {{- define "asgi-supervise.drain" -}}
-{{- $profiles := .Files.Get "files/profiles.json" | fromJson -}}
-{{- $profile := get $profiles .Values.profile -}}
+{{- $generated := .Files.Get "files/profiles.json" | fromJson -}}
+{{- $profile := get $generated.profiles .Values.profile -}}
 {{- if not $profile -}}
 {{- fail (printf "profile: %q is not in files/profiles.json (run helm/generate.py)" .Values.profile) -}}
 {{- end -}}
@@ -84,15 +87,27 @@ generated from the profiles by helm/generate.py) unless the values override them
 {{- if not (kindIs "invalid" $d.gracefulTimeoutSeconds) -}}
 {{- $graceful = float64 $d.gracefulTimeoutSeconds -}}
 {{- end -}}
-{{- $needed := ceil (addf $delay $graceful $d.shutdownBoundSeconds $d.marginSeconds) | int -}}
+{{- $shutdown := 0.0 -}}
+{{- if hasKey $profile "shutdown_timeout" -}}
+{{- $shutdown = $profile.shutdown_timeout -}}
+{{- end -}}
+{{- if hasKey .Values.config "shutdown-timeout" -}}
+{{- $configured := index .Values.config "shutdown-timeout" -}}
+{{- if not (kindIs "invalid" $configured) -}}
+{{- $shutdown = float64 $configured -}}
+{{- end -}}
+{{- end -}}
+{{- $overhead := $generated.drain_overhead_s -}}
+{{- $worst := addf $delay $graceful $shutdown $overhead -}}
+{{- $needed := ceil (addf $worst $d.marginSeconds) | int -}}
 {{- $grace := $needed -}}
 {{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) -}}
 {{- if lt (int .Values.terminationGracePeriodSeconds) $needed -}}
-{{- fail (printf "terminationGracePeriodSeconds (%v) is too short for this drain: needs at least %v = drain delay %v + graceful timeout %v + shutdown bound %v + margin %v (profile %s); raise it or leave it null to derive it" .Values.terminationGracePeriodSeconds $needed $delay $graceful $d.shutdownBoundSeconds $d.marginSeconds .Values.profile) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) is too short for this drain: needs at least %v = drain delay %v + graceful timeout %v + shutdown timeout %v + kill overhead %v + margin %v (profile %s); raise it or leave it null to derive it" .Values.terminationGracePeriodSeconds $needed $delay $graceful $shutdown $overhead $d.marginSeconds .Values.profile) -}}
 {{- end -}}
 {{- $grace = int .Values.terminationGracePeriodSeconds -}}
 {{- end -}}
-{{- dict "delay" $delay "graceful" $graceful "grace" $grace "needed" $needed "minDelay" $minDelay | toJson -}}
+{{- dict "delay" $delay "graceful" $graceful "shutdown" $shutdown "worst" $worst "grace" $grace "needed" $needed "minDelay" $minDelay | toJson -}}
 {{- end -}}
 
 {{- /* One `key = value` line of TOML; JSON scalars and arrays of them are valid TOML. */ -}}
