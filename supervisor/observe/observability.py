@@ -7,6 +7,7 @@ metrics and answers probes. With `--no-metrics` every call is a no-op (`OFF`).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,22 @@ class _Off:
 OFF: Any = _Off()
 
 
+def writable_tempdir() -> str:
+    """The temp directory the workers' metrics files go to by default (``TMPDIR``, /tmp, ...).
+
+    On a read-only root filesystem with no writable volume there is none; the error then
+    says what to set rather than tempfile's "No usable temporary directory found".
+    """
+    try:
+        return tempfile.gettempdir()
+    except FileNotFoundError as exc:
+        raise OSError(
+            f"no writable directory for the workers' metrics files ({exc}): set "
+            "--multiproc-dir (ASGI_SUPERVISE_MULTIPROC_DIR) or TMPDIR to a writable "
+            "directory, e.g. a tmpfs or, in Kubernetes, an emptyDir volume"
+        ) from None
+
+
 class Observability:
     def __init__(self, settings: Settings, plan: Plan):
         self.settings = settings
@@ -58,6 +75,8 @@ class Observability:
         from asgi_supervise.observe.multiproc import MultiprocDir
 
         self.metrics = metrics = SupervisorMetrics()
+        if s.multiproc_dir is None:
+            writable_tempdir()
         self.dir = MultiprocDir.create(s.multiproc_dir)
         metrics.set_plan(self.plan.to_dict())
         app = HealthApp(
