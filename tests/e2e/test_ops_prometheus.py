@@ -291,7 +291,7 @@ def test_dashboard_and_alerts_on_a_real_prometheus(supervisor, prometheus, tmp_p
     traffic = Traffic(master.port)
     try:
         # Scraped a few times first, so the events below are changes Prometheus sees.
-        scraped = 'count_over_time(up{job="%s"}[1m]) >= 3' % JOB
+        scraped = f'count_over_time(up{{job="{JOB}"}}[1m]) >= 3'
         wait_until(lambda: prom.api("query", query=scraped)["result"], 20, "3 scrapes")
         # A worker dies (crash restart, a boot), then a rolling reload (drains, a reload).
         os.kill(min(master.worker_pids()), signal.SIGKILL)
