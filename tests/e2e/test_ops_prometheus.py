@@ -220,7 +220,6 @@ def prometheus(tmp_path: Path):
     def start(target_port: int) -> Prometheus:
         server = Prometheus(tmp_path, target_port)
         started.append(server)
-        wait_until(server.ready, 30, lambda: f"Prometheus ready\n{server.log()}")
         return server
 
     yield start
@@ -254,7 +253,7 @@ class Traffic:
         for _ in range(1000):
             if self.stop.is_set():
                 return
-            try_get(self.port, "/slow?s=2", timeout=5)
+            try_get(self.port, "/slow?s=1", timeout=5)
 
     def websocket(self) -> None:
         from websockets.sync.client import connect
@@ -281,18 +280,19 @@ def test_dashboard_and_alerts_on_a_real_prometheus(supervisor, prometheus, tmp_p
     broken = tmp_path / "broken-flag"
     args = (
         "opsapp:app", "--workers", "2", "--metrics", "--metrics-port", str(metrics_port),
-        "--drain-delay", "4", "--graceful-timeout", "5", "--restart-backoff-max", "1",
+        "--drain-delay", "3", "--graceful-timeout", "5", "--restart-backoff-max", "1",
     )  # fmt: skip
     env = {"OPSAPP_BROKEN_FLAG": str(broken)}
+    prom = prometheus(metrics_port)  # its first scrapes fail until the master is up
     master = supervisor(*args, env=env)
     master.wait_ready(2)
     start = time.time()
-    prom = prometheus(metrics_port)
     traffic = Traffic(master.port)
     try:
+        wait_until(prom.ready, 30, lambda: f"Prometheus ready\n{prom.log()}")
         # Scraped a few times first, so the events below are changes Prometheus sees.
-        scraped = f'count_over_time(up{{job="{JOB}"}}[1m]) >= 3'
-        wait_until(lambda: prom.api("query", query=scraped)["result"], 20, "3 scrapes")
+        scraped = f'count_over_time(up{{job="{JOB}"}}[1m]) >= 2'
+        wait_until(lambda: prom.api("query", query=scraped)["result"], 20, "2 scrapes")
         # A worker dies (crash restart, a boot), then a rolling reload (drains, a reload).
         os.kill(min(master.worker_pids()), signal.SIGKILL)
         wait_until(lambda: master.log().count(" ready in ") >= 3, 20, master.log)
@@ -327,7 +327,7 @@ def test_dashboard_and_alerts_on_a_real_prometheus(supervisor, prometheus, tmp_p
         master.wait_exit(30)
         traffic.end()
         again = supervisor(*args, env=env)
-        again.wait_ready(2)
+        again.wait_ready(1)
         wait_until(lambda: prom.alerts("AsgiSuperviseNotReady") == set(), 20, "ready again")
         wait_until(lambda: prom.alerts("AsgiSuperviseCrashLoop") == set(), 30, "crash loop over")
     finally:
