@@ -274,6 +274,11 @@ class Traffic:
             thread.join(10)
 
 
+def reloading(metrics_port: int) -> bool:
+    answer = try_get(metrics_port, "/status")
+    return answer is None or json.loads(answer[1])["master"]["reloading"]
+
+
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian: prometheus)")
 def test_dashboard_and_alerts_on_a_real_prometheus(supervisor, prometheus, tmp_path):
     metrics_port = free_port()
@@ -317,6 +322,9 @@ def test_dashboard_and_alerts_on_a_real_prometheus(supervisor, prometheus, tmp_p
 
         wait_until(reload_until_firing, 40, lambda: f"crash loop alert\n{master.log()}", 1.0)
         broken.unlink()
+        # Our last SIGHUP may still be booting old (broken) code: a SIGHUP now would be
+        # folded into that reload and dropped with it when it aborts. Wait for it to end.
+        wait_until(lambda: not reloading(metrics_port), 30, "the failed reload to end")
         master.signal(signal.SIGHUP)
         wait_until(lambda: master.log().count("reload complete") >= 2, 30, master.log)
         wait_until(lambda: prom.alerts("AsgiSuperviseNotReady") == set(), 20, "ready")
