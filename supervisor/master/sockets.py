@@ -148,8 +148,13 @@ def from_systemd(environ: MutableMapping[str, str]) -> list[socket.socket]:
         environ.pop(name, None)
     if not (count.isdigit() and pid.isdigit()) or int(pid) != os.getpid():
         return []
-    fds = range(LISTEN_FDS_START, LISTEN_FDS_START + int(count))
-    return [_from_fd(fd) for fd in fds]
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        try:
+            sockets.append(_from_fd(fd))
+        except BindError as exc:
+            raise BindError(f"socket activation (LISTEN_FDS={count}): {exc}") from None
+    return sockets
 
 
 def describe(sock: socket.socket) -> str:

@@ -32,7 +32,7 @@ from conftest import REPO, free_port, try_get, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 RULES = REPO / "deploy" / "prometheus" / "asgi-supervise-rules.yaml"
-RULE_TESTS = REPO / "deploy" / "prometheus" / "asgi-supervise-rules.test.yaml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "tests" / "asgi-supervise-rules.test.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "asgi-supervise.json"
 PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
 JOB = "asgi"
