@@ -153,7 +153,8 @@ def from_systemd(environ: MutableMapping[str, str]) -> list[socket.socket]:
         try:
             sockets.append(_from_fd(fd))
         except BindError as exc:
-            raise BindError(f"socket activation (LISTEN_FDS={count}): {exc}") from None
+            message = f"socket activation passed fd {fd} (LISTEN_FDS={count}), but {exc}"
+            raise BindError(message, exc.setting) from None
     return sockets
 
 

@@ -215,3 +215,19 @@ def test_restart_with_the_socket_held_refuses_no_connection(activate, held_socke
     assert results["none", "200"] > 0, dict(results)  # connected with no master at all
     second.process.send_signal(signal.SIGTERM)
     assert second.process.wait(20) == 0, second.log()
+
+
+def test_a_passed_descriptor_that_is_not_a_listening_socket_is_a_usage_error(tmp_path):
+    read, write = os.pipe()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
+        result = subprocess.run(
+            [sys.executable, "-c", LAUNCH, str(read), "testapp:app"],
+            cwd=APPS, env=env, pass_fds=(read,), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.close(read)
+        os.close(write)
+    assert result.returncode == 2, result.stderr
+    assert "socket activation passed fd 3 (LISTEN_FDS=1), but" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
