@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import MutableMapping
 
 from asgi_supervise.config.settings import Settings
 
@@ -32,6 +33,9 @@ def _reason(exc: OSError) -> str:
 def bind(settings: Settings) -> list[socket.socket]:
     """The listening sockets, not inheritable: `workers.spawn` passes them to each worker
     (pass_fds), and nothing else the master starts may hold the port."""
+    activated = from_systemd(os.environ)
+    if activated:
+        return activated
     if settings.fd is not None:
         return [_from_fd(settings.fd)]
     if settings.uds:
@@ -125,6 +129,33 @@ def _from_fd(fd: int) -> socket.socket:
         raise BindError("it is not a listening socket", "fd")
     sock.set_inheritable(False)
     return sock
+
+
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: systemd passes sockets from fd 3 on
+
+
+def from_systemd(environ: MutableMapping[str, str]) -> list[socket.socket]:
+    """The listening sockets systemd passed (socket activation, sd_listen_fds(3)).
+
+    Used only when LISTEN_PID is this process: variables inherited from a parent that was
+    itself activated are not for us. The variables are removed either way, so workers and
+    anything the app spawns never see them. Each fd then goes the `--fd` way (checked to be
+    a listening socket), and these sockets replace --host/--port, --uds and --fd: the
+    socket unit decides the addresses, and systemd keeps them open across restarts.
+    """
+    count, pid = environ.get("LISTEN_FDS", ""), environ.get("LISTEN_PID", "")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not (count.isdigit() and pid.isdigit()) or int(pid) != os.getpid():
+        return []
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        try:
+            sockets.append(_from_fd(fd))
+        except BindError as exc:
+            message = f"socket activation passed fd {fd} (LISTEN_FDS={count}), but {exc}"
+            raise BindError(message, exc.setting) from None
+    return sockets
 
 
 def describe(sock: socket.socket) -> str:
