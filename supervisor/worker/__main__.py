@@ -22,7 +22,7 @@ import traceback
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, cast
 
-from asgi_supervise import logs
+from asgi_supervise import drain, logs
 from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker import apploader, forwarded
 from asgi_supervise.worker.meter import RequestMetrics
@@ -85,7 +85,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     if settings.proxy_headers:  # outermost, where uvicorn puts its own
         config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
-    server = WorkerServer(config, control, idle_grace)
+    server = WorkerServer(config, control, idle_grace, drain.of(settings))
     if settings.metrics and settings.request_metrics:
         server.request_metrics = RequestMetrics(config.loaded_app)
         config.loaded_app = server.request_metrics.meter  # served directly: no extra call

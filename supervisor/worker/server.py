@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from asgi_supervise import logs
+from asgi_supervise.drain import CANCEL_WAIT, DrainTimes
 from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker.meter import RequestMetrics
 
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
 
+logger = logging.getLogger("uvicorn.error")
+
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
+POLL = 0.05  # seconds between looks at the connections while draining
 
 
 class ClosingApp:
@@ -67,12 +71,28 @@ class _CaptureErrors(logging.Filter):
 
 
 class WorkerServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, control: Control, idle_grace: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        control: Control,
+        idle_grace: float,
+        drain: DrainTimes | None = None,
+    ):
         super().__init__(config)
         self.control = control
         self.idle_grace = idle_grace
+        self.drain = drain or DrainTimes(0.0, 1.0, 30.0, 5.0)
         self.reopen_logs = False
         self.request_metrics: RequestMetrics | None = None  # when --metrics is on
+        self.cut = 0  # requests still running at the graceful timeout: cancelled
+        self.paused = False  # the master asked us to stop accepting (we hold more than our share)
+        self._listeners: list[socket.socket] = []  # our own copies, to accept again after a pause
+        self._last_connections = -1
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        super().run(sockets=sockets)
+        if self.cut:  # the master tells a clean drain from one that cut requests by this
+            raise SystemExit(Exit.UNCLEAN)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -105,8 +125,63 @@ class WorkerServer(uvicorn.Server):
             raise SystemExit(Exit.BOOT_FAILURE) from None
         finally:
             error_log.removeFilter(errors)
+        if sockets is not None and len(sockets) == len(self.servers):
+            self._listeners = [sock.dup() for sock in sockets]
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.control.sock.fileno(), self._on_control)
         metrics = self.request_metrics
         self.control.send("ready", meter=metrics and type(metrics.meter).__qualname__)
+
+    # --- what the master says ---------------------------------------------------------
+
+    def _on_control(self) -> None:
+        messages, eof = self.control.poll()
+        if eof:  # the master is gone: PR_SET_PDEATHSIG ends us
+            asyncio.get_running_loop().remove_reader(self.control.sock.fileno())
+        for message in messages:
+            kind = message.get("t")
+            if kind == "pause" and not self.should_exit:
+                self.pause_accepting()
+            elif kind == "resume" and not self.should_exit:
+                asyncio.get_running_loop().create_task(self.resume_accepting())
+
+    def pause_accepting(self) -> None:
+        """Stop taking connections from the shared queue; the other workers take them.
+
+        Only this process's listening descriptors close: the socket, and every connection
+        waiting in its queue, stay with the master's and the other workers' copies (unlike
+        SO_REUSEPORT, where a closing socket's queue is lost)."""
+        if self.paused or not self._listeners:
+            return
+        self.paused = True
+        for server in self.servers:
+            server.close()
+
+    async def resume_accepting(self) -> None:
+        if not self.paused or self.should_exit:
+            return
+        self.paused = False
+        config, loop = self.config, asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        servers = []
+        for listener in self._listeners:
+            server = await loop.create_server(
+                create_protocol, sock=listener.dup(), ssl=config.ssl, backlog=config.backlog
+            )
+            servers.append(server)
+        if self.should_exit or self.paused:  # drained or paused again meanwhile
+            for server in servers:
+                server.close()
+            return
+        self.servers = servers
 
     async def on_tick(self, counter: int) -> bool:
         if self.reopen_logs:
@@ -114,20 +189,36 @@ class WorkerServer(uvicorn.Server):
             logs.reopen()
         if self.request_metrics is not None:
             self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
-        if counter % HEARTBEAT_TICKS == 0:
-            state = self.server_state
-            beat = {"requests": state.total_requests, "connections": len(state.connections)}
+        connections = len(self.server_state.connections)
+        if counter % HEARTBEAT_TICKS == 0 or connections != self._last_connections:
+            # Once a second, and within a tick of a change: the master balances on it.
+            self._last_connections = connections
+            beat = {"requests": self.server_state.total_requests, "connections": connections}
             self.control.offer({"t": "beat", **beat})  # a missed beat: the next one counts
-            if self.request_metrics is not None:  # after the beat: it may fill the channel
-                self.request_metrics.deliver(self.control.offer)
+            if self.request_metrics is not None and counter % HEARTBEAT_TICKS == 0:
+                self.request_metrics.deliver(self.control.offer)  # after the beat: it may fill
         return await super().on_tick(counter)
 
+    # --- draining -----------------------------------------------------------------------
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
+        """uvicorn's shutdown, except that idle keep-alive connections are not cut mid-race,
+        streams are told to end, and the graceful timeout ends the app, not the process.
+
+        From SIGTERM: WebSockets get 1012 at once; each keep-alive connection's next
+        response says `Connection: close`; streaming responses get `http.disconnect` after
+        `stream_grace` and, once their handler returns, a proper end of body; at `graceful_timeout`
+        what still runs is cancelled (counted in `cut`: the exit code says so); then the
+        lifespan shutdown runs, bounded by `shutdown_timeout`.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(self.control.sock.fileno())
         for server in self.servers:
             server.close()
-        for sock in sockets or []:
-            sock.close()
+        for sock in [*(sockets or []), *self._listeners]:
+            sock.close()  # every copy: the kernel refuses new connections once all are shut
         http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
         for connection in list(self.server_state.connections):
             if isinstance(connection, http):
@@ -137,24 +228,147 @@ class WorkerServer(uvicorn.Server):
             else:
                 connection.shutdown()  # WebSockets: close 1012 (service restart)
 
-        loop = asyncio.get_running_loop()
-        idle_deadline = loop.time() + self.idle_grace
-        while self.server_state.connections and not self.force_exit:
-            if loop.time() >= idle_deadline:
+        ended = StreamEnder(http)
+        idle_deadline = started + self.idle_grace
+        stream_deadline = started + self.drain.stream_grace
+        deadline = started + self.drain.graceful_timeout
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            now = loop.time()
+            if now >= deadline:
+                break
+            if now >= stream_deadline:
+                ended.end_streams(self.server_state)
+            if now >= idle_deadline:
                 for connection in list(self.server_state.connections):
                     if isinstance(connection, http) and _is_idle(connection):
                         connection.shutdown()
-            await asyncio.sleep(0.05)
-        while self.server_state.tasks and not self.force_exit:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL)
+        if not self.force_exit:
+            self.cut = await self.cancel_the_rest()
         if self.request_metrics is not None:  # the last second's requests, before exiting
             self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
+        lifespan = "skipped"
         if not self.force_exit:
-            await self.lifespan.shutdown()
+            lifespan = await self.lifespan_shutdown()
+        self.control.offer(
+            {"t": "drained", "streams_ended": ended.count, "cut": self.cut, "lifespan": lifespan},
+            1.0,
+        )
+
+    async def cancel_the_rest(self) -> int:
+        """At the graceful timeout: cancel every request still running, close every
+        connection left. Returns how many requests were cut."""
+        tasks = [task for task in self.server_state.tasks if not task.done()]
+        if tasks:
+            logger.warning(
+                "graceful timeout (%gs): cancelling %d request(s) still running",
+                self.drain.graceful_timeout,
+                len(tasks),
+            )
+        for task in tasks:
+            task.cancel(msg="graceful timeout")
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT):
+                    await asyncio.wait(tasks)
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
+        return len(tasks)
+
+    async def lifespan_shutdown(self) -> str:
+        """The app's shutdown handlers, bounded: a hung one must not keep the worker."""
+        try:
+            async with asyncio.timeout(self.drain.shutdown_timeout):
+                await self.lifespan.shutdown()
+        except TimeoutError:
+            logger.error(
+                "application shutdown still running after %gs: exiting without it",
+                self.drain.shutdown_timeout,
+            )
+            self.cut = self.cut or 1  # the app did not shut down cleanly
+            return "timeout"
+        return "done"
+
+
+class StreamEnder:
+    """Ends streaming responses the way a client going away would, but finishes them well.
+
+    A streaming response (started, body not finished, chunked) gets `http.disconnect`
+    from `receive()`: what Starlette's StreamingResponse, sse-starlette and FastAPI wait
+    for. The cycle is marked disconnected, as uvicorn's `connection_lost` does, so the
+    handler's further sends are dropped; when the handler returns, the last chunk is
+    written and the connection closed: the client sees a complete chunked body. A
+    response with a Content-Length is left to finish: cutting it short is never clean.
+    """
+
+    def __init__(self, http: type) -> None:
+        self.http = http
+        self.count = 0
+        self._ended: set[int] = set()
+
+    def end_streams(self, state: Any) -> None:
+        streams = []
+        for connection in list(state.connections):
+            if not isinstance(connection, self.http):
+                continue
+            cycle = connection.cycle
+            if cycle is not None and id(cycle) not in self._ended and _is_streaming(cycle):
+                streams.append(cycle)
+        if not streams:
+            return
+        tasks = _tasks_by_cycle(state.tasks)
+        for cycle in streams:
+            task = tasks.get(id(cycle))
+            if task is None:
+                continue
+            self._ended.add(id(cycle))
+            self.count += 1
+            cycle.keep_alive = False
+            cycle.disconnected = True  # receive() answers http.disconnect; sends are dropped
+            cycle.message_event.set()
+            task.add_done_callback(lambda _, c=cycle: _finish_body(c))
 
 
 def _is_idle(connection: Any) -> bool:
     return connection.cycle is None or connection.cycle.response_complete
+
+
+def _is_streaming(cycle: Any) -> bool:
+    if not cycle.response_started or cycle.response_complete or cycle.disconnected:
+        return False
+    if hasattr(cycle, "chunked_encoding"):  # httptools
+        return bool(cycle.chunked_encoding)
+    writer = getattr(getattr(cycle, "conn", None), "_writer", None)  # h11
+    return type(writer).__name__ == "ChunkedWriter"
+
+
+def _tasks_by_cycle(tasks: Any) -> dict[int, asyncio.Task[Any]]:
+    """Each request's task runs `cycle.run_asgi(app)`: its frame knows the cycle."""
+    found = {}
+    for task in tasks:
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        cycle = frame.f_locals.get("self") if frame is not None else None
+        if cycle is not None:
+            found[id(cycle)] = task
+    return found
+
+
+def _finish_body(cycle: Any) -> None:
+    """The handler returned after its disconnect: end the chunked body, then close."""
+    transport = cycle.transport
+    if transport.is_closing():
+        return  # the handler failed and uvicorn closed it, or the client left
+    if hasattr(cycle, "chunked_encoding"):
+        transport.write(b"0\r\n\r\n")
+    else:
+        import h11  # only with --http h11, where it is loaded already
+
+        with contextlib.suppress(h11.LocalProtocolError):
+            transport.write(cycle.conn.send(h11.EndOfMessage()))
+    cycle.response_complete = True
+    transport.close()
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
