@@ -32,6 +32,7 @@ class Stream:
     detail: str = ""
     opened_at: float = 0.0
     ended_at: float | None = None
+    history: list[tuple[int | None, str]] = field(default_factory=list)  # reconnecting: ended
 
 
 @dataclass
@@ -51,6 +52,14 @@ class StreamClients:
         stream = Stream("sse", path, opened_at=time.monotonic())
         self.streams.append(stream)
         self.tasks.append(asyncio.run_coroutine_threadsafe(self._sse(stream), self.loop))
+        return stream
+
+    def open_reconnecting_sse(self, path: str = "/sse") -> Stream:
+        """Like EventSource: a stream that ended cleanly is opened again, until `close`.
+        `history` holds each ended connection's (worker pid, outcome)."""
+        stream = Stream("sse", path, opened_at=time.monotonic())
+        self.streams.append(stream)
+        self.tasks.append(asyncio.run_coroutine_threadsafe(self._reconnecting(stream), self.loop))
         return stream
 
     def open_ws(self, path: str = "/ws") -> Stream:
@@ -90,9 +99,8 @@ class StreamClients:
             stream.outcome, stream.detail = "refused", repr(exc)
             return
         try:
-            writer.write(
-                f"GET {stream.path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n".encode()
-            )
+            request = f"GET {stream.path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream"
+            writer.write(f"{request}\r\n\r\n".encode())
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split()[1])
             if status != 200 or b"transfer-encoding: chunked" not in head.lower():
@@ -110,6 +118,15 @@ class StreamClients:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _reconnecting(self, stream: Stream) -> None:
+        while True:
+            await self._sse(stream)
+            stream.history.append((stream.pid, stream.outcome or "?"))
+            if stream.outcome != "clean":
+                return  # anything else is for the test to see
+            stream.pid = stream.outcome = stream.ended_at = None
+            stream.events = 0
 
     async def _read_chunks(self, stream: Stream, reader: asyncio.StreamReader) -> str:
         """The chunked body to its last chunk; then the server must close the connection."""

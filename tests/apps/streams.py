@@ -40,6 +40,8 @@ async def pid():
 
 @app.get("/slow", response_class=PlainTextResponse)
 async def slow(seconds: float = 3.0):
+    if MARKERS:  # the test signals once the request is in flight
+        Path(MARKERS, f"slow-{os.getpid()}").write_text("started")
     await asyncio.sleep(seconds)
     return f"slept {seconds} in {os.getpid()}"
 
