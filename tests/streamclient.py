@@ -84,11 +84,20 @@ class StreamClients:
         return Counter(s.pid for s in self.streams if s.outcome is None)
 
     def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        """Close every client still open (on its loop, so each ends properly) and stop."""
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
-        self.loop.close()
+        if not self.thread.is_alive():
+            self.loop.close()
 
     # --- clients ---------------------------------------------------------------------
 
