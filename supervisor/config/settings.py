@@ -185,7 +185,7 @@ class Settings(BaseSettings):
         ge=0,
     )
     stream_drain_grace: float = opt(
-        1.0,
+        0.5,
         "Seconds after a worker starts draining before streaming responses (SSE, chunked) "
         "get http.disconnect and end cleanly.",
         "drain",

@@ -81,7 +81,7 @@ class WorkerServer(uvicorn.Server):
         super().__init__(config)
         self.control = control
         self.idle_grace = idle_grace
-        self.drain = drain or DrainTimes(0.0, 1.0, 30.0, 5.0)
+        self.drain = drain or DrainTimes(0.0, 0.5, 15.0, 5.0)
         self.reopen_logs = False
         self.request_metrics: RequestMetrics | None = None  # when --metrics is on
         self.cut = 0  # requests still running at the graceful timeout: cancelled

@@ -50,7 +50,7 @@ DOCUMENTED: dict[str, dict[str, Any]] = {
         "log_format": "json",
         "proxy_headers": True,
         "drain_delay": 5,
-        "stream_drain_grace": 1,
+        "stream_drain_grace": 0.5,
         "graceful_timeout": 10,
         "shutdown_timeout": 5,
         "timeout_keep_alive": 5,
