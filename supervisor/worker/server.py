@@ -70,6 +70,14 @@ class _CaptureErrors(logging.Filter):
         return False
 
 
+class _QuietCancellation(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for requests we cancelled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
 class WorkerServer(uvicorn.Server):
     def __init__(
         self,
@@ -268,9 +276,14 @@ class WorkerServer(uvicorn.Server):
         for task in tasks:
             task.cancel(msg="graceful timeout")
         if tasks:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CANCEL_WAIT):
-                    await asyncio.wait(tasks)
+            quiet = _QuietCancellation()  # the warning above says it once, not a traceback each
+            logger.addFilter(quiet)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CANCEL_WAIT):
+                        await asyncio.wait(tasks)
+            finally:
+                logger.removeFilter(quiet)
         for connection in list(self.server_state.connections):
             transport = getattr(connection, "transport", None)
             if transport is not None:
