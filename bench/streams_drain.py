@@ -30,8 +30,9 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.join(os.path.dirname(BENCH), "tests"))  # the stream clients
 
 import harness  # noqa: E402
 from streamclient import StreamClients  # noqa: E402
