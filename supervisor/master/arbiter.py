@@ -266,9 +266,10 @@ class Arbiter:
         if verdict is Overdue.DRAIN:
             took = now - (worker.stopping_since or now)
             log.error(
-                "%s still running %.1fs after SIGTERM (graceful timeout %gs + shutdown %gs"
-                " + margin): aborting; its stack follows if its event loop is blocked",
-                worker.tag(), took, s.graceful_timeout, s.shutdown_timeout,
+                "%s still running %.1fs after it was told to stop (its own deadline, graceful"
+                " timeout %gs + shutdown %gs, has passed): aborting; its stack follows if its"
+                " event loop is blocked, SIGKILL in %gs",
+                worker.tag(), took, s.graceful_timeout, s.shutdown_timeout, KILL_GRACE,
                 extra=worker.extra("drain_timeout", draining_s=took),
             )  # fmt: skip
             self.unclean()
@@ -331,7 +332,7 @@ class Arbiter:
             if worker.process.returncode == Exit.UNCLEAN:
                 log.warning(
                     "%s %s after draining %.2fs (%s): %d request(s) cut at the graceful"
-                    " timeout, lifespan shutdown %s",
+                    " timeout, lifespan shutdown: %s",
                     worker.tag(), worker.exit_status, took, worker.stop_reason,
                     drained.get("cut", 0), drained.get("lifespan", "unknown"),
                     extra={**extra, **drained},

@@ -93,13 +93,14 @@ class WorkerServer(uvicorn.Server):
         self.reopen_logs = False
         self.request_metrics: RequestMetrics | None = None  # when --metrics is on
         self.cut = 0  # requests still running at the graceful timeout: cancelled
+        self.lifespan_timed_out = False  # the app's shutdown outran --shutdown-timeout
         self.paused = False  # the master asked us to stop accepting (we hold more than our share)
         self._listeners: list[socket.socket] = []  # our own copies, to accept again after a pause
         self._last_connections = -1
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         super().run(sockets=sockets)
-        if self.cut:  # the master tells a clean drain from one that cut requests by this
+        if self.cut or self.lifespan_timed_out:  # how the master tells an unclean drain
             raise SystemExit(Exit.UNCLEAN)
 
     @contextlib.contextmanager
@@ -300,7 +301,7 @@ class WorkerServer(uvicorn.Server):
                 "application shutdown still running after %gs: exiting without it",
                 self.drain.shutdown_timeout,
             )
-            self.cut = self.cut or 1  # the app did not shut down cleanly
+            self.lifespan_timed_out = True
             return "timeout"
         return "done"
 

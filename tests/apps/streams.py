@@ -4,7 +4,8 @@ marker file per worker (STREAMS_MARKER_DIR), so tests see it ran.
 
 STREAMS_MODE changes how it behaves at shutdown:
 - ``ignore``: /ignore streams forever and never listens for http.disconnect;
-- ``block``: the lifespan shutdown blocks the event loop (a sync call that never returns).
+- ``block``: the lifespan shutdown blocks the event loop (a sync call that never returns);
+- ``hang``: the lifespan shutdown awaits forever (the loop runs).
 """
 
 import asyncio
@@ -25,7 +26,9 @@ MODE = os.environ.get("STREAMS_MODE", "")
 async def lifespan(app):
     yield
     if MODE == "block":
-        time.sleep(3600)  # a shutdown handler that blocks the loop: only SIGKILL ends it
+        time.sleep(3600)  # a shutdown handler that blocks the loop: only a signal ends it
+    if MODE == "hang":
+        await asyncio.sleep(3600)  # the worker's --shutdown-timeout ends it
     if MARKERS:
         Path(MARKERS, f"shutdown-{os.getpid()}").write_text("done")
 

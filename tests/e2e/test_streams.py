@@ -131,6 +131,20 @@ def test_a_shutdown_that_blocks_the_loop_is_aborted_with_its_stack(supervisor, t
     assert not shutdown_markers(tmp_path)
 
 
+def test_a_lifespan_shutdown_that_hangs_is_bounded_by_the_shutdown_timeout(supervisor, tmp_path):
+    server = start(
+        supervisor, tmp_path, "--graceful-timeout", "1", "--shutdown-timeout", "1", mode="hang"
+    )
+    server.signal(signal.SIGTERM)
+    code = server.wait_exit(END)
+    log = server.log()
+
+    assert code == 1, log
+    assert "application shutdown still running after 1s" in log, log
+    assert "lifespan shutdown: timeout" in log, log
+    assert "aborting" not in log and "SIGABRT" not in log, log
+
+
 def test_websockets_opened_one_after_another_spread_over_the_workers(supervisor, tmp_path, clients):
     server = start(supervisor, tmp_path, workers=4)
     c = clients(server.port)
