@@ -10,6 +10,12 @@ and code. Each server has `--deadline` (45 s) to exit before the harness stops i
     .venv/bin/python bench/streams_drain.py                      # every server, 1 round
     .venv/bin/python bench/streams_drain.py --servers asgi-supervise --rounds 3
     .venv/bin/python bench/streams_drain.py --out bench/results/streams-drain.json
+    .venv/bin/python bench/streams_drain.py --reload --workers 4   # SIGHUP, streaming profile
+
+`--reload` (asgi-supervise only): the `streaming` profile, `--streams` SSE clients that
+reconnect when their stream ends (as EventSource does) and 50 short requests/s, then
+SIGHUP: the reload's duration beside N x (boot + stream-drain-grace), how every ended
+stream ended, where the reconnections landed, and failed short requests.
 
 Goal (asgi-supervise): every stream closed cleanly within 1 s of the end of the drain
 delay (0 s by default), exit code 0.
@@ -27,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from importlib.metadata import version
 from typing import Any
 
@@ -115,6 +122,59 @@ def run_one(name: str, args: argparse.Namespace, log_dir: str) -> dict[str, Any]
         server.stop()
 
 
+def read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def run_reload(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
+    import re
+
+    from loadgen import Load
+
+    template = (
+        SERVERS["asgi-supervise"] + " --profile streaming --host {host} --no-metrics"
+        " --log-format text"
+    )
+    server = harness.Server("asgi-supervise", template, APP, args.workers, log_dir).start()
+    clients = None
+    try:
+        if not workers_serving(server.port, args.workers, 60):
+            return {"error": "workers not serving", "log": server.log_tail()}
+        old = set(server.tree())
+        clients = StreamClients(server.port)
+        streams = [clients.open_reconnecting_sse("/sse") for _ in range(args.streams)]
+        if not wait(lambda: clients.open_count() == args.streams, 60):
+            return {"error": f"only {clients.open_count()} of {args.streams} open"}
+        with Load(server.port, rate=50, max_seconds=180) as load:
+            load.wait_for_requests(25, timeout=30)
+            t0 = server.signal(signal.SIGHUP)
+            done = wait(lambda: "reload complete in" in read(server.log_path), 150)
+            took = time.monotonic() - t0
+            new = set(server.tree()) - old
+            wait(lambda: clients.open_count() == args.streams, 30)
+            stats = load.stop()
+        log = read(server.log_path)
+        boots = [float(x) for x in re.findall(r"ready in ([\d.]+)s", log)[args.workers :]]
+        drains = [float(x) for x in re.findall(r"after draining ([\d.]+)s \(reload\)", log)]
+        ended = [outcome for s in streams for _, outcome in s.history]
+        on_new = sum(s.pid in new for s in streams)
+        return {
+            "workers": args.workers,
+            "reload_s": round(took, 3) if done else None,
+            "boot_s": boots,
+            "old_worker_drain_s": drains,
+            "n_x_boot_plus_grace_s": round(sum(boots) + 0.5 * args.workers, 3),
+            "streams_ended": dict(Counter(ended)),
+            "reconnected_streams_on_new_workers": f"{on_new}/{args.streams}",
+            "short_requests": {"ok": stats.ok, "failed": stats.failed},
+        }
+    finally:
+        if clients is not None:
+            clients.close()
+        server.stop()
+
+
 def environment() -> dict[str, Any]:
     versions = {}
     for package in ("asgi-supervise", "uvicorn", "gunicorn", "uvicorn-worker", "granian",
@@ -139,7 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--deadline", type=float, default=45.0)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--reload", action="store_true", help="SIGHUP scenario (see above)")
     args = parser.parse_args(argv)
+    if args.reload:
+        with tempfile.TemporaryDirectory(prefix="streams-reload-") as log_dir:
+            results = [run_reload(args, log_dir) for _ in range(args.rounds)]
+        for result in results:
+            print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"environment": environment(), "results": results}, f, indent=2)
+        return 0
     names = [n for n in args.servers.split(",") if n]
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     installed = [n for n in names if shutil.which(SERVERS[n].split()[0], path=path)]
