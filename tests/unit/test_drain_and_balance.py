@@ -71,3 +71,22 @@ def test_never_every_worker_paused_and_the_least_loaded_accepts(counts, now_paus
 @pytest.mark.parametrize("average", [0, 5, 25, 100, 1000])
 def test_the_threshold_is_above_the_average(average):
     assert balance.pause_threshold(average) >= average + balance.MIN_SLACK
+
+
+def test_a_worker_reads_the_masters_messages_without_blocking():
+    import socket
+
+    from asgi_supervise.protocol import Control, encode
+
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    control = Control(worker)
+    try:
+        assert control.poll() == ([], False)
+        master.send(encode({"t": "pause"}))
+        master.send(b"not json")
+        master.send(encode({"t": "resume"}))
+        assert control.poll() == ([{"t": "pause"}, {"t": "resume"}], False)
+        master.close()
+        assert control.poll() == ([], True)
+    finally:
+        worker.close()
