@@ -86,6 +86,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
         config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
     server = WorkerServer(config, control, idle_grace, drain.of(settings))
+    server.report_connections = settings.balance_connections
     if settings.metrics and settings.request_metrics:
         server.request_metrics = RequestMetrics(config.loaded_app)
         config.loaded_app = server.request_metrics.meter  # served directly: no extra call

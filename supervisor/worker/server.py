@@ -25,6 +25,7 @@ logger = logging.getLogger("uvicorn.error")
 
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
 POLL = 0.05  # seconds between looks at the connections while draining
+REPORT_GAP = 0.02  # new connections are reported at most this often (the master balances)
 
 
 class ClosingApp:
@@ -97,6 +98,9 @@ class WorkerServer(uvicorn.Server):
         self.paused = False  # the master asked us to stop accepting (we hold more than our share)
         self._listeners: list[socket.socket] = []  # our own copies, to accept again after a pause
         self._last_connections = -1
+        self.report_connections = False  # the master balances: tell it of new ones at once
+        self._report: asyncio.TimerHandle | None = None
+        self._reported_at = 0.0
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         super().run(sockets=sockets)
@@ -136,6 +140,8 @@ class WorkerServer(uvicorn.Server):
             error_log.removeFilter(errors)
         if sockets is not None and len(sockets) == len(self.servers):
             self._listeners = [sock.dup() for sock in sockets]
+        if self.report_connections:
+            self._watch_connections()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.control.sock.fileno(), self._on_control)
         metrics = self.request_metrics
@@ -153,6 +159,32 @@ class WorkerServer(uvicorn.Server):
                 self.pause_accepting()
             elif kind == "resume" and not self.should_exit:
                 asyncio.get_running_loop().create_task(self.resume_accepting())
+
+    def _watch_connections(self) -> None:
+        """Report a new connection within REPORT_GAP, not at the next tick: a burst of
+        sequential connections lands on one worker within a tick otherwise."""
+        old = self.server_state.connections
+        watched = _Connections(old)
+        watched.on_add = self._connection_added
+        for connection in old:  # protocols keep a reference to the set they were made with
+            connection.connections = watched
+        self.server_state.connections = watched
+
+    def _connection_added(self) -> None:
+        if self._report is not None or self.should_exit:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._reported_at + REPORT_GAP - loop.time())
+        self._report = loop.call_later(delay, self._report_connections)
+
+    def _report_connections(self) -> None:
+        self._report = None
+        self._reported_at = asyncio.get_running_loop().time()
+        connections = len(self.server_state.connections)
+        if connections != self._last_connections:
+            self._last_connections = connections
+            beat = {"requests": self.server_state.total_requests, "connections": connections}
+            self.control.offer({"t": "beat", **beat})
 
     def pause_accepting(self) -> None:
         """Stop taking connections from the shared queue; the other workers take them.
@@ -304,6 +336,16 @@ class WorkerServer(uvicorn.Server):
             self.lifespan_timed_out = True
             return "timeout"
         return "done"
+
+
+class _Connections(set):  # type: ignore[type-arg]
+    """uvicorn's set of open connections, telling us when one is added."""
+
+    on_add: Any = None
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        self.on_add()
 
 
 class StreamEnder:
