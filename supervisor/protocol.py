@@ -12,7 +12,8 @@ hold secrets), then the worker's messages, each a JSON object whose ``t`` names 
   ``cut`` (requests cancelled at the graceful timeout), ``lifespan`` (done, timeout,
   skipped). A worker that cut requests exits with `Exit.UNCLEAN`.
 
-Beats come once a second and, while serving, within a tick of a change in ``connections``:
+Beats come once a second, within a tick of a change in ``connections`` and within 20 ms of
+a new connection:
 the master balances long-lived connections on them. After the spec the master says:
 
 - ``pause``: the worker holds clearly more than its share of open connections: stop
