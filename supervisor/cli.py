@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, NoReturn
 
-from asgi_supervise import logs, sizing
+from asgi_supervise import drain, logs, sizing
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS, meta, redact
 from asgi_supervise.protocol import Exit
@@ -136,14 +136,17 @@ def _emit(text: str) -> None:
 def show_config(loaded: sources.Loaded, as_json: bool) -> int:
     values = loaded.settings.model_dump(mode="json")
     rows = {name: (redact(name, values[name]), loaded.origin(name)) for name in FIELDS}
+    times = drain.of(loaded.settings)
     if as_json:
         data = {n: {"value": v, "source": src} for n, (v, src) in rows.items()}
-        _emit(json.dumps({"profile": loaded.profile, "settings": data}, indent=2))
+        document = {"profile": loaded.profile, "settings": data, "drain": times.to_dict()}
+        _emit(json.dumps(document, indent=2))
         return 0
     width = max(map(len, FIELDS))
     lines = [f"# profile: {loaded.profile or '(none)'}"]
     for name, (value, origin) in rows.items():
         lines.append(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
+    lines.append(f"# drain: {times.describe()}")
     _emit("\n".join(lines))
     return 0
 

@@ -11,7 +11,18 @@ hold secrets), then the worker's messages, each a JSON object whose ``t`` names 
 - ``metrics``: request histograms since the last delivery (`worker.meter`), or the count
   of app metric samples dropped since the last one (`APP_SAMPLES_DROPPED`,
   `worker.promfiles`);
-- ``boot_error``: why it could not start, just before exiting with `Exit.BOOT_FAILURE`.
+- ``boot_error``: why it could not start, just before exiting with `Exit.BOOT_FAILURE`;
+- ``drained``: how its drain ended: ``streams_ended`` (told to end at the stream grace),
+  ``cut`` (requests cancelled at the graceful timeout), ``lifespan`` (done, timeout,
+  skipped). A worker that cut requests exits with `Exit.UNCLEAN`.
+
+Beats come once a second, within a tick of a change in ``connections`` and within 20 ms of
+a new connection: the master balances long-lived connections on them. After the spec the
+master says:
+
+- ``pause``: the worker holds clearly more than its share of open connections: stop
+  accepting (the others take the queue);
+- ``resume``: back near the average: accept again.
 
 Both processes import this module, so it imports nothing but the standard library.
 """
@@ -66,6 +77,21 @@ class Control:
 
     def receive(self) -> dict[str, Any]:
         return json.loads(self.sock.recv(SPEC_BYTES))
+
+    def poll(self) -> tuple[list[dict[str, Any]], bool]:
+        """The master's messages waiting now, without blocking; True once it is gone."""
+        messages = []
+        while True:
+            try:
+                data = self.sock.recv(READ_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return messages, False
+            except OSError:
+                return messages, True
+            if not data:
+                return messages, True
+            with contextlib.suppress(ValueError):
+                messages.append(decode(data))
 
     def send(self, kind: str, **fields: Any) -> None:
         """For what must arrive (ready, boot errors): may wait while the channel is full."""

@@ -199,11 +199,32 @@ class Settings(BaseSettings):
 
     # --- shutdown and drain --------------------------------------------------------------
     graceful_timeout: float = opt(
-        30.0,
-        "Seconds in-flight requests get to finish before workers are killed.",
+        15.0,
+        "Seconds in-flight requests get to finish once a worker drains; what still runs "
+        "then is cancelled and the app's lifespan shutdown runs.",
         "drain",
         aliases=("--timeout-graceful-shutdown",),
         ge=0,
+    )
+    stream_drain_grace: float = opt(
+        0.5,
+        "Seconds after a worker starts draining before streaming responses (SSE, chunked) "
+        "get http.disconnect and end cleanly.",
+        "drain",
+        ge=0,
+    )
+    shutdown_timeout: float = opt(
+        5.0,
+        "Seconds the app's lifespan shutdown may take after the drain before the worker "
+        "exits without it.",
+        "drain",
+        ge=0,
+    )
+    balance_connections: bool = opt(
+        True,
+        "Pause accepting in a worker holding clearly more than its share of open "
+        "connections, so long-lived ones spread evenly.",
+        "drain",
     )
     drain_delay: float = opt(
         0.0, "Seconds to keep serving after SIGTERM while load balancers deregister.", "drain", ge=0

@@ -17,9 +17,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from asgi_supervise import logs
+from asgi_supervise import drain, logs
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master import policy
+from asgi_supervise.master import balance, policy
 from asgi_supervise.master.notify import Notifier
 from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
@@ -71,6 +71,7 @@ class Arbiter:
         self.notify = Notifier()
         self.observe = Observability(settings, plan)
         self.announced_ready = False
+        self.drain_times = drain.of(settings)
         self._signals: deque[int] = deque()
         self._wake = asyncio.Event()
 
@@ -109,6 +110,8 @@ class Arbiter:
             self.rollout.mark_recycling()
             self.rollout.step()
             self.fill_slots()
+        if self.settings.balance_connections:
+            self.balance()  # a worker left or drains: the paused ones may have to accept
 
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish, kill what outlives the deadline."""
@@ -129,7 +132,7 @@ class Arbiter:
             if self.phase is Phase.STOPPING:
                 worker.stop("shutdown", KILL_GRACE, signal.SIGQUIT)
             else:
-                self.stop_worker(worker, "shutdown", self.settings.graceful_timeout)
+                self.stop_worker(worker, "shutdown", self.drain_times.abort_after)
         while self.live():
             await self.pump(TICK)
         outcome = {Exit.OK: "cleanly", Exit.BOOT_FAILURE: "(app failed to start)"}.get(
@@ -221,6 +224,8 @@ class Arbiter:
             asyncio.get_running_loop().remove_reader(worker.control.fileno())
         if worker.reports:
             self.observe.requests_reported(worker)
+        if self.settings.balance_connections and worker.state is State.READY:
+            self.balance()
         if changed and worker.state is State.READY and worker.ready_at is not None:
             self.boot.succeeded()
             self.booted_generation = max(self.booted_generation, worker.generation)
@@ -234,6 +239,26 @@ class Arbiter:
                 self.notify.ready(f"serving with {self.target} workers")
         if changed:
             self._wake.set()
+
+    def balance(self) -> None:
+        """Pause accepting in a worker holding clearly more than its share of connections;
+        resume it near the average (`balance.paused`). Draining workers take no part."""
+        serving = {
+            w.pid: w for w in self.live() if w.state is State.READY and w.stop_reason is None
+        }
+        counts = {pid: w.connections for pid, w in serving.items()}
+        now_paused = {pid for pid, w in serving.items() if w.paused}
+        should = balance.paused(counts, now_paused)
+        for pid, worker in serving.items():
+            if (pid in should) != worker.paused and worker.tell(
+                "pause" if pid in should else "resume"
+            ):
+                worker.paused = pid in should
+                log.debug(
+                    "%s %s accepting: %d connections of %d on %d workers",
+                    worker.tag(), "stops" if worker.paused else "resumes", worker.connections,
+                    sum(counts.values()), len(counts),
+                )  # fmt: skip
 
     def check_timeouts(self) -> None:
         now = time.monotonic()
@@ -250,14 +275,24 @@ class Arbiter:
         """Kill a worker past a deadline, saying which (SIGABRT: its stack if blocked)."""
         s = self.settings
         if verdict is Overdue.DRAIN:
-            log.warning(
-                "%s still busy after the %.1fs graceful timeout: killing",
-                worker.tag(),
-                now - (worker.stopping_since or now),
-                extra=worker.extra("drain_timeout"),
-            )
+            took = now - (worker.stopping_since or now)
+            log.error(
+                "%s still running %.1fs after it was told to stop (its own deadline, graceful"
+                " timeout %gs + shutdown %gs, has passed): aborting; its stack follows if its"
+                " event loop is blocked, SIGKILL in %gs",
+                worker.tag(), took, s.graceful_timeout, s.shutdown_timeout, KILL_GRACE,
+                extra=worker.extra("drain_timeout", draining_s=took),
+            )  # fmt: skip
             self.unclean()
-        elif verdict is Overdue.BOOT:
+            worker.kill_at = None  # SIGABRT now; SIGKILL KILL_GRACE later, not at once
+            worker.kill("did not exit after draining", signal.SIGABRT)
+            return
+        if verdict is Overdue.KILL:
+            log.error(
+                "%s still there %.1fs after SIGABRT/SIGQUIT: SIGKILL",
+                worker.tag(), KILL_GRACE, extra=worker.extra("kill"),
+            )  # fmt: skip
+        if verdict is Overdue.BOOT:
             log.error(
                 "%s not ready after %.1fs (ready-timeout): killing",
                 worker.tag(), now - worker.started, extra=worker.extra("ready_timeout"),
@@ -304,10 +339,24 @@ class Arbiter:
             return
         if worker.stop_reason is not None:
             took = now - (worker.stopping_since or now)
-            log.info(
-                "%s %s after draining %.2fs (%s)",
-                worker.tag(), worker.exit_status, took, worker.stop_reason, extra=extra,
-            )  # fmt: skip
+            drained = worker.drained or {}
+            if worker.process.returncode == Exit.UNCLEAN:
+                log.warning(
+                    "%s %s after draining %.2fs (%s): %d request(s) cut at the graceful"
+                    " timeout, lifespan shutdown: %s",
+                    worker.tag(), worker.exit_status, took, worker.stop_reason,
+                    drained.get("cut", 0), drained.get("lifespan", "unknown"),
+                    extra={**extra, **drained},
+                )  # fmt: skip
+                self.unclean()
+            else:
+                log.info(
+                    "%s %s after draining %.2fs (%s)%s",
+                    worker.tag(), worker.exit_status, took, worker.stop_reason,
+                    f": {drained['streams_ended']} stream(s) ended"
+                    if drained.get("streams_ended") else "",
+                    extra=extra,
+                )  # fmt: skip
             new = self.table.get(worker.replaced_by)
             if new is not None:
                 log.info(
@@ -493,4 +542,4 @@ class Arbiter:
         )
         for worker in self.live():
             if worker.slot == slot:
-                self.stop_worker(worker, "scale-down", self.settings.graceful_timeout)
+                self.stop_worker(worker, "scale-down", self.drain_times.abort_after)

@@ -11,6 +11,8 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from asgi_supervise.drain import KILL_GRACE as KILL_GRACE  # re-exported for the deadlines
+
 BACKOFF_BASE = 0.5  # seconds before the second respawn of a slot
 # A ready worker that reported a request, or stayed up this long, served: its death is not
 # part of a crash loop (a kill from outside, one bad request), so its slot respawns at once.
@@ -220,13 +222,11 @@ def plan_replacements(due: list[Candidate], extra: int, surge: int, room: int) -
 
 # --- deadlines ----------------------------------------------------------------------
 
-KILL_GRACE = 2.0  # seconds a worker told to stop now (SIGQUIT, SIGABRT) gets before SIGKILL
-
 
 class Overdue(enum.Enum):
     """Why a worker must be killed now."""
 
-    DRAIN = "graceful timeout"  # still draining at its deadline: its requests are cut
+    DRAIN = "drain deadline"  # did not exit by itself after its graceful timeout and shutdown
     KILL = "kill deadline"  # already told to die (SIGQUIT, SIGABRT) and still here
     BOOT = "ready timeout"  # not ready within --ready-timeout
     SILENT = "event loop blocked"  # no heartbeat for --worker-timeout

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import psutil
 
-from asgi_supervise import sizing
+from asgi_supervise import drain, sizing
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import policy
 from asgi_supervise.master.table import WorkerTable
@@ -156,7 +156,7 @@ class Rollout:
             return
         room, tight = sizing.reload_room(self.settings.reload_surge, self.rooms())
         steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
-        grace = self.settings.graceful_timeout
+        grace = drain.of(self.settings).abort_after
         for step in steps:
             old = self.table.workers[step.pid]
             if step.action == "spawn":

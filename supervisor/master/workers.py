@@ -73,6 +73,8 @@ class Worker:
         self.rss = 0
         self.cpu_percent = 0.0
         self.reports: list[dict[str, Any]] = []  # request metrics, until observe takes them
+        self.paused = False  # told to stop accepting: it holds more than its share
+        self.drained: dict[str, Any] | None = None  # how its drain ended, as it reported
         self._ps: psutil.Process | None = None
 
     @property
@@ -107,6 +109,16 @@ class Worker:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
+
+    def tell(self, kind: str) -> bool:
+        """A message to the worker (pause, resume); False if it could not be sent now."""
+        if not self.alive:
+            return False
+        try:
+            self.control.send(encode({"t": kind}))
+        except OSError:  # full (it will be told again on its next beat) or gone
+            return False
+        return True
 
     def sample(self, max_rss: int | None) -> None:
         """RSS and CPU via psutil; count consecutive samples over the memory limit."""
@@ -195,6 +207,8 @@ class Worker:
             self.ready_at = self.last_beat = time.monotonic()
         elif kind == "metrics":
             self.reports.append(message)
+        elif kind == "drained":
+            self.drained = message
         elif kind == "boot_error":
             self.boot_error = str(message.get("error", "")).strip()
 

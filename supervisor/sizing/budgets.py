@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from asgi_supervise import drain
 from asgi_supervise.sizing.facts import GIB, MIB, Found, HostFacts
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class Plan:
     forced: bool
     warnings: tuple[str, ...]
     reloads: str = ""  # how a reload replaces these workers, and what decides it
+    worst_case_drain_s: float = 0.0  # SIGTERM to exit at worst (`drain.DrainTimes`)
+    drain: str = ""  # ... and its parts
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``plan --json`` and the /status endpoint."""
@@ -57,6 +60,8 @@ class Plan:
         lines.append(f"=> {self.workers} {noun}, {why}")
         if self.reloads:
             lines.append(f"reloads: {self.reloads}")
+        if self.drain:
+            lines.append(f"drain: {self.drain}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -237,7 +242,7 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
         n = settings.workers
         warnings += [over(n) for allows, _, over in bound if n > allows]
         reloads = describe_reloads(settings, facts, n)
-        return Plan(n, "configured", budgets, True, tuple(warnings), reloads)
+        return Plan(n, "configured", budgets, True, tuple(warnings), reloads, *_drain(settings))
     n, limited_by, _ = min(bound, key=lambda b: b[0])
     forced = False
     if n < settings.min_workers:
@@ -250,4 +255,10 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
     elif settings.max_workers is not None and n > settings.max_workers:
         n, limited_by = settings.max_workers, "max-workers"
     reloads = describe_reloads(settings, facts, n)
-    return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads)
+    return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads, *_drain(settings))
+
+
+def _drain(settings: Settings) -> tuple[float, str]:
+    """The worst-case drain time, for the plan (and the Helm chart's grace period)."""
+    times = drain.of(settings)
+    return times.worst_case, times.describe()

@@ -66,7 +66,7 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     import resource
     from types import SimpleNamespace
 
-    from asgi_supervise import logs
+    from asgi_supervise import drain, logs
     from asgi_supervise.worker import apploader, forwarded, promfiles
     from asgi_supervise.worker.meter import RequestMetrics
     from asgi_supervise.worker.server import WorkerServer, uvicorn_config
@@ -93,7 +93,10 @@ def run(control: Control, listeners: list[socket.socket]) -> None:
     if settings.proxy_headers:  # outermost, where uvicorn puts its own
         config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
     idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
-    server = WorkerServer(config, control, idle_grace, settings.timeout_request_header)
+    server = WorkerServer(
+        config, control, idle_grace, drain.of(settings), settings.timeout_request_header
+    )
+    server.report_connections = settings.balance_connections
     if settings.metrics and settings.request_metrics:
         server.request_metrics = RequestMetrics(config.loaded_app)
         config.loaded_app = server.request_metrics.meter  # served directly: no extra call

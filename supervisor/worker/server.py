@@ -14,17 +14,22 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from asgi_supervise import logs
+from asgi_supervise.drain import CANCEL_WAIT, DrainTimes
 from asgi_supervise.protocol import Control, Exit
 from asgi_supervise.worker import promfiles
+from asgi_supervise.worker.headers import HeaderTimeout
 from asgi_supervise.worker.meter import RequestMetrics
+from asgi_supervise.worker.streams import StreamEnder
 from asgi_supervise.worker.uvicorn_options import PASSED_AS_IS
 
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
 
-log = logging.getLogger("asgi_supervise.worker")
+logger = logging.getLogger("uvicorn.error")
+
 HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
-ABSENT = object()  # an attribute a connection does not have
+POLL = 0.05  # seconds between looks at the connections while draining
+REPORT_GAP = 0.02  # new connections are reported at most this often (the master balances)
 
 
 class ClosingApp:
@@ -70,22 +75,44 @@ class _CaptureErrors(logging.Filter):
         return False
 
 
+class _QuietCancellation(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for requests we cancelled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
 class WorkerServer(uvicorn.Server):
     def __init__(
         self,
         config: uvicorn.Config,
         control: Control,
         idle_grace: float,
+        drain: DrainTimes | None = None,
         header_timeout: float | None = None,
     ):
         super().__init__(config)
         self.control = control
         self.idle_grace = idle_grace
+        self.drain = drain or DrainTimes(0.0, 0.5, 15.0, 5.0)
         self.reopen_logs = False
         self.request_metrics: RequestMetrics | None = None  # when --metrics is on
-        self.header_timeout = header_timeout  # --timeout-request-header; None: never
-        self.header_timeouts = 0  # connections closed for it, reported in every beat
-        self._awaiting_headers: dict[Any, tuple[Any, float]] = {}  # connection: cycle, since
+        # --timeout-request-header; None: never
+        self.header_timeout = None if header_timeout is None else HeaderTimeout(header_timeout)
+        self.cut = 0  # requests still running at the graceful timeout: cancelled
+        self.lifespan_timed_out = False  # the app's shutdown outran --shutdown-timeout
+        self.paused = False  # the master asked us to stop accepting (we hold more than our share)
+        self._listeners: list[socket.socket] = []  # our own copies, to accept again after a pause
+        self._last_connections = -1
+        self.report_connections = False  # the master balances: tell it of new ones at once
+        self._report: asyncio.TimerHandle | None = None
+        self._reported_at = 0.0
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        super().run(sockets=sockets)
+        if self.cut or self.lifespan_timed_out:  # how the master tells an unclean drain
+            raise SystemExit(Exit.UNCLEAN)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -118,8 +145,91 @@ class WorkerServer(uvicorn.Server):
             raise SystemExit(Exit.BOOT_FAILURE) from None
         finally:
             error_log.removeFilter(errors)
+        if sockets is not None and len(sockets) == len(self.servers):
+            self._listeners = [sock.dup() for sock in sockets]
+        if self.report_connections:
+            self._watch_connections()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.control.sock.fileno(), self._on_control)
         metrics = self.request_metrics
         self.control.send("ready", meter=metrics and type(metrics.meter).__qualname__)
+
+    # --- what the master says ---------------------------------------------------------
+
+    def _on_control(self) -> None:
+        messages, eof = self.control.poll()
+        if eof:  # the master is gone: PR_SET_PDEATHSIG ends us
+            asyncio.get_running_loop().remove_reader(self.control.sock.fileno())
+        for message in messages:
+            kind = message.get("t")
+            if kind == "pause" and not self.should_exit:
+                self.pause_accepting()
+            elif kind == "resume" and not self.should_exit:
+                asyncio.get_running_loop().create_task(self.resume_accepting())
+
+    def _watch_connections(self) -> None:
+        """Report a new connection within REPORT_GAP, not at the next tick: a burst of
+        sequential connections lands on one worker within a tick otherwise."""
+        old = self.server_state.connections
+        watched = _Connections(old)
+        watched.on_add = self._connection_added
+        for connection in old:  # protocols keep a reference to the set they were made with
+            connection.connections = watched
+        self.server_state.connections = watched
+
+    def _connection_added(self) -> None:
+        if self._report is not None or self.should_exit:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._reported_at + REPORT_GAP - loop.time())
+        self._report = loop.call_later(delay, self._report_connections)
+
+    def _report_connections(self) -> None:
+        self._report = None
+        self._reported_at = asyncio.get_running_loop().time()
+        connections = len(self.server_state.connections)
+        if connections != self._last_connections:
+            self._last_connections = connections
+            beat = {"requests": self.server_state.total_requests, "connections": connections}
+            self.control.offer({"t": "beat", **beat})
+
+    def pause_accepting(self) -> None:
+        """Stop taking connections from the shared queue; the other workers take them.
+
+        Only this process's listening descriptors close: the socket, and every connection
+        waiting in its queue, stay with the master's and the other workers' copies (unlike
+        SO_REUSEPORT, where a closing socket's queue is lost)."""
+        if self.paused or not self._listeners:
+            return
+        self.paused = True
+        for server in self.servers:
+            server.close()
+
+    async def resume_accepting(self) -> None:
+        if not self.paused or self.should_exit:
+            return
+        self.paused = False
+        config, loop = self.config, asyncio.get_running_loop()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        servers = []
+        for listener in self._listeners:
+            server = await loop.create_server(
+                create_protocol, sock=listener.dup(), ssl=config.ssl, backlog=config.backlog
+            )
+            servers.append(server)
+        if self.should_exit or self.paused:  # drained or paused again meanwhile
+            for server in servers:
+                server.close()
+            return
+        self.servers = servers
 
     async def on_tick(self, counter: int) -> bool:
         if self.reopen_logs:
@@ -128,9 +238,14 @@ class WorkerServer(uvicorn.Server):
         if self.request_metrics is not None:
             self.request_metrics.fold()  # every tick, so no one fold stalls the loop long
         if self.header_timeout is not None:
-            self.close_slow_headers(asyncio.get_running_loop().time())
-        if counter % HEARTBEAT_TICKS == 0:
+            now = asyncio.get_running_loop().time()
+            self.header_timeout.check(self.server_state.connections, now)
+        connections = len(self.server_state.connections)
+        if counter % HEARTBEAT_TICKS == 0 or connections != self._last_connections:
+            # Once a second, and within a tick of a change: the master balances on it.
+            self._last_connections = connections
             self.control.offer(self.beat())  # a missed beat: the next one counts
+        if counter % HEARTBEAT_TICKS == 0:
             if self.request_metrics is not None:  # after the beat: it may fill the channel
                 self.request_metrics.deliver(self.control.offer)
             promfiles.deliver(self.control.offer)  # app metrics dropped for want of room
@@ -143,49 +258,29 @@ class WorkerServer(uvicorn.Server):
             "t": "beat",
             "requests": state.total_requests,
             "connections": len(state.connections),
-            "header_timeouts": self.header_timeouts,
+            "header_timeouts": 0 if self.header_timeout is None else self.header_timeout.closed,
         }
 
-    def close_slow_headers(self, now: float) -> None:
-        """Close HTTP connections whose request headers took longer than `header_timeout`.
-
-        uvicorn times out nothing before a request's headers are in: a connection that
-        sends nothing, or trickles its headers (slowloris), holds its place in
-        --limit-concurrency for ever. A connection awaits headers from when it was
-        accepted, and again from the first byte after a response: until that byte,
-        uvicorn's keep-alive timer runs (--timeout-keep-alive), and any byte cancels it.
-        A request whose headers are in (its body uploading, the app answering) is not
-        awaiting headers. Checked every tick (0.1 s), so a wait is seen to within one,
-        and a request cycle is told from the next by its identity.
-        """
-        awaiting: dict[Any, tuple[Any, float]] = {}
-        limit = self.header_timeout or 0.0
-        for connection in self.server_state.connections:
-            # uvicorn's HTTP/1 connections (h11, httptools, zttp) have both; WebSocket and
-            # HTTP/2 ones do not, and are left alone
-            cycle = getattr(connection, "cycle", ABSENT)
-            if getattr(connection, "timeout_keep_alive_task", ABSENT) is not None:
-                continue  # idle under the keep-alive timer, or not HTTP/1
-            if cycle is ABSENT or (cycle is not None and not cycle.response_complete):
-                continue  # a request in progress: its headers are in
-            if connection.transport.is_closing():
-                continue
-            noted = self._awaiting_headers.get(connection)
-            since = noted[1] if noted is not None and noted[0] is cycle else now
-            if now - since < limit:
-                awaiting[connection] = cycle, since
-                continue
-            connection.transport.close()  # uvicorn's connection_lost does the rest
-            self.header_timeouts += 1
-            log.debug("closed a connection: no request headers within %gs", limit)
-        self._awaiting_headers = awaiting
+    # --- draining -----------------------------------------------------------------------
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's shutdown, except idle keep-alive connections are not cut mid-race."""
+        """uvicorn's shutdown, except that idle keep-alive connections are not cut mid-race,
+        streams are told to end, and the graceful timeout ends the app, not the process.
+
+        From SIGTERM: WebSockets get 1012 at once; each keep-alive connection's next
+        response says `Connection: close`; streaming responses get `http.disconnect` after
+        `stream_grace` and, once their handler returns, a proper end of body; at `graceful_timeout`
+        what still runs is cancelled (counted in `cut`: the exit code says so); then the
+        lifespan shutdown runs, bounded by `shutdown_timeout`.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(self.control.sock.fileno())
         for server in self.servers:
             server.close()
-        for sock in sockets or []:
-            sock.close()
+        for sock in [*(sockets or []), *self._listeners]:
+            sock.close()  # every copy: the kernel refuses new connections once all are shut
         http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
         for connection in list(self.server_state.connections):
             if isinstance(connection, http):
@@ -195,22 +290,85 @@ class WorkerServer(uvicorn.Server):
             else:
                 connection.shutdown()  # WebSockets: close 1012 (service restart)
 
-        loop = asyncio.get_running_loop()
-        idle_deadline = loop.time() + self.idle_grace
-        while self.server_state.connections and not self.force_exit:
-            if loop.time() >= idle_deadline:
+        ended = StreamEnder(http)
+        idle_deadline = started + self.idle_grace
+        stream_deadline = started + self.drain.stream_grace
+        deadline = started + self.drain.graceful_timeout
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            now = loop.time()
+            if now >= deadline:
+                break
+            if now >= stream_deadline:
+                ended.end_streams(self.server_state)
+            if now >= idle_deadline:
                 for connection in list(self.server_state.connections):
                     if isinstance(connection, http) and _is_idle(connection):
                         connection.shutdown()
-            await asyncio.sleep(0.05)
-        while self.server_state.tasks and not self.force_exit:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(POLL)
+        if not self.force_exit:
+            self.cut = await self.cancel_the_rest()
         self.control.offer(self.beat(), 1.0)  # the last second's counts, before exiting
         if self.request_metrics is not None:  # the last second's requests, too
             self.request_metrics.deliver(lambda message: self.control.offer(message, 1.0))
         promfiles.deliver(lambda message: self.control.offer(message, 1.0))
+        lifespan = "skipped"
         if not self.force_exit:
-            await self.lifespan.shutdown()
+            lifespan = await self.lifespan_shutdown()
+        self.control.offer(
+            {"t": "drained", "streams_ended": ended.count, "cut": self.cut, "lifespan": lifespan},
+            1.0,
+        )
+
+    async def cancel_the_rest(self) -> int:
+        """At the graceful timeout: cancel every request still running, close every
+        connection left. Returns how many requests were cut."""
+        tasks = [task for task in self.server_state.tasks if not task.done()]
+        if tasks:
+            logger.warning(
+                "graceful timeout (%gs): cancelling %d request(s) still running",
+                self.drain.graceful_timeout,
+                len(tasks),
+            )
+        for task in tasks:
+            task.cancel(msg="graceful timeout")
+        if tasks:
+            quiet = _QuietCancellation()  # the warning above says it once, not a traceback each
+            logger.addFilter(quiet)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CANCEL_WAIT):
+                        await asyncio.wait(tasks)
+            finally:
+                logger.removeFilter(quiet)
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
+        return len(tasks)
+
+    async def lifespan_shutdown(self) -> str:
+        """The app's shutdown handlers, bounded: a hung one must not keep the worker."""
+        try:
+            async with asyncio.timeout(self.drain.shutdown_timeout):
+                await self.lifespan.shutdown()
+        except TimeoutError:
+            logger.error(
+                "application shutdown still running after %gs: exiting without it",
+                self.drain.shutdown_timeout,
+            )
+            self.lifespan_timed_out = True
+            return "timeout"
+        return "done"
+
+
+class _Connections(set):  # type: ignore[type-arg]
+    """uvicorn's set of open connections, telling us when one is added."""
+
+    on_add: Any = None
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        self.on_add()
 
 
 def _is_idle(connection: Any) -> bool:

@@ -59,7 +59,7 @@ PROFILE_SOURCE = f"profile {PROFILE_PATH}"
 PRECEDENCE = {
     "workers": (2, 3, "4", ["--workers", "5"], [2, 3, 4, 5], 1),
     "graceful_timeout": (11, 12.5, "13", ["--timeout-graceful-shutdown", "14"],
-                         [11, 12.5, 13, 14], 30),
+                         [11, 12.5, 13, 14], 15),
     "host": (
         "10.0.0.1",
         "10.0.0.2",
@@ -120,7 +120,7 @@ def test_flag_beats_env_beats_file_beats_builtin_profile(tmp_path: Path):
     assert setting(data, "host") == ("10.1.1.1", "file: asgi-supervise.toml")
     assert setting(data, "drain_delay") == (4.0, "flag: command line")
     assert setting(data, "log_format") == ("text", "env: environment")
-    assert setting(data, "graceful_timeout") == (20.0, "profile container")
+    assert setting(data, "graceful_timeout") == (10.0, "profile container")
     assert setting(data, "port") == (8000, "default")
 
 
@@ -230,7 +230,8 @@ def test_text_output_names_profile_values_and_sources(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "# profile: container"
-    rows = {line.split()[0]: line for line in lines[1:]}
+    rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("#")}
+    assert lines[-1].startswith("# drain: 25s at worst from SIGTERM")
     assert rows["host"].split("=", 1)[1].split("#")[0].strip() == '"0.0.0.0"'
     assert rows["host"].endswith("# profile container")
     assert rows["port"].endswith("# flag: command line")

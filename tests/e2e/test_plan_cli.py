@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from asgi_supervise import profiles, sizing
+from asgi_supervise import drain, profiles, sizing
 from asgi_supervise.config import sources
 from conftest import run_cli, wait_until
 
@@ -65,13 +65,19 @@ def test_plan_text_for_each_profile(tmp_path: Path, profile: str):
 @pytest.mark.parametrize("profile", BUILT_IN)
 def test_plan_json_for_each_profile(tmp_path: Path, profile: str):
     data = plan_json("--profile", profile, cwd=tmp_path)
-    assert set(data) == {"workers", "limited_by", "budgets", "forced", "warnings", "reloads"}
+    assert set(data) == {
+        "workers", "limited_by", "budgets", "forced", "warnings", "reloads",
+        "worst_case_drain_s", "drain",
+    }  # fmt: skip
     assert [b["name"] for b in data["budgets"]] == ["cpu", "memory", "db"]
     assert all(isinstance(b["detail"], str) and b["detail"] for b in data["budgets"])
     assert isinstance(data["workers"], int) and data["workers"] >= 1
     text = plan_cli("--profile", profile, cwd=tmp_path)
     assert f"=> {data['workers']} worker" in text  # the same decision either way
     assert f"reloads: {data['reloads']}" in text
+    assert f"drain: {data['drain']}" in text
+    settings = sources.load({}, profile=profile, environ={}, cwd=tmp_path).settings
+    assert data["worst_case_drain_s"] == drain.of(settings).worst_case
     # And the same as the library's own plan for these settings, on this machine.
     settings = sources.load({}, profile=profile, environ={}, cwd=tmp_path).settings
     assert sizing.make_plan(settings).to_dict() == data
