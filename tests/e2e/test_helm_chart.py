@@ -226,8 +226,6 @@ def test_grace_period_covers_the_worst_case_drain(helm, tmp_path, profile):
     worst = worst_case_drain(document)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= worst + 5, (grace, worst)  # drain.marginSeconds on top
-    if profile == "streaming":
-        assert grace >= 70
 
 
 def test_drain_overrides_move_the_grace_period(helm, tmp_path):
@@ -377,7 +375,7 @@ BAD_VALUES = {
         "at '/config/limit-concurrency'",
     ),
     "grace override too short": (
-        {"terminationGracePeriodSeconds": 30, "profile": "streaming"},
+        {"terminationGracePeriodSeconds": 30, "profile": "prod"},  # prod needs 49
         "terminationGracePeriodSeconds (30) is too short",
     ),
     "drain delay under the probe's": (
