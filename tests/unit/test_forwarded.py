@@ -1,7 +1,8 @@
 """Proxy headers: `forwarded.proxy_headers` must change a scope exactly as uvicorn's
-ProxyHeadersMiddleware does. Every case runs through uvicorn's middleware and through
-ours, under several --forwarded-allow-ips values, and the app must see the same scope;
-then what ours hands the server. Real requests to a worker: tests/e2e/test_proxy_headers.py."""
+ProxyHeadersMiddleware does. Every case runs through uvicorn's middleware once and
+through ours three times (the later ones answered from what it kept), under several
+--forwarded-allow-ips values, and the app must see the same scope; then what ours hands
+the server, and what it keeps. Real requests to a worker: tests/e2e/test_proxy_headers.py."""
 
 from __future__ import annotations
 
@@ -71,29 +72,34 @@ def recording_app(seen: list[dict[str, Any]]) -> Any:
     return app
 
 
-def seen_through(wrapping: Any, kind: str, client: Any, headers: Any) -> tuple[Any, ...]:
-    """(scheme, client) of the scope the app behind `wrapping(app)` was called with."""
+def seen_through(
+    wrapping: Any, kind: str, client: Any, headers: Any, times: int = 1
+) -> tuple[Any, ...]:
+    """(scheme, client) of the scopes the app behind `wrapping(app)` was called with, for
+    `times` requests alike: ours answers the later ones from what it kept."""
     seen: list[dict[str, Any]] = []
     wrapped = wrapping(recording_app(seen))
-    scope = {"type": kind, "scheme": "ws" if kind == "websocket" else "http", "headers": headers}
-    if client is not None:
-        scope["client"] = client
 
     async def serve() -> Any:  # as uvicorn's protocols call the app
+        scheme = "ws" if kind == "websocket" else "http"
+        scope = {"type": kind, "scheme": scheme, "headers": list(headers)}
+        if client is not None:
+            scope["client"] = client
         return await wrapped(scope, None, None)
 
-    assert asyncio.run(serve()) == "returned"
-    (scope_seen,) = seen
-    return scope_seen["scheme"], scope_seen.get("client")
+    for _ in range(times):
+        assert asyncio.run(serve()) == "returned"
+    answers = {(scope["scheme"], scope.get("client")) for scope in seen}
+    assert len(seen) == times and len(answers) == 1, answers
+    return answers.pop()
 
 
 @pytest.mark.parametrize(("case", "trust"), list(itertools.product(CASES, TRUSTED)))
 def test_the_app_sees_what_uvicorns_middleware_would_give_it(case: str, trust: str) -> None:
     trusted = TRUSTED[trust]
     expected = seen_through(lambda app: ProxyHeadersMiddleware(app, trusted), *CASES[case])
-    assert seen_through(lambda app: forwarded.proxy_headers(app, trusted), *CASES[case]) == (
-        expected
-    )
+    ours = seen_through(lambda app: forwarded.proxy_headers(app, trusted), *CASES[case], times=3)
+    assert ours == expected
 
 
 def test_forwarded_headers_are_applied_only_from_trusted_clients() -> None:
@@ -127,6 +133,32 @@ def test_the_server_awaits_the_apps_own_awaitable() -> None:
         {"type": "lifespan"},
     ):
         assert wrapped(scope, None, None) is returned, scope
+
+
+def test_an_answer_kept_is_for_its_client_host_and_scope_type_only() -> None:
+    wrapped = forwarded.proxy_headers(lambda scope, receive, send: None, ["127.0.0.1"])
+    seen = []
+    for kind, client in [("http", PROXY), ("http", OUTSIDE), ("websocket", PROXY)] * 2:
+        scope = {"type": kind, "client": client, "scheme": "http", "headers": [XFF, PROTO]}
+        wrapped(scope, None, None)
+        seen.append((scope["scheme"], scope["client"]))
+    expected = [("https", ("198.51.100.7", 0)), ("http", OUTSIDE), ("wss", ("198.51.100.7", 0))]
+    assert seen == expected * 2
+
+
+def test_the_answers_kept_are_bounded() -> None:
+    wrapped = forwarded.proxy_headers(lambda scope, receive, send: None, ["127.0.0.1"])
+    for i in range(5000):
+        address = f"198.51.{i // 256}.{i % 256}".encode()
+        wrapped({"type": "http", "client": PROXY, "headers": [(XFF[0], address)]}, None, None)
+        assert len(wrapped.answers) == i % forwarded.KEPT + 1  # all dropped when full
+    wrapped.answers.clear()
+    long = (XFF[0], b", ".join([b"198.51.100.7"] * 30))  # more bytes than any kept
+    for headers in ([long], [XFF]):
+        scope = {"type": "http", "client": PROXY, "headers": headers, "scheme": "http"}
+        wrapped(scope, None, None)
+        assert scope["client"] == ("198.51.100.7", 0)
+    assert list(wrapped.answers) == [("http", PROXY[0], None, XFF[1])]  # only the short one
 
 
 def test_a_scope_without_a_type_fails_as_in_uvicorn() -> None:
