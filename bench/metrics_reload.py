@@ -31,16 +31,15 @@ from typing import Any
 
 from harness import (
     Server,
-    get,
     kinds,
     median,
     pct,
-    pid_of,
     r3,
     spread,
     start_ready,
     wait_workers,
 )
+from loadgen import get, pid_of
 from prometheus_client.parser import text_string_to_metric_families
 from scenarios import HELLO, measure_load
 

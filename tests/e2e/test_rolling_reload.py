@@ -103,7 +103,7 @@ def test_worker_over_memory_limit_is_recycled(supervisor):
     server = supervisor("testapp:app", "--max-worker-memory", "150")
     server.wait_ready(1)
     (first,) = server.worker_pids()
-    assert server.get("/grow?mb=200")[0] == 200
+    assert server.get("/grow?mb=200", timeout=60)[0] == 200  # 200 MB of urandom: slow when busy
     wait_until(lambda: "replaced (memory)" in server.log(), 15, "the memory recycle")
     log = server.log()
     assert f"worker 1 (pid {first}) due for recycling: memory" in log
@@ -196,8 +196,8 @@ def test_sigterm_during_a_reload_drains_everything_cleanly(supervisor):
     with Load(server.port, rate=150) as load:
         load.wait_for_requests(100)
         server.signal(signal.SIGHUP)
-        wait_until(lambda: "rolling reload" in server.log(), 5, "the reload to start")
-        wait_until(lambda: " booting" in server.log().split("rolling reload", 1)[1], 5, "a spawn")
+        wait_until(lambda: "rolling reload" in server.log(), 15, "the reload to start")
+        wait_until(lambda: " booting" in server.log().split("rolling reload", 1)[1], 15, "a spawn")
         server.signal(signal.SIGTERM)
         assert server.wait_exit(20) == 0
         stats = load.stop()
@@ -215,14 +215,14 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
     rotated = tmp_path / "app.log.1"
     log_file.rename(rotated)  # what logrotate does before it signals
     server.signal(signal.SIGUSR1)
-    wait_until(lambda: log_file.exists() and "log files reopened" in log_file.read_text(), 5,
+    wait_until(lambda: log_file.exists() and "log files reopened" in log_file.read_text(), 15,
                "the master to write to the new file")  # fmt: skip
 
     def worker_reopened() -> bool:
         try_get(server.port, "/pid")  # an access line from the worker
         return log_file.exists() and f"[{worker}]" in log_file.read_text()
 
-    wait_until(worker_reopened, 5, "the worker to write to the new file")
+    wait_until(worker_reopened, 15, "the worker to write to the new file")
     assert "log files reopened" not in rotated.read_text()
 
 
