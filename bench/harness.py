@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 import psutil
-from loadgen import HOST, get, pid_of
+from loadgen import HOST, Pool, failure_kind, get, open_loop, pid_of  # noqa: F401 (harness.get etc. still work)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 MB = 1024 * 1024
