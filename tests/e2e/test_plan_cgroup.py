@@ -27,8 +27,6 @@ from conftest import free_port, get, in_cgroups, wait_until
 
 CGROUP = Path("/sys/fs/cgroup")
 NAME = f"asgi-supervise-test-{os.getpid()}"
-# One xdist worker runs them all (--dist loadgroup): they share the cgroup roots' controls.
-pytestmark = pytest.mark.xdist_group("cgroup")
 
 # What runs inside the cgroups: read_host() itself, and the real `asgi-supervise plan`.
 READ_HOST = (
