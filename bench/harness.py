@@ -1,4 +1,5 @@
-"""The pieces every scenario uses: the server under test, an HTTP client, open-loop load.
+"""The pieces every scenario uses: the server under test, readiness, small statistics.
+The HTTP client and the load it generates are `loadgen`'s (the tests use it too).
 
 Rules kept everywhere: every loop is bounded in count and in time, and only processes this
 harness started are signalled, by PID, after checking the PID still names the same process
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import shlex
 import signal
@@ -23,9 +23,9 @@ from collections import Counter
 from typing import Any
 
 import psutil
+from loadgen import HOST, Pool, failure_kind, get, open_loop, pid_of  # noqa: F401 (harness.get etc. still work)
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
-HOST = "127.0.0.1"
 MB = 1024 * 1024
 LOGS: list[str] = []  # every server log of this process, newest last (run.py records them)
 SERVER_CPUS = ""  # pin(): taskset's CPU list for every server tree ("" = anywhere)
@@ -241,133 +241,6 @@ def cpu_seconds(pids: list[int]) -> float:
         except psutil.Error:
             pass
     return total
-
-
-# --- HTTP/1.1 client that names every failure ----------------------------------------------
-
-
-def failure_kind(exc: BaseException, phase: str) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "refused"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        return "reset"
-    if isinstance(exc, (asyncio.IncompleteReadError, EOFError)):
-        return "eof"
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "connect_timeout" if phase == "connect" else "timeout"
-    if isinstance(exc, OSError) and exc.errno:
-        return errno.errorcode.get(exc.errno, "oserror").lower()
-    return type(exc).__name__
-
-
-class Pool:
-    """Idle keep-alive connections, newest first. Like urllib3 and nginx, a connection the
-    server closed while it sat idle is skipped, and `Connection: close` is obeyed."""
-
-    def __init__(self) -> None:
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        while self.idle:
-            reader, writer = self.idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        return None
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
-
-
-async def get(
-    port: int, path: str = "/pid", timeout: float = 5.0, pool: Pool | None = None
-) -> dict[str, Any]:
-    """One GET; never raises. outcome: ok, http_NNN, refused, reset, eof, timeout,
-    connect_timeout, or stale_keepalive (a reused connection that failed before any
-    byte of a response: the keep-alive close race)."""
-    r: dict[str, Any] = {"t0": time.monotonic(), "outcome": None, "body": None, "reused": False}
-    phase, got_bytes, writer = "connect", False, None
-    try:
-        async with asyncio.timeout(timeout):
-            conn = pool.take() if pool is not None else None
-            if conn is None:
-                conn = await asyncio.open_connection(HOST, port)
-            else:
-                r["reused"] = True
-            reader, writer = conn
-            phase = "request"
-            keep = b"keep-alive" if pool is not None else b"close"
-            writer.write(
-                b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n\r\n"
-                % (path.encode(), HOST.encode(), keep)
-            )
-            await writer.drain()
-            phase = "response"
-            status_line = await reader.readuntil(b"\r\n")
-            got_bytes = True
-            status = int(status_line.split()[1])
-            head = await reader.readuntil(b"\r\n\r\n")
-            headers = {}
-            for line in head.split(b"\r\n"):
-                k, _, v = line.partition(b":")
-                headers[k.strip().lower()] = v.strip().lower()
-            if b"content-length" in headers:
-                r["body"] = await reader.readexactly(int(headers[b"content-length"]))
-            else:
-                r["body"] = await reader.read()
-            r["outcome"] = "ok" if status == 200 else f"http_{status}"
-            if pool is not None and headers.get(b"connection") != b"close":
-                pool.idle.append((reader, writer))
-                writer = None
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        r["outcome"] = failure_kind(exc, phase)
-        if r["reused"] and not got_bytes and r["outcome"] in ("eof", "reset"):
-            r["outcome"] = "stale_keepalive"
-    finally:
-        if writer is not None:
-            writer.close()
-    r["t1"] = time.monotonic()
-    r["ok"] = r["outcome"] == "ok"
-    return r
-
-
-def pid_of(r: dict[str, Any]) -> int | None:
-    if r["ok"] and r["body"] and r["body"].isdigit():
-        return int(r["body"])
-    return None
-
-
-async def open_loop(
-    port: int,
-    rate: float,
-    duration: float,
-    keepalive: bool = False,
-    events: dict[float, Any] | None = None,
-    timeout: float = 5.0,
-) -> list[dict[str, Any]]:
-    """Request i starts at i/rate whatever earlier ones did: exactly rate*duration requests,
-    each bounded by `timeout`. `events` maps an offset in seconds to a callable run then."""
-    pool = Pool() if keepalive else None
-    start = time.monotonic()
-    tasks = []
-    pending = sorted((events or {}).items())
-    for i in range(int(rate * duration)):
-        due = start + i / rate
-        while pending and pending[0][0] <= due - start:
-            await asyncio.sleep(max(0.0, start + pending[0][0] - time.monotonic()))
-            pending.pop(0)[1]()
-        await asyncio.sleep(max(0.0, due - time.monotonic()))
-        tasks.append(asyncio.ensure_future(get(port, "/pid", timeout, pool)))
-    for _, fn in pending:
-        fn()
-    results = list(await asyncio.gather(*tasks))
-    if pool:
-        pool.close()
-    return results
 
 
 async def wait_workers(

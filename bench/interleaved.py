@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Request-metrics overhead (issue 6), with the servers loaded in turn, not one after another.
+"""Request-metrics overhead, with the servers loaded in turn, not one after another.
 
     .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
                                           [--header 'Name: value' ...] [--together]
@@ -56,7 +56,7 @@ SERVERS = {
     "off": SUP,
     "uvicorn": "uvicorn {app} --workers 1 --host {host} --port {port} --no-access-log",
 }
-# (numerator, denominator, figure, target): what issue 6 judges, and two controls
+# (numerator, denominator, figure, target): what the request-metrics targets judge, and two controls
 RATIOS = [
     ("on", "off", "rps", ">= 0.97"),
     ("on", "uvicorn", "cpu_us", "<= 1.03"),

@@ -1,4 +1,4 @@
-"""The scenarios of issue 6 (request metrics, `/metrics` scrapes) and issue 7 (dev reload).
+"""Request metrics (overhead, `/metrics` scrapes under worker churn) and dev-reload latency.
 
 Same contract as `scenarios.py`: `async def NAME(name, template, o) -> dict`, one server,
 one run. `harness.Server` gives a server its own free metrics port when the template has
@@ -31,16 +31,15 @@ from typing import Any
 
 from harness import (
     Server,
-    get,
     kinds,
     median,
     pct,
-    pid_of,
     r3,
     spread,
     start_ready,
     wait_workers,
 )
+from loadgen import get, pid_of
 from prometheus_client.parser import text_string_to_metric_families
 from scenarios import HELLO, measure_load
 

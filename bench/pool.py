@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pool the cycles of several `interleaved.py` runs: the on/off ratios issue 6 judges.
+"""Pool the cycles of several `interleaved.py` runs: the request-metrics on/off ratios.
 
     .venv/bin/python bench/pool.py bench/results/A-interleaved.json [B ...]
 

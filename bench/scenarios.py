@@ -16,20 +16,17 @@ from typing import Any
 import psutil
 from harness import (
     MB,
-    Pool,
     Server,
     boottime,
     cpu_seconds,
-    get,
     kinds,
-    open_loop,
     pct,
-    pid_of,
     r3,
     start_ready,
     started_at,
     wait_workers,
 )
+from loadgen import Pool, get, open_loop, pid_of
 
 HELLO = "apps.hello:app"
 SLOW = "apps.slow:app"

@@ -23,6 +23,8 @@ import pytest
 APPS = Path(__file__).parent / "apps"
 E2E = Path(__file__).parent / "e2e"
 REPO = Path(__file__).parent.parent
+# `loadgen`, the load generator the benchmarks use, is the tests' too (`from loadgen import Load`).
+sys.path.append(str(REPO / "bench"))
 # Every process a test starts inherits this per-test token (run_cli and Supervisor copy
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.

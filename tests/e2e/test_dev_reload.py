@@ -27,40 +27,44 @@ def _version(server) -> str | None:
     return answer[1] if answer and answer[0] == 200 else None
 
 
-def _start(supervisor, tmp_path: Path, *extra: str):
+def _start(supervisor, tmp_path: Path, *extra: str, delay: str = "0.1"):
     _version_app(tmp_path, "v1")
     server = supervisor(
         "devapp:app", "--reload", "--app-dir", str(tmp_path), "--reload-dir", str(tmp_path),
-        "--reload-delay", "0.1", *extra, env=ENV,
+        "--reload-delay", delay, *extra, env=ENV,
     )  # fmt: skip
     server.wait_ready(1)
-    wait_until(lambda: "watching" in server.log(), 5, "the watcher to start")
+    wait_until(lambda: "watching" in server.log(), 15, "the watcher to start")
     return server
 
 
-def test_editing_the_app_changes_the_response_within_two_seconds(supervisor, tmp_path):
+def test_editing_the_app_changes_the_response(supervisor, tmp_path):
+    """How fast is bench's `reload-latency`; here: the save, and only it, restarts."""
     server = _start(supervisor, tmp_path)
     assert _version(server) == "v1"
+    assert "rolling reload" not in server.log()
     _version_app(tmp_path, "v2")
-    saved = time.monotonic()
-    wait_until(lambda: _version(server) == "v2", 2.0, "the new version to answer")
-    assert time.monotonic() - saved < 2.0
+    wait_until(lambda: _version(server) == "v2", 15, "the new version to answer")
+    reloads = [line for line in server.log().splitlines() if "rolling reload" in line]
+    assert len(reloads) == 1 and "devapp.py changed" in reloads[0], reloads
 
 
 def test_a_save_does_not_wait_for_the_previous_worker_to_drain(supervisor, tmp_path):
     """The worker replaced by the first save is held draining by an idle keep-alive
-    connection for --timeout-keep-alive (5 s); the second save is served long before."""
-    server = _start(supervisor, tmp_path, "--graceful-timeout", "10")
+    connection for --timeout-keep-alive (60 s); the second save is served while it lives."""
+    server = _start(supervisor, tmp_path, "--graceful-timeout", "90", "--timeout-keep-alive", "60")
     browser = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
-        browser.request("GET", "/version")
-        assert browser.getresponse().read() == b"v1"  # and the connection stays open
+        browser.request("GET", "/pid")
+        held = int(browser.getresponse().read())  # and the connection stays open
         _version_app(tmp_path, "v2")
-        wait_until(lambda: _version(server) == "v2", 2.0, "the first save to be served")
+        wait_until(lambda: _version(server) == "v2", 15, "the first save to be served")
+        wait_until(lambda: f"(pid {held}) stopping" in server.log(), 15, "v1's worker to drain")
         _version_app(tmp_path, "v3")
-        saved = time.monotonic()
-        wait_until(lambda: _version(server) == "v3", 4.0, "the second save to be served")
-        assert time.monotonic() - saved < 2.5
+        wait_until(lambda: _version(server) == "v3", 15, "the second save to be served")
+        # Waiting for the drain would have held v3 back until the held connection closed.
+        assert held in server.worker_pids(), "the v1 worker stopped: nothing held it"
+        assert f"(pid {held}) exited" not in server.log()
     finally:
         browser.close()
 
@@ -71,7 +75,7 @@ def test_a_save_starts_the_new_worker_first_whatever_the_database_share(supervis
     db = ("--db-max-connections", "10", "--db-pool-size", "10")
     server = _start(supervisor, tmp_path, *db)
     _version_app(tmp_path, "v2")
-    most, deadline = 0, time.monotonic() + 5
+    most, deadline = 0, time.monotonic() + 15
     while _version(server) != "v2":
         most = max(most, len(server.worker_pids()))
         assert time.monotonic() < deadline, "the new version did not answer"
@@ -93,21 +97,23 @@ def test_syntax_error_keeps_the_old_version_serving_until_fixed(supervisor, tmp_
     assert _version(server) == "v1"
     assert "SyntaxError" in server.log()
     _version_app(tmp_path, "v3")
-    wait_until(lambda: _version(server) == "v3", 5, "the fixed version")
+    wait_until(lambda: _version(server) == "v3", 15, "the fixed version")
 
 
 def test_a_burst_of_saves_restarts_once_or_twice(supervisor, tmp_path):
-    server = _start(supervisor, tmp_path)
+    """A quiet time of 1 s ends a burst: a busy machine may stall the 20 writes by more
+    than 0.1 s, but not by a second, so 20 saves must not make more than 2 reloads."""
+    server = _start(supervisor, tmp_path, delay="1.0")
     for i in range(20):
         _version_app(tmp_path, f"burst-{i}")
         time.sleep(0.01)  # the scenario: an editor saving 20 times in 0.2 s
-    wait_until(lambda: _version(server) == "burst-19", 5, "the last save to be served")
+    wait_until(lambda: _version(server) == "burst-19", 15, "the last save to be served")
 
     def settled() -> bool:
         log = server.log()
         return log.rfind("reload complete") > log.rfind("rolling reload")
 
-    wait_until(settled, 5, "the last reload that started to complete")
+    wait_until(settled, 15, "the last reload that started to complete")
     assert 1 <= server.log().count("rolling reload") <= 2
 
 
@@ -118,6 +124,6 @@ def test_excluded_files_do_not_trigger_a_restart(supervisor, tmp_path):
     (tmp_path / ".venv" / "site.py").write_text("x = 1\n")
     (tmp_path / "notes.txt").write_text("not python\n")
     (tmp_path / "watched.py").write_text("x = 1\n")  # the control: this one must trigger
-    wait_until(lambda: "rolling reload" in server.log(), 5, "the watched file's reload")
+    wait_until(lambda: "rolling reload" in server.log(), 15, "the watched file's reload")
     reloads = [line for line in server.log().splitlines() if "rolling reload" in line]
     assert len(reloads) == 1 and "watched.py changed" in reloads[0], reloads

@@ -28,26 +28,27 @@ def test_workers_serve_from_distinct_processes(supervisor):
     assert server.pid not in pids
 
 
-def test_killed_worker_is_replaced_within_two_seconds(supervisor):
+def test_killed_worker_is_replaced(supervisor):
+    """How fast is bench's `crash` scenario; here: a new process takes the slot and serves."""
     server = supervisor("testapp:app", "--workers", "2")
     server.wait_ready(2)
     before = server.worker_pids()
     victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
     server.serving_pids(1)  # the survivor keeps serving meanwhile
-    new = wait_until(lambda: server.worker_pids() - before, 2.0, "a replacement process")
+    new = wait_until(lambda: server.worker_pids() - before, 15, "a replacement process")
     (replacement,) = new
 
     def replacement_serves() -> bool:
         answer = try_get(server.port, "/pid", timeout=1.0)
         return bool(answer) and int(answer[1]) == replacement
 
-    wait_until(
-        replacement_serves, 2.0 - (time.monotonic() - killed_at) + 0.5, "replacement serving"
-    )
+    wait_until(replacement_serves, 15, "replacement serving")
     assert server.process.poll() is None
-    assert "died: killed by SIGKILL" in server.log()
+    assert server.worker_pids() == (before - {victim}) | {replacement}
+    log = server.log()
+    assert f"(pid {victim}) died: killed by SIGKILL" in log
+    assert log.index("died: killed by SIGKILL") < log.index(f"(pid {replacement}) booting")
 
 
 def _start_slow_requests(port: int, count: int, seconds: float) -> tuple[list, list]:
@@ -96,7 +97,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, infl
     )
     server.wait_ready(2)
     results, threads = _start_slow_requests(server.port, 10, 2.0)
-    wait_until(lambda: len(list(inflight.iterdir())) == 10, 5, "10 requests in flight")
+    wait_until(lambda: len(list(inflight.iterdir())) == 10, 15, "10 requests in flight")
 
     server.signal(signal.SIGTERM)
     probes = []
@@ -114,40 +115,47 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, infl
 
 
 def test_drain_delay_keeps_serving_new_requests(supervisor):
-    server = supervisor("testapp:app", "--workers", "2", "--drain-delay", "2")
+    """Without the delay new connections are refused at once (the test above); with it,
+    they are served after SIGTERM, and the listener closes only once the delay is over."""
+    server = supervisor("testapp:app", "--workers", "2", "--drain-delay", "5")
     server.wait_ready(2)
     server.signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    served = 0
-    while time.monotonic() - signalled < 1.5:
+    wait_until(lambda: "serving 5.0s more" in server.log(), 15, "the drain delay to begin")
+    for _ in range(10):
         assert server.get("/pid")[0] == 200
-        served += 1
-        time.sleep(0.05)
-    assert served >= 10
+    assert server.process.poll() is None
+    probes = []
+    while server.process.poll() is None:
+        probes.append(_probe(server.port))
+        time.sleep(0.02)  # sampling what new clients see; the loop's end is the exit
     assert server.wait_exit() == 0
-    assert time.monotonic() - signalled >= 2.0
-    assert "serving 2.0s more" in server.log()
+    assert set(probes) <= {"ok", "refused"}, probes
+    assert _probe(server.port) == "refused"
+    log = server.log()
+    assert log.index("serving 5.0s more") < log.index("stopping: shutdown")
 
 
 def test_graceful_timeout_cancels_busy_requests_and_exits_unclean(supervisor, inflight: Path):
+    """A request shorter than the graceful timeout completes; a longer one is cut by the
+    worker itself (no signal needed), and the master exits 1."""
     server = supervisor(
-        "testapp:app", "--graceful-timeout", "1", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
+        "testapp:app", "--graceful-timeout", "4", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
     )
     server.wait_ready(1)
-    results, threads = _start_slow_requests(server.port, 1, 10.0)
-    wait_until(lambda: any(inflight.iterdir()), 5, "the slow request in flight")
-    signalled = time.monotonic()
+    short, short_threads = _start_slow_requests(server.port, 1, 0.5)
+    long, long_threads = _start_slow_requests(server.port, 1, 30.0)
+    wait_until(lambda: len(list(inflight.iterdir())) == 2, 15, "both requests in flight")
     server.signal(signal.SIGTERM)
-    assert server.wait_exit(10) == 1
-    took = time.monotonic() - signalled
-    assert 1.0 <= took < 4.0
-    for thread in threads:
+    assert server.wait_exit(25) == 1
+    for thread in short_threads + long_threads:
         thread.join(5)
-    assert results and results[0] != 200
+    assert short == [200]  # the grace period let it finish ...
+    assert long and long[0] != 200  # ... and its end cut this one, 26 s early
     log = server.log()
-    assert "graceful timeout (1s): cancelling 1 request(s)" in log  # the worker, by itself
+    assert "graceful timeout (4s): cancelling 1 request(s)" in log  # the worker, by itself
     assert "1 request(s) cut at the graceful timeout" in log
     assert "aborting" not in log  # no signal was needed
+    assert "master stopped uncleanly" in log
 
 
 def test_blocked_event_loop_is_detected_and_worker_replaced(supervisor):
@@ -176,9 +184,7 @@ def test_blocked_event_loop_is_detected_and_worker_replaced(supervisor):
 )
 def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, error):
     server = supervisor(app, "--workers", "2")
-    started = time.monotonic()
-    assert server.wait_exit(10) == 3
-    assert time.monotonic() - started < 10
+    assert server.wait_exit(30) == 3
     log = server.log()
     assert log.count(error) <= 3  # once in full, once in the final line (+ traceback text)
     assert 3 <= log.count("failed to start (") <= 4  # bounded attempts, 3 by default
@@ -198,7 +204,7 @@ def test_master_sigkill_leaves_no_worker_alive(supervisor):
         return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
                        for pid in workers)  # fmt: skip
 
-    wait_until(all_gone, 2.0, f"workers {workers} to die with their master")
+    wait_until(all_gone, 10, f"workers {workers} to die with their master")
 
 
 def test_port_in_use_is_a_one_line_usage_error():
@@ -262,7 +268,7 @@ def test_master_as_pid_1_honours_sigterm_and_reaps_orphans(tmp_path: Path):
             names = [p.name() for p in master.children()]
             return "sleep" not in names and not zombies()
 
-        wait_until(orphans_gone, 5, "orphans reaped")
+        wait_until(orphans_gone, 15, "orphans reaped")
         assert get(port, "/pid")[0] == 200  # an orphan's exit was not taken for a worker's
         assert "died" not in log_path.read_text()
 

@@ -87,6 +87,7 @@ def test_requests_over_three_workers_sum_exactly(supervisor):
     wait_until(lambda: value(scrape(mport), REQUESTS, **put) == 300, 5, "the count to be 300")
 
 
+@pytest.mark.timeout(240)  # 12 worker boots on a 2-core machine that may be busy
 def test_counters_survive_recycling_and_files_stay_bounded(supervisor, tmp_path: Path):
     """Ours (shipped to the master) and the app's own (multiprocess files, compacted)."""
     mport = free_port()
@@ -98,30 +99,34 @@ def test_counters_survive_recycling_and_files_stay_bounded(supervisor, tmp_path:
     server.wait_ready(2)
     put = {"http_request_method": "PUT"}
     seen, sent = 0.0, 0
-    deadline = time.monotonic() + 60
-    while server.log().count("replaced (max-requests)") < 50:
-        assert time.monotonic() < deadline, "50 recycles did not happen within 60 s"
+    # A count, not a rate: how fast workers are replaced is bench's business. 12 recycles
+    # leave 14 workers' files without compaction, well over the bound asserted below.
+    for _ in range(2000):  # 10,000 requests at most: 5 per worker, 2 workers, 12 recycles
+        if server.log().count("replaced (max-requests)") >= 12:
+            break
         for _ in range(5):
             sent += _put(server.port) == 200
         total = value(scrape(mport), REQUESTS, **put)
         assert total >= seen, "a counter went backwards"
         seen = total
+    else:
+        raise AssertionError(f"12 recycles did not happen in {sent} requests\n{server.log()}")
     files = list(mpdir.glob("*/*.db"))  # in the master's private directory
     assert len(files) <= 8, sorted(f.name for f in files)  # live workers + the archive
     wait_until(lambda: value(scrape(mport), REQUESTS, **put) == sent, 10, f"{sent} counted")
     assert value(scrape(mport), "app_handled_total", method="PUT") == sent
     restarts = value(scrape(mport), "asgi_supervise_worker_restarts_total", reason="requests")
-    assert restarts >= 50
+    assert restarts >= 12
 
 
 def test_readyz_turns_503_during_drain_delay_while_app_serves(supervisor):
     mport = free_port()
-    server = supervisor("testapp:app", "--drain-delay", "2", *_metrics_args(mport))
+    server = supervisor("testapp:app", "--drain-delay", "5", *_metrics_args(mport))
     server.wait_ready(1)
-    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 5, "readyz 200")
+    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
     assert json.loads(get(mport, "/readyz")[1]) == {"ready": True}
     server.signal(signal.SIGTERM)
-    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 2, "readyz 503")
+    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 5, "readyz 503")
     readyz, app = [], []
     while server.process.poll() is None:
         answer = try_get(mport, "/readyz", timeout=1)

