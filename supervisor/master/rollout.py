@@ -191,13 +191,14 @@ class Rollout:
         """What the budgets hold now: memory under the cgroup limit, as measured, and this
         instance's share of the database connections (`sizing.db_share`). Every live worker
         holds its pool (a draining one until it exits), and so will each empty slot's
-        refill; a worker not sampled yet counts as the largest that was."""
+        refill. Every worker counts as the largest sampled: one that just became ready was
+        last sampled while it booted, before it held its full size."""
         live, refills = self.table.live(), len(self.table.empty_slots())
         rooms = []
         if self.memory_limit is not None:
             sampled = [w.rss for w in live if w.rss]
             each = max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
-            used = sum(w.rss or each for w in live) + refills * each + self.master_rss
+            used = (len(live) + refills) * each + self.master_rss
             taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"
             rooms.append(Room("memory", fits(used, each, self.memory_limit), taken))
         pool = self.settings.db_pool_size
