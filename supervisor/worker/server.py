@@ -104,13 +104,18 @@ class WorkerServer(uvicorn.Server):
         self.lifespan_timed_out = False  # the app's shutdown outran --shutdown-timeout
         self.paused = False  # the master asked us to stop accepting (we hold more than our share)
         self._listeners: list[socket.socket] = []  # our own copies, to accept again after a pause
+        self._inherited: list[socket.socket] = []  # the master's listeners, until serving
         self._last_connections = -1
         self.report_connections = False  # the master balances: tell it of new ones at once
         self._report: asyncio.TimerHandle | None = None
         self._reported_at = 0.0
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
-        super().run(sockets=sockets)
+        # Our own list: a drain before the server started empties it (`drop_listeners`),
+        # and uvicorn's startup, which reads it only after the lifespan startup, then
+        # serves nothing.
+        self._inherited = list(sockets or [])
+        super().run(sockets=self._inherited)
         if self.cut or self.lifespan_timed_out:  # how the master tells an unclean drain
             raise SystemExit(Exit.UNCLEAN)
 
@@ -120,6 +125,8 @@ class WorkerServer(uvicorn.Server):
 
         def drain(*_: Any) -> None:
             self.should_exit = True
+            if not hasattr(self, "servers"):  # uvicorn has not begun to serve them yet
+                self.drop_listeners()
 
         def stop_now(*_: Any) -> None:
             self.should_exit = self.force_exit = True
@@ -149,10 +156,20 @@ class WorkerServer(uvicorn.Server):
             self._listeners = [sock.dup() for sock in sockets]
         if self.report_connections:
             self._watch_connections()
+        if self.should_exit:  # drained while starting: it never serves, so it is not ready
+            return
         loop = asyncio.get_running_loop()
         loop.add_reader(self.control.sock.fileno(), self._on_control)
         metrics = self.request_metrics
         self.control.send("ready", meter=metrics and type(metrics.meter).__qualname__)
+
+    def drop_listeners(self) -> None:
+        """Told to drain before serving (its lifespan is still starting): close our copies
+        of the listeners now. A copy kept while the app starts would keep the port queueing
+        new connections nobody accepts, where the kernel should refuse them."""
+        for sock in self._inherited:
+            sock.close()
+        self._inherited.clear()
 
     # --- what the master says ---------------------------------------------------------
 

@@ -190,17 +190,10 @@ def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
     assert len(after) == 2 and not after & before
 
 
-BOOTING_REPLACEMENT_BUG = (
-    "bug: after SIGTERM, a replacement worker that is still starting keeps its copy of the"
-    " listener and accepts nothing; once the old workers have closed theirs, new connections"
-    " wait in the backlog and are reset (or time out) instead of being refused"
-)
-
-
 LAST_LISTENER_RACE = (
     "race: a connection the kernel queued on the listener when its last copy closes is reset,"
-    " not refused (1 run in 8 under this load without a reload; 3 in 8 with one, where a"
-    " starting replacement widens the window; " + BOOTING_REPLACEMENT_BUG + ")"
+    " not refused (1 run in 8 under this load without a reload; more with one): the kernel"
+    " resets what is queued on a listening socket when it closes"
 )
 
 
@@ -245,8 +238,6 @@ async def app(scope, receive, send):
 """
 
 
-@pytest.mark.xfail(reason=BOOTING_REPLACEMENT_BUG, strict=True,
-                   raises=(TimeoutError, ConnectionResetError))  # fmt: skip
 def test_sigterm_while_a_replacement_starts_refuses_new_connections(supervisor, tmp_path):
     """The drain closes the listener at once, even in a worker whose lifespan is starting."""
     (tmp_path / "slowstart.py").write_text(SLOW_START_APP)
