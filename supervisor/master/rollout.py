@@ -78,12 +78,18 @@ class Rollout:
         )
 
     def failed(self, worker: Worker) -> None:
-        """The old worker keeps serving. A failed reload is abandoned; recycling retries."""
+        """The old worker keeps serving. A failed reload is abandoned, unless a newer one
+        began while this replacement started; recycling retries."""
         old = self.table.get(worker.replaces)
         reason = self.due_reason(old) if old else None
         if old is not None:
             old.replaced_by = None
         headline = self.lifecycle.report_boot_error(worker, f"replacing pid {worker.replaces}")
+        if reason == "reload" and worker.generation < self.generation:
+            log.warning(
+                "%s was started for an earlier reload; the newer one goes on", worker.tag()
+            )  # a fix deployed (SIGHUP) while the broken code's worker was still starting
+            return
         if reason == "reload":
             for live in self.table.live():
                 live.generation = self.generation

@@ -85,6 +85,39 @@ def test_reload_with_broken_new_code_keeps_old_workers_serving(supervisor, tmp_p
     assert not server.worker_pids() & before
 
 
+BROKEN_UNTIL_TOLD = """
+import pathlib, time
+here = pathlib.Path(__file__).parent
+(here / "broken-importing").touch()
+while not (here / "fail-now").exists():
+    time.sleep(0.05)
+raise RuntimeError("half-deployed release")
+"""
+
+
+def test_a_fix_deployed_while_the_broken_code_starts_is_rolled_out(supervisor, tmp_path):
+    """SIGHUP with broken code, then the fix and a second SIGHUP while the broken worker is
+    still starting: its failure must not abort the newer reload."""
+    source = _app_in(tmp_path)
+    good = source.read_text()
+    server = supervisor("liveapp:app", "--app-dir", str(tmp_path), env=NO_BYTECODE)
+    server.wait_ready(1)
+    before = server.worker_pids()
+    source.write_text(good + BROKEN_UNTIL_TOLD)
+    server.signal(signal.SIGHUP)
+    importing = tmp_path / "broken-importing"
+    wait_until(importing.exists, 15, "the new worker importing the broken code")
+    source.write_text(good)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "restarted from the current state" in server.log(), 15, "the second HUP")
+    (tmp_path / "fail-now").touch()  # now the first replacement fails
+    wait_until(lambda: "half-deployed release" in server.log(), 15, "the broken worker's error")
+    wait_until(lambda: "reload complete" in server.log(), 30, lambda: f"the fix\n{server.log()}")
+    assert "reload aborted" not in server.log()
+    assert server.get("/pid")[0] == 200
+    assert not server.worker_pids() & before
+
+
 def test_max_requests_recycles_under_load_with_zero_failures(supervisor):
     server = supervisor("testapp:app", "--workers", "2", "--max-requests", "50")
     server.wait_ready(2)
