@@ -187,7 +187,10 @@ async def _cover(port: int, workers: set[int], requests: int) -> dict[str, Any]:
 
 
 def _files(path: str) -> dict[str, Any]:
-    names = sorted(os.listdir(path))
+    """The metrics files in the master's private directory, made inside `path`."""
+    private = [os.path.join(path, n) for n in os.listdir(path)]
+    path = next((p for p in private if os.path.isdir(p)), path)
+    names = sorted(n for n in os.listdir(path) if n.endswith(".db"))
     return {
         "files": len(names),
         "archived": [n for n in names if "archived" in n],

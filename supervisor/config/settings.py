@@ -292,7 +292,10 @@ class Settings(BaseSettings):
     )
     request_metrics: bool = opt(True, "Measure every request in the workers.", "observe")
     multiproc_dir: str | None = opt(
-        None, "Private directory for worker metrics (default: a temp dir).", "observe"
+        None,
+        "Where the master makes its private directory for worker metrics (default: the"
+        " temp dir); it deletes nothing else there.",
+        "observe",
     )
     min_ready: int = opt(
         1, "Workers that must be ready for /readyz to answer 200.", "observe", ge=1

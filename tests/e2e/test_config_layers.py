@@ -1,4 +1,4 @@
-"""Issue 3: five layers of settings, their sources, secrets, and every kind of bad input.
+"""Five layers of settings, their sources, secrets, and every kind of bad input.
 
 Everything user-facing runs through the real CLI (`run_cli`) in a scratch directory, so
 the config-file discovery, the environment and argparse are the ones users get.

@@ -1,4 +1,4 @@
-"""Issue 7: --reload restarts on save, replacement first, never without a server."""
+"""`--reload` restarts on save, replacement first, never without a server."""
 
 from __future__ import annotations
 

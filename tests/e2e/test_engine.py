@@ -1,4 +1,4 @@
-"""Issue 2: the master, its workers, crashes, timeouts and the SIGTERM drain."""
+"""The master, its workers, crashes, timeouts and the SIGTERM drain."""
 
 from __future__ import annotations
 

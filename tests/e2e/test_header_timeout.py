@@ -1,4 +1,4 @@
-"""--timeout-request-header: connections that never finish their request headers (idle
+"""`--timeout-request-header`: connections that never finish their request headers (idle
 ones, slowloris ones) are closed and counted; requests whose headers are in are not cut,
 however slowly their body arrives or their answer leaves. Both HTTP implementations."""
 

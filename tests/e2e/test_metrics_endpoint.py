@@ -1,4 +1,4 @@
-"""Issue 6: metrics and health endpoints, served by the master on their own port."""
+"""Metrics and health endpoints, served by the master on their own port."""
 
 from __future__ import annotations
 

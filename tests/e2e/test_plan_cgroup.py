@@ -184,7 +184,7 @@ def test_v1_cfs_quota_and_memory_limit_are_read_from_inside_the_cgroup() -> None
 @pytest.mark.timeout(90)
 def test_reload_drains_first_when_the_memory_limit_has_no_room(supervisor) -> None:
     """Replacement first, unless a replacement beside the old worker would not fit the
-    instance's memory limit: then each old worker drains first (issue 5). Here the limit
+    instance's memory limit: then each old worker drains first. Here the limit
     is real, so a surge would have driven the cgroup into its limit."""
     _need_root()
     memory = CGROUP / "memory"

@@ -1,4 +1,4 @@
-"""Issue 4, command line: `asgi-supervise plan` on this machine, and sizing warnings at start."""
+"""`asgi-supervise plan` on this machine, and sizing warnings at start."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3: the built-in profiles load, validate and hold the values their comments promise."""
+"""The built-in profiles load, validate and hold the values their comments promise."""
 
 from __future__ import annotations
 

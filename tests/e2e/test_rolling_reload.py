@@ -1,4 +1,4 @@
-"""Issue 5: rolling reload, recycling and scaling under keep-alive load, with zero failures."""
+"""Rolling reload, recycling and scaling under keep-alive load, with zero failures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3: the wheel ships the profiles and the CLI, and works installed outside the repo."""
+"""The wheel ships the profiles and the CLI, and works installed outside the repo."""
 
 from __future__ import annotations
 
