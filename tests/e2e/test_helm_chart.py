@@ -223,6 +223,8 @@ def test_grace_period_covers_the_worst_case_drain(helm, tmp_path, profile):
     # and endpoint removal then needs to propagate (values.yaml: 2 s) before the drain
     # delay ends and the workers stop accepting.
     assert settings["drain_delay"] >= readiness["periodSeconds"] * readiness["failureThreshold"] + 2
+    # out within one period once draining, yet a slow answer (seconds) is no failure
+    assert readiness["failureThreshold"] == 1 and readiness["timeoutSeconds"] >= 5
     worst = worst_case_drain(document)
     grace = one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= worst + 5, (grace, worst)  # drain.marginSeconds on top
