@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     pid_file: str | None = opt(
         None, "Write the master's pid here (for kill -HUP); removed on exit.", "workers"
     )
+    control_socket: str | None = opt(
+        None,
+        "Unix socket (mode 0600) for `status`, `reload`, `scale` and `stop` (default: the "
+        "pid file's path with .sock, else $XDG_RUNTIME_DIR/asgi-supervise/master-PID.sock, "
+        "else TMPDIR/asgi-supervise-UID/master-PID.sock).",
+        "workers",
+    )
 
     # --- shutdown and drain --------------------------------------------------------------
     graceful_timeout: float = opt(
