@@ -24,6 +24,7 @@ from asgi_supervise.suggest import did_you_mean
 from asgi_supervise.worker import apploader
 
 COMMANDS = ("run", "config", "plan")
+CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
 log = logging.getLogger("asgi_supervise.master")
 
 
@@ -106,6 +107,14 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in CONTROL:
+        from asgi_supervise import ctl
+
+        return ctl.main(argv[0], argv[1:])
+    if argv[:1] == ["config"] and "--running" in argv:
+        from asgi_supervise import ctl
+
+        return ctl.config_running([a for a in argv[1:] if a != "--running"])
     command = argv[0] if argv and argv[0] in COMMANDS else "run"
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
@@ -210,6 +219,7 @@ def run(loaded: sources.Loaded) -> int:
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
+    arbiter.loaded = loaded  # `config --running` shows these settings and their sources
     try:
         with pid_file(settings.pid_file):
             return asyncio.run(arbiter.run())
