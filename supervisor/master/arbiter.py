@@ -95,19 +95,29 @@ class Arbiter:
             cleanup(self.sockets)
             return Exit.USAGE
         s = self.settings
-        path = control.socket_path(s.control_socket, s.pid_file, os.getpid())
-        self.control = control.ControlServer(self, path)
         try:
+            path = control.socket_path(s.control_socket, s.pid_file, os.getpid())
+            self.control = control.ControlServer(self, path)
             await self.control.start()
         except OSError as exc:
-            logs.say(str(exc))
-            await self.observe.stop()
-            cleanup(self.sockets)
-            return Exit.USAGE
+            if s.control_socket is not None:  # asked for: a usage error, like a busy port
+                logs.say(str(exc))
+                await self.observe.stop()
+                cleanup(self.sockets)
+                return Exit.USAGE
+            # The default place (a read-only root with no TMPDIR): serve without it.
+            log.warning(
+                "no control socket (status, reload, scale, stop): %s; set --control-socket "
+                "to a writable path",
+                exc,
+                extra={"event": "no_control_socket"},
+            )
+            self.control = None
         try:
             return await self.serve()
         finally:
-            await self.control.stop()
+            if self.control is not None:
+                await self.control.stop()
 
     async def serve(self) -> int:
         where = ", ".join(describe(s) for s in self.sockets)

@@ -115,9 +115,9 @@ class ControlServer:
     async def start(self) -> None:
         if not self.path.startswith("/") and not self.path.startswith("."):
             self.path = os.path.abspath(self.path)
-        if self.path.startswith(str(runtime_dir())):
-            _private_dir(Path(self.path).parent)
         try:
+            if self.path.startswith(str(runtime_dir())):
+                _private_dir(Path(self.path).parent)
             sock = _bind(self.path)
         except OSError as exc:
             raise OSError(f"--control-socket {self.path}: cannot listen: {exc}") from None
