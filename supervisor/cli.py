@@ -13,6 +13,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from asgi_supervise import drain, logs, sizing
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return show_config(loaded, as_json)
         if command == "plan":
             return show_plan(loaded, as_json)
-        return run(loaded)
+        flags = dict(args)
+        return run(loaded, lambda: sources.load(dict(flags), profile=profile, config_file=config))
     except sources.ConfigError as exc:
         logs.say(str(exc))
         return Exit.USAGE
@@ -261,7 +263,7 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
     return 0
 
 
-def run(loaded: sources.Loaded) -> int:
+def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = None) -> int:
     from asgi_supervise.master.arbiter import Arbiter
     from asgi_supervise.master.pidfile import PidFileError, pid_file
     from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
@@ -315,6 +317,7 @@ def run(loaded: sources.Loaded) -> int:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     arbiter.loaded = loaded  # `config --running` shows these settings and their sources
+    arbiter.reloader = reloader  # a reload re-reads the config
     try:
         with pid_file(settings.pid_file):
             return asyncio.run(arbiter.run())

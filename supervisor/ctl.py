@@ -205,9 +205,14 @@ def reload(path: str, args: argparse.Namespace) -> int:
         raise ControlFailed(
             f"no outcome after {args.timeout:g}s: the reload goes on (see `status`)"
         ) from None
+    for line in result.get("config_kept") or []:
+        logs.say(f"warning: not applied without a restart (running value kept): {line}")
     if args.json:
         _emit(json.dumps(result, indent=2))
-    elif result["outcome"] == "completed":
+        return 0 if result["outcome"] == "completed" else FAILED
+    for line in result.get("config_applied") or []:
+        _emit(f"config applied: {line}")
+    if result["outcome"] == "completed":
         _emit(
             f"reload completed: every worker replaced in {result['duration_s']:.2f}s "
             f"(generation {result['generation']})"

@@ -15,11 +15,12 @@ import signal
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asgi_supervise import drain, logs, sizing
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master import balance, control, policy
+from asgi_supervise.master import balance, control, liveconfig, policy
 from asgi_supervise.master.notify import Notifier
 from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
@@ -77,11 +78,13 @@ class Arbiter:
         self._wake = asyncio.Event()
         # The control socket: commands wait here, like signals, for the loop to run them.
         self.loaded: Loaded | None = None  # the settings' sources, for `config --running`
+        self.reloader: Callable[[], Loaded] | None = None  # re-reads every layer (a reload)
         self.control: control.ControlServer | None = None
         self._commands: deque[tuple[str, dict[str, Any], asyncio.Future[Any]]] = deque()
         self.reload_waiters: list[asyncio.Future[Any]] = []
         self.last_reload: dict[str, Any] | None = None
         self.last_boot_error: str | None = None
+        self.config_change: dict[str, list[str]] = {}  # the reload's config lines, for its result
         self.restarts: Counter[int] = Counter()  # per slot: workers that died unasked
 
     # --- the lifecycle --------------------------------------------------------------------
@@ -550,6 +553,12 @@ class Arbiter:
             raise control.ControlError(f"the master is {self.phase.value}: no reload")
         if self.waiting_for_fix:
             raise control.ControlError("the app cannot start: waiting for a file change")
+        error = self.reconfigure("control socket: reload")
+        if error is not None:
+            raise control.ControlError(
+                f"the new config is invalid, nothing was reloaded (the running config stays): "
+                f"{error}"
+            )
         self.reload_waiters.append(future)
         self.reload("control socket: reload")
 
@@ -651,7 +660,72 @@ class Arbiter:
             worker.hurry(signal.SIGQUIT)
 
     def handle_sighup(self) -> None:
-        self.reload("SIGHUP")
+        if self.running and self.reconfigure("SIGHUP") is None:
+            self.reload("SIGHUP")
+
+    def reconfigure(self, why: str) -> str | None:
+        """Re-read the config, validate it, apply what can change without a restart and
+        name what cannot. An invalid config keeps the running one: its one-line error is
+        returned (and logged), and the caller reloads nothing."""
+        if self.reloader is None or self.loaded is None:
+            return None
+        from asgi_supervise.config.sources import ConfigError
+        from asgi_supervise.worker import apploader
+
+        try:
+            new = self.reloader()
+            if (
+                new.settings.app != self.settings.app
+                or new.settings.app_dir != self.settings.app_dir
+            ):
+                try:
+                    apploader.check(new.settings.app or "", new.settings.app_dir)
+                except apploader.AppStringError as exc:
+                    raise ConfigError(f"{new.describe('app')}: {exc.detail}") from None
+        except ConfigError as exc:
+            error = str(exc)
+            log.error(
+                "%s: the new config is invalid, nothing reloaded; the running config stays: %s",
+                why, error, extra={"event": "config_invalid", "error": error},
+            )  # fmt: skip
+            self.last_reload = {
+                "outcome": "aborted", "duration_s": 0.0, "error": error,
+                "finished_at": time.time(), "generation": self.rollout.generation,
+            }  # fmt: skip
+            return error
+        change = liveconfig.reconcile(self.loaded, new)
+        if change.kept:
+            log.warning(
+                "%s: not applied without a restart (running values kept): %s",
+                why, "; ".join(change.kept), extra={"event": "config_kept"},
+            )  # fmt: skip
+        self.loaded = change.loaded
+        self.config_change = {"config_applied": change.applied, "config_kept": change.kept}
+        self.apply_settings(change)
+        if change.applied:
+            log.info(
+                "%s: config applied: %s", why, "; ".join(change.applied),
+                extra={"event": "config_applied"},
+            )  # fmt: skip
+        return None
+
+    def apply_settings(self, change: liveconfig.Change) -> None:
+        """New settings for the master's loop; the replaced workers get them at spawn."""
+        s = self.settings = change.settings
+        self.rollout.settings = self.observe.settings = s
+        self.rollout.db_share = sizing.db_share(s)
+        self.drain_times = drain.of(s)
+        self.boot.limit = s.boot_failure_limit
+        if change.changed(*liveconfig.LOGGING):
+            logs.configure(
+                s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config
+            )
+        plan = sizing.plan(s, host.read_host())
+        resize = plan.workers != self.observe.plan.workers
+        self.observe.plan = plan
+        self.observe.metrics.set_plan(plan.to_dict())
+        if resize:
+            self.scale_to(plan.workers, "config")
 
     def reload(self, why: str) -> None:
         """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
@@ -670,7 +744,9 @@ class Arbiter:
             "error": error,
             "finished_at": time.time(),
             "generation": self.rollout.generation,
+            **self.config_change,
         }
+        self.config_change = {}
         self.answer_reload_waiters()
         self.notify.ready(f"serving with {self.target} workers ({outcome})")
 
