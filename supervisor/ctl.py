@@ -188,13 +188,16 @@ def status(path: str, args: argparse.Namespace) -> int:
         data = request(path, {"command": "status"})
         _emit(json.dumps(data, indent=2) if args.json else render_status(data))
         return 0
-    while True:
-        data = request(path, {"command": "status"})
-        text = json.dumps(data) if args.json else render_status(data)
-        if not args.json and sys.stdout.isatty():
-            text = "\x1b[H\x1b[2J" + text  # home, clear: redraw in place
-        _emit(text)
-        time.sleep(max(0.1, args.watch))
+    try:
+        while True:
+            data = request(path, {"command": "status"})
+            text = json.dumps(data) if args.json else render_status(data)
+            if not args.json and sys.stdout.isatty():
+                text = "\x1b[H\x1b[2J" + text  # home, clear: redraw in place
+            _emit(text)
+            time.sleep(max(0.1, args.watch))
+    except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+        return 0
 
 
 def reload(path: str, args: argparse.Namespace) -> int:

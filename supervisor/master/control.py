@@ -28,6 +28,7 @@ log = logging.getLogger("asgi_supervise.master")
 
 COMMANDS = ("status", "reload", "scale", "stop", "config")
 MAX_REQUEST = 64 * 1024
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request line
 
 
 class ControlError(Exception):
@@ -140,7 +141,8 @@ class ControlServer:
                 await self.reply(writer, error=f"refused: uid {uid} is not the master's user")
                 return
             try:
-                line = await reader.readline()
+                async with asyncio.timeout(REQUEST_TIMEOUT):  # a silent client holds nothing
+                    line = await reader.readline()
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("expected a JSON object")
@@ -161,7 +163,7 @@ class ControlServer:
             await self.reply(writer, result=result)
             if command == "stop":  # the connection ends when the master does
                 await self.closed.wait()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
             writer.close()

@@ -221,3 +221,24 @@ def test_stop_now_cuts_a_request_in_flight(supervisor, tmp_path):
     assert len(answers) == 1 and answers[0] != (200, "slept"), answers
     assert "stopping now" in server.log()
     assert not sock.exists()
+
+
+def test_status_watch_redraws_until_interrupted(supervisor, tmp_path):
+    server, pid_file, _ = _start(supervisor, tmp_path, "testapp:app")
+    server.wait_ready(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "asgi_supervise", "status", "--watch", "0.1",
+         "--pid-file", str(pid_file)],
+        stdout=subprocess.PIPE, text=True, cwd=APPS, env=env,
+    )  # fmt: skip
+    try:
+        tables = 0
+        while tables < 3:  # pytest-timeout bounds this if no table comes
+            line = watch.stdout.readline()
+            assert line, "status --watch ended"
+            tables += line.startswith("SLOT")
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+        watch.stdout.close()
