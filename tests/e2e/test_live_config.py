@@ -84,7 +84,7 @@ def test_changed_bind_address_is_named_and_kept(supervisor, tmp_path):
     conf.write_text('workers = 1\nhost = "127.0.0.2"\ngraceful_timeout = 7\n')
     done = run_cli("reload", "--pid-file", str(pid_file))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "config applied: graceful_timeout 30.0 -> 7.0" in done.stdout
+    assert "config applied: graceful_timeout " in done.stdout and " -> 7.0 (file: " in done.stdout
     assert "not applied without a restart" in done.stderr and "host '127.0.0.1'" in done.stderr
     kept = [line for line in server.log().splitlines() if "not applied without a restart" in line]
     assert len(kept) == 1 and "host '127.0.0.1' -> '127.0.0.2'" in kept[0]
