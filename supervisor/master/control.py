@@ -99,6 +99,21 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
+def remove_stale(directory: Path) -> None:
+    """Sockets of masters that were killed (SIGKILL leaves them): their pid is gone."""
+    for path in directory.glob("master-*.sock"):
+        pid = path.stem.removeprefix("master-")
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except (PermissionError, OverflowError):
+            continue
+
+
 def peer_uid(sock: socket.socket | None) -> int | None:
     if sock is None or not hasattr(socket, "SO_PEERCRED"):
         return None
@@ -119,6 +134,7 @@ class ControlServer:
         try:
             if self.path.startswith(str(runtime_dir())):
                 _private_dir(Path(self.path).parent)
+                remove_stale(Path(self.path).parent)
             sock = _bind(self.path)
         except OSError as exc:
             raise OSError(f"--control-socket {self.path}: cannot listen: {exc}") from None

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -242,3 +243,24 @@ def test_status_watch_redraws_until_interrupted(supervisor, tmp_path):
         watch.send_signal(signal.SIGINT)
         assert watch.wait(10) == 0
         watch.stdout.close()
+
+
+def test_the_one_master_is_found_without_a_path_and_stale_sockets_go(supervisor, tmp_path):
+    runtime = tmp_path / "run"
+    (runtime / "asgi-supervise").mkdir(parents=True, mode=0o700)
+    stale = runtime / "asgi-supervise" / "master-999999999.sock"  # above any pid_max
+    with socket.socket(socket.AF_UNIX) as killed:
+        killed.bind(str(stale))
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    server = supervisor("testapp:app", env=env)
+    server.wait_ready(1)
+    assert not stale.exists()
+    done = run_cli("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    expected = runtime / "asgi-supervise" / f"master-{server.pid}.sock"
+    assert json.loads(done.stdout)["master"]["control_socket"] == str(expected)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not expected.exists()
+    none = run_cli("status", env=env)
+    assert none.returncode == 4 and "no running master found" in none.stderr
