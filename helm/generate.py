@@ -95,7 +95,8 @@ def config_schema() -> dict[str, Any]:
             continue
         spec = copy.deepcopy(model[name])
         description = spec.get("description", "")
-        for key in ("aliases", "default", "group", "secret", "title", "description"):
+        meta_keys = ("aliases", "bind_aliases", "default", "group", "secret", "title")
+        for key in (*meta_keys, "description"):
             spec.pop(key, None)
         if {"type": "null"} not in spec.get("anyOf", []):  # null: leave it to the profile
             spec = {"anyOf": [spec, {"type": "null"}]}

@@ -13,6 +13,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from asgi_supervise import drain, logs, sizing
@@ -24,6 +25,7 @@ from asgi_supervise.suggest import did_you_mean
 from asgi_supervise.worker import apploader
 
 COMMANDS = ("run", "config", "plan")
+CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
 log = logging.getLogger("asgi_supervise.master")
 
 
@@ -58,6 +60,49 @@ def _is(annotation: Any, kind: type) -> bool:
     return False
 
 
+class BindAction(argparse.Action):
+    """gunicorn's `-b/--bind`: HOST:PORT, [IPv6]:PORT, HOST, :PORT or unix:PATH, written into
+    the address settings (host, port, uds) as if given as --host/--port/--uds. The model
+    holds one listener: a second --bind is refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        value = str(values)
+        if getattr(namespace, "_bind", None) is not None:
+            parser.error(
+                f"{option_string} {value}: a second --bind ({namespace._bind} was given): "
+                "one master serves one listener; run a second instance for another address"
+            )
+        namespace._bind = value
+        for name, given in parse_bind(value, option_string or "--bind", parser).items():
+            setattr(namespace, name, given)
+
+
+def parse_bind(value: str, flag: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path:
+            parser.error(f"{flag} {value}: expected unix:PATH")
+        return {"uds": path}
+    if value.startswith("fd://"):
+        parser.error(f"{flag} {value}: use --fd N for an inherited descriptor")
+    host, port = value, None
+    if value.startswith("["):  # [::1]:8000
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") or None
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if port is not None and not (port.isdigit() and int(port) <= 65535):
+        parser.error(f"{flag} {value}: expected HOST:PORT with a port 0-65535, or unix:PATH")
+    given: dict[str, Any] = {}
+    if host:
+        given["host"] = host
+    if port is not None:
+        given["port"] = port
+    if not given:
+        parser.error(f"{flag} {value!r}: expected HOST:PORT or unix:PATH")
+    return given
+
+
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, field in FIELDS.items():
@@ -65,7 +110,17 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             continue
         info = meta(name)
         group = groups.setdefault(info["group"], parser.add_argument_group(info["group"]))
+        if info.get("bind_aliases"):
+            group.add_argument(
+                *info["bind_aliases"],
+                dest="_bind",
+                action=BindAction,
+                default=argparse.SUPPRESS,
+                metavar="ADDRESS",
+                help="gunicorn's bind: HOST:PORT or unix:PATH (sets --host/--port or --uds)",
+            )
         flags = ["--" + name.replace("_", "-"), *info.get("aliases", [])]
+        flags.sort(key=lambda flag: flag.startswith("--"))  # short ones first: -w, --workers
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
@@ -81,10 +136,35 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(*flags, **kwargs)
 
 
+OVERVIEW = """\
+Run an ASGI app under a master process that supervises Uvicorn workers.
+
+commands:
+  [run] APP [OPTIONS]     serve APP (module:attribute); `run` is implied
+  config [OPTIONS]        every effective setting and its source
+  config --running        the settings the running master uses, and their sources
+  plan [OPTIONS]          the worker count the sizing budgets allow, and why
+  status [--watch]        the running master's workers, plan and last reload
+  reload                  rolling reload of the running master; waits for the outcome
+  scale N|+N|-N           set the running master's worker count
+  stop [--now]            drain the running master (or stop now) and wait for it to exit
+
+`asgi-supervise COMMAND --help` shows a command's options. The commands that talk to a
+running master find it by --socket PATH or --pid-file PATH (see README: control socket).
+"""
+
+
 def build_parser(command: str) -> Parser:
+    overview = command == "run"
     parser = Parser(
         prog=f"asgi-supervise {command}" if command != "run" else "asgi-supervise",
-        description="Run an ASGI app under a master process that supervises Uvicorn workers.",
+        usage=(
+            "asgi-supervise [run] APP [OPTIONS]\n       asgi-supervise COMMAND [OPTIONS]"
+            if overview
+            else None
+        ),
+        description=OVERVIEW if overview else _DESCRIPTIONS[command],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     if command != "plan":
@@ -98,6 +178,12 @@ def build_parser(command: str) -> Parser:
     return parser
 
 
+_DESCRIPTIONS = {
+    "config": "Every effective setting and its source (--running: the running master's).",
+    "plan": "The worker count the sizing budgets allow, and why.",
+}
+
+
 def _version() -> str:
     from importlib.metadata import version
 
@@ -106,10 +192,21 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in CONTROL:
+        from asgi_supervise import ctl
+
+        return ctl.main(argv[0], argv[1:])
+    if argv[:1] == ["config"] and "--running" in argv:
+        from asgi_supervise import ctl
+
+        return ctl.config_running([a for a in argv[1:] if a != "--running"])
     command = argv[0] if argv and argv[0] in COMMANDS else "run"
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
     args = vars(build_parser(command).parse_args(argv))
+    bind = args.pop("_bind", None)
+    if bind is not None:
+        _check_bind(bind, argv)
     profile, config, as_json = args.pop("profile"), args.pop("config"), args.pop("json", False)
     try:
         loaded = sources.load(args, profile=profile, config_file=config)
@@ -117,10 +214,19 @@ def main(argv: list[str] | None = None) -> int:
             return show_config(loaded, as_json)
         if command == "plan":
             return show_plan(loaded, as_json)
-        return run(loaded)
+        flags = dict(args)
+        return run(loaded, lambda: sources.load(dict(flags), profile=profile, config_file=config))
     except sources.ConfigError as exc:
         logs.say(str(exc))
         return Exit.USAGE
+
+
+def _check_bind(bind: str, argv: list[str]) -> None:
+    """--bind sets the address: with --host, --port or --uds too, which one wins is a guess."""
+    others = [a.split("=")[0] for a in argv if a.split("=")[0] in ("--host", "--port", "--uds")]
+    if others:
+        logs.say(f"--bind {bind} and {others[0]} both set the address (command line): give one")
+        sys.exit(Exit.USAGE)
 
 
 def _emit(text: str) -> None:
@@ -157,7 +263,7 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
     return 0
 
 
-def run(loaded: sources.Loaded) -> int:
+def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = None) -> int:
     from asgi_supervise.master.arbiter import Arbiter
     from asgi_supervise.master.pidfile import PidFileError, pid_file
     from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
@@ -210,6 +316,8 @@ def run(loaded: sources.Loaded) -> int:
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
+    arbiter.loaded = loaded  # `config --running` shows these settings and their sources
+    arbiter.reloader = reloader  # a reload re-reads the config
     try:
         with pid_file(settings.pid_file):
             return asyncio.run(arbiter.run())

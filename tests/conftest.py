@@ -134,7 +134,8 @@ class Supervisor:
         # The tests' own settings only: nothing leaks in from the developer's shell.
         run_env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
         run_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-        bind = [] if {"--uds", "--fd"} & set(args) else ["--port", str(self.port)]
+        given = {"--uds", "--fd", "-b", "--bind"} & set(args)  # an address of its own
+        bind = [] if given else ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 in_cgroups(cgroups, "-m", "asgi_supervise", *args, *bind),

@@ -49,14 +49,19 @@ def opt(
     *,
     secret: bool = False,
     aliases: tuple[str, ...] = (),
+    bind_aliases: tuple[str, ...] = (),
     **kw: Any,
 ) -> Any:
     """A settings field with the metadata the CLI and `config` output need.
 
     `aliases` are extra flag spellings, mostly uvicorn's, so `uvicorn --workers ...`
-    becomes `asgi-supervise --workers ...` with nothing else changed.
+    becomes `asgi-supervise --workers ...` with nothing else changed; gunicorn's short ones
+    (`-w`) too. `bind_aliases` are gunicorn's `--bind`: one flag that sets the address
+    fields, HOST:PORT (host and port) or unix:PATH (uds).
     """
     extra = {"group": group, "secret": secret, "aliases": list(aliases)}
+    if bind_aliases:
+        extra["bind_aliases"] = list(bind_aliases)
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
@@ -90,7 +95,7 @@ class Settings(BaseSettings):
     lifespan: Literal["auto", "on", "off"] = opt("auto", "ASGI lifespan handling.", "app")
 
     # --- binding -------------------------------------------------------------------------
-    host: str = opt("127.0.0.1", "Address to bind.", "bind")
+    host: str = opt("127.0.0.1", "Address to bind.", "bind", bind_aliases=("-b", "--bind"))
     port: int = opt(8000, "Port to bind (0 picks a free one).", "bind", ge=0, le=65535)
     uds: str | None = opt(None, "Bind a Unix domain socket instead of host:port.", "bind")
     fd: int | None = opt(None, "Serve on an already-open listening file descriptor.", "bind", ge=0)
@@ -117,7 +122,11 @@ class Settings(BaseSettings):
     ws_ping_timeout: float | None = opt(20.0, "Seconds to wait for a pong.", "server", ge=0)
     ws_per_message_deflate: bool = opt(True, "WebSocket per-message deflate.", "server")
     timeout_keep_alive: float = opt(
-        5.0, "Close idle keep-alive connections after N s.", "server", gt=0
+        5.0,
+        "Close idle keep-alive connections after N s.",
+        "server",
+        aliases=("--keep-alive",),  # gunicorn's
+        gt=0,
     )
     timeout_request_header: float = opt(
         10.0,
@@ -173,7 +182,10 @@ class Settings(BaseSettings):
 
     # --- workers -------------------------------------------------------------------------
     workers: WorkerCount = opt(
-        1, "Worker processes, or 'auto' to size from CPU, memory and DB.", "workers"
+        1,
+        "Worker processes, or 'auto' to size from CPU, memory and DB.",
+        "workers",
+        aliases=("-w",),
     )
     min_workers: int = opt(1, "Never size 'auto' below this.", "workers", ge=1)
     max_workers: int | None = opt(None, "Never size 'auto' above this.", "workers", ge=1)
@@ -181,6 +193,7 @@ class Settings(BaseSettings):
         30.0,
         "Kill a worker whose event loop is silent this long.",
         "workers",
+        aliases=("--timeout",),  # gunicorn's: the silent worker's deadline
         gt=0,
     )
     ready_timeout: float = opt(
@@ -194,7 +207,17 @@ class Settings(BaseSettings):
     )
 
     pid_file: str | None = opt(
-        None, "Write the master's pid here (for kill -HUP); removed on exit.", "workers"
+        None,
+        "Write the master's pid here (for kill -HUP); removed on exit.",
+        "workers",
+        aliases=("--pid",),
+    )
+    control_socket: str | None = opt(
+        None,
+        "Unix socket (mode 0600) for `status`, `reload`, `scale` and `stop` (default: the "
+        "pid file's path with .sock, else $XDG_RUNTIME_DIR/asgi-supervise/master-PID.sock, "
+        "else TMPDIR/asgi-supervise-UID/master-PID.sock).",
+        "workers",
     )
 
     # --- shutdown and drain --------------------------------------------------------------

@@ -6,13 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from asgi_supervise.sizing.budgets import Budget, Plan, db_share, plan, reload_room, usable_cpus
+from asgi_supervise.sizing.budgets import (
+    Budget,
+    Plan,
+    db_share,
+    over_budgets,
+    plan,
+    reload_room,
+    usable_cpus,
+)
 from asgi_supervise.sizing.host import read_host
 
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
 
-__all__ = ["Budget", "Plan", "db_share", "make_plan", "plan", "reload_room", "usable_cpus"]
+__all__ = [
+    "Budget",
+    "Plan",
+    "db_share",
+    "make_plan",
+    "over_budgets",
+    "plan",
+    "reload_room",
+    "usable_cpus",
+]
 
 
 def make_plan(settings: Settings, root: Path = Path("/")) -> Plan:

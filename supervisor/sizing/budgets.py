@@ -232,6 +232,16 @@ def describe_reloads(settings: Settings, facts: HostFacts, workers: int) -> str:
     return f"replacement first, {room} at a time: {budget} holds {room} more ({tight.taken})"
 
 
+def over_budgets(settings: Settings, facts: HostFacts, workers: int) -> list[str]:
+    """Each budget `workers` exceeds, named, with its numbers (scaling past the plan)."""
+    rules = [_cpu_rule(settings, facts), _memory_rule(settings, facts), _db_rule(settings)]
+    return [
+        f"the {budget.name} budget allows {budget.allows}: {over(workers)}"
+        for budget, over, _ in rules
+        if budget.allows is not None and workers > budget.allows
+    ]
+
+
 def plan(settings: Settings, facts: HostFacts) -> Plan:
     """Decide the worker count: the smallest budget for ``auto``, else the user's number."""
     rules = [_cpu_rule(settings, facts), _memory_rule(settings, facts), _db_rule(settings)]

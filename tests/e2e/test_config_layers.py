@@ -568,7 +568,7 @@ BAD_INPUTS = [
     case("unknown-flag-equals", [*RUN, "--gracefull-timeout=5"],
          "--gracefull-timeout=5", "(command line)", "did you mean --graceful-timeout?"),
     case("flag-without-value", [*RUN, "--workers"],
-         "argument --workers: expected one argument (command line)"),
+         "argument -w/--workers: expected one argument (command line)"),
     case("bool-flag-with-value", [*RUN, "--metrics=yes"],
          "--metrics", "'yes'", "(command line)"),
     case("abbreviated-flag", [*RUN, "--grace", "5"], "unrecognized arguments: --grace"),
