@@ -1,14 +1,15 @@
 """The master: keeps N healthy workers on the shared socket, then drains them.
 
-Signal handlers only queue the signal; the loop in `run` acts on it, so every change to
-the worker table happens in one place (uvicorn's and gunicorn's pattern).
+Signal handlers and control commands only queue what they ask; the loop in `serve` acts
+on it, so every change to the worker table happens in one place (uvicorn's and gunicorn's
+pattern). What happens when a worker exits is in `exits`; what operators ask (signals,
+the control socket, a reload of the configuration) in `operations`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import signal
@@ -18,10 +19,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from asgi_supervise import drain, logs, sizing
+from asgi_supervise import drain, logs
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master import balance, control, liveconfig, policy
+from asgi_supervise.master import balance, control, policy
+from asgi_supervise.master.exits import Exits
 from asgi_supervise.master.notify import Notifier
+from asgi_supervise.master.operations import Operations
+from asgi_supervise.master.phase import Phase
 from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
 from asgi_supervise.master.sockets import cleanup, describe
@@ -29,7 +33,7 @@ from asgi_supervise.master.table import WorkerTable
 from asgi_supervise.master.workers import State, Worker, spawn
 from asgi_supervise.observe.observability import Observability
 from asgi_supervise.protocol import Exit
-from asgi_supervise.sizing import Plan, host
+from asgi_supervise.sizing import Plan
 
 if TYPE_CHECKING:
     from asgi_supervise.config.sources import Loaded
@@ -45,13 +49,7 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 
 
-class Phase(enum.Enum):
-    RUNNING = "running"
-    DRAINING = "draining"  # SIGTERM: readiness off, keep serving for the drain delay, then stop
-    STOPPING = "stopping"  # stop now: SIGQUIT or a second SIGTERM/SIGINT
-
-
-class Arbiter:
+class Arbiter(Exits, Operations):
     def __init__(
         self,
         settings: Settings,
@@ -370,125 +368,6 @@ class Arbiter:
             self.observe.worker_exited(worker)
             self.worker_exited(worker)
 
-    def worker_exited(self, worker: Worker) -> None:
-        now = time.monotonic()
-        extra = worker.extra("exited", status=worker.exit_status, reason=worker.stop_reason)
-        if worker.stop_reason is None and self.phase is not Phase.RUNNING:
-            log.info("%s %s while the master stops", worker.tag(), worker.exit_status, extra=extra)
-            return
-        if worker.stop_reason is not None:
-            took = now - (worker.stopping_since or now)
-            drained = worker.drained or {}
-            if worker.process.returncode == Exit.UNCLEAN:
-                log.warning(
-                    "%s %s after draining %.2fs (%s): %d request(s) cut at the graceful"
-                    " timeout, lifespan shutdown: %s",
-                    worker.tag(), worker.exit_status, took, worker.stop_reason,
-                    drained.get("cut", 0), drained.get("lifespan", "unknown"),
-                    extra={**extra, **drained},
-                )  # fmt: skip
-                self.unclean()
-            else:
-                log.info(
-                    "%s %s after draining %.2fs (%s)%s",
-                    worker.tag(), worker.exit_status, took, worker.stop_reason,
-                    f": {drained['streams_ended']} stream(s) ended"
-                    if drained.get("streams_ended") else "",
-                    extra=extra,
-                )  # fmt: skip
-            new = self.table.get(worker.replaced_by)
-            if new is not None:
-                log.info(
-                    "worker %d replaced (%s) in %.2fs: pid %d -> %d",
-                    worker.slot, worker.stop_reason, now - new.started, worker.pid, new.pid,
-                    extra=worker.extra("replaced", reason=worker.stop_reason, new_pid=new.pid),
-                )  # fmt: skip
-            return
-        if worker.ready_at is None:
-            killed_by_master = worker.failure is not None
-            kind = policy.boot_exit(worker.exit_signal, worker.boot_error, killed_by_master)
-            if kind is policy.BootExit.KILLED:
-                self.killed_while_booting(worker)
-            elif worker.replaces is not None:
-                self.rollout.failed(worker)
-            else:
-                self.boot_failed(worker)
-            return
-        self.restarts[worker.slot] += 1
-        delay = self.crashed(worker, worker.uptime(now))
-        cause = worker.failure or worker.exit_status
-        if worker.exit_status == "killed by SIGKILL" and worker.failure is None:
-            cause += " (out of memory?)"
-        log.warning(
-            "%s died: %s; respawning %s",
-            worker.tag(),
-            cause,
-            f"in {delay:.1f}s" if delay else "now",
-            extra={**extra, "cause": cause, "respawn_delay_s": delay},
-        )
-
-    def crashed(self, worker: Worker, uptime: float) -> float:
-        """The slot's respawn delay (`policy.SlotHealth.crashed`): none if it served, and
-        none if it was the last one serving while the app is known to boot."""
-        alone = self.serving() == 0 and self.app_boots
-        cap = self.settings.restart_backoff_max
-        health = self.table.slots.get(worker.slot)
-        if health is None:  # its slot went with SIGTTOU
-            return 0.0
-        return health.crashed(time.monotonic(), uptime, cap, requests=worker.requests, alone=alone)
-
-    def killed_while_booting(self, worker: Worker) -> None:
-        """A signal from outside (OOM killer, an operator) says nothing about the app: the
-        slot is refilled, with crash backoff if it keeps happening, and the boot-failure
-        count stands. A replacement's old worker keeps serving and gets a new one."""
-        old = self.table.get(worker.replaces)
-        if old is not None and old.replaced_by == worker.pid:
-            old.replaced_by = None
-        delay = self.crashed(worker, 0.0)
-        log.warning(
-            "%s %s while booting (not counted as a failure to start); %s %s",
-            worker.tag(),
-            worker.exit_status,
-            "replacing it" if old is None else f"starting another replacement for pid {old.pid}",
-            f"in {delay:.1f}s" if delay else "now",
-            extra=worker.extra("killed_booting", status=worker.exit_status, respawn_delay_s=delay),
-        )
-
-    def report_boot_error(self, worker: Worker, attempt: str) -> str:
-        """Log why a worker failed to start: in full the first time, one line when repeated."""
-        error = worker.boot_error or worker.failure or worker.exit_status or "unknown"
-        headline = error.strip().splitlines()[-1] if error.strip() else error
-        extra = worker.extra("boot_failed", error=headline, attempt=attempt)
-        if error == self.boot.last_error:
-            log.error("%s failed to start (%s): same error", worker.tag(), attempt, extra=extra)
-        else:
-            log.error("%s failed to start (%s):\n%s", worker.tag(), attempt, error, extra=extra)
-        self.boot.last_error = error
-        self.last_boot_error = error
-        return headline
-
-    def boot_failed(self, worker: Worker) -> None:
-        attempt = f"{self.boot.failures + 1}/{self.boot.limit}"
-        headline = self.report_boot_error(worker, attempt)
-        fatal = self.boot.failed(worker.boot_error)
-        if fatal and self.settings.reload:
-            log.error("the app cannot start: waiting for a file change to try again")
-            self.waiting_for_fix = True
-            return
-        if fatal:
-            log.critical(
-                "giving up: %d workers in a row failed to start: %s",
-                self.boot.failures,
-                headline,
-                extra={"event": "boot_failure", "error": headline},
-            )
-            self.exit_code = Exit.BOOT_FAILURE
-            self.phase = Phase.STOPPING
-            return
-        delay = self.crashed(worker, 0.0)
-        if delay:
-            log.info("%s slot respawns in %.1fs", worker.tag(), delay)
-
     # --- signals --------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
@@ -515,261 +394,3 @@ class Arbiter:
             if handler is not None:
                 handler()
         self.handle_commands()
-
-    # --- the control socket (`asgi-supervise status | reload | scale | stop`) -------------
-
-    def queue_command(self, command: str, request: dict[str, Any], future: asyncio.Future) -> None:
-        self._commands.append((command, request, future))
-        self._wake.set()
-
-    def handle_commands(self) -> None:
-        while self._commands:
-            command, request, future = self._commands.popleft()
-            if future.done():  # the client went away
-                continue
-            try:
-                result = getattr(self, f"command_{command}")(request, future)
-            except control.ControlError as exc:
-                future.set_exception(exc)
-                continue
-            if result is not None:
-                future.set_result(result)
-
-    def command_status(self, request: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
-        status = self.observe.status(self)
-        status["master"].update(
-            pid=os.getpid(),
-            control_socket=self.control.path if self.control else None,
-            last_reload=self.last_reload,
-        )
-        for worker in status["workers"]:
-            worker["restarts"] = self.restarts[worker["slot"]]
-        status["plan_text"] = self.observe.plan.render()
-        return status
-
-    def command_reload(self, request: dict[str, Any], future: asyncio.Future) -> None:
-        """Answered when the rollout ends (`reload_finished`): the client waits for it."""
-        if not self.running:
-            raise control.ControlError(f"the master is {self.phase.value}: no reload")
-        if self.waiting_for_fix:
-            raise control.ControlError("the app cannot start: waiting for a file change")
-        error = self.reconfigure("control socket: reload")
-        if error is not None:
-            raise control.ControlError(
-                f"the new config is invalid, nothing was reloaded (the running config stays): "
-                f"{error}"
-            )
-        self.reload_waiters.append(future)
-        self.reload("control socket: reload")
-
-    def command_scale(self, request: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
-        if not self.running:
-            raise control.ControlError(f"the master is {self.phase.value}: no scaling")
-        given = str(request.get("workers", "")).strip()
-        try:
-            number = int(given)
-        except ValueError:
-            raise control.ControlError(f"scale {given!r}: expected N, +N or -N") from None
-        target = self.target + number if given[:1] in "+-" else number
-        if target < 1:
-            raise control.ControlError(
-                f"scale {given}: {target} workers refused: at least 1 (use stop to stop)"
-            )
-        warnings = self.scale_to(target, "control socket")
-        return {"workers": self.target, "warnings": warnings}
-
-    def command_stop(self, request: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
-        if request.get("now"):
-            self.handle_sigquit()
-        elif self.phase is Phase.RUNNING:
-            log.info("control socket: draining", extra={"event": "drain"})
-            self.phase = Phase.DRAINING
-        return {"pid": os.getpid(), "phase": self.phase.value}
-
-    def command_config(self, request: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
-        from asgi_supervise.config.settings import FIELDS, redact
-
-        if self.loaded is None:
-            raise control.ControlError("the master kept no record of its settings' sources")
-        values = self.loaded.settings.model_dump(mode="json")
-        rows = {
-            name: {"value": redact(name, values[name]), "source": self.loaded.origin(name)}
-            for name in FIELDS
-        }
-        return {"profile": self.loaded.profile, "settings": rows}
-
-    def answer_reload_waiters(self, error: str | None = None) -> None:
-        waiters, self.reload_waiters = self.reload_waiters, []
-        for future in waiters:
-            if future.done():
-                continue
-            if error is not None:
-                future.set_exception(control.ControlError(error))
-            else:
-                future.set_result(self.last_reload)
-
-    def over_plan(self, workers: int) -> list[str]:
-        """Each sizing budget `workers` exceeds, with its numbers (`plan` explains them)."""
-        if workers <= self.observe.plan.workers:
-            return []
-        settings = self.settings.model_copy(update={"workers": workers})
-        return sizing.over_budgets(settings, host.read_host(), workers)
-
-    def scale_to(self, target: int, why: str) -> list[str]:
-        """Add or remove slots (removal drains the highest ones); warn above the plan."""
-        while self.target < target:
-            self.table.add_slot()
-        while self.target > max(1, target):
-            slot = self.table.remove_slot()
-            self.observe.slot_removed(slot)
-            for worker in self.live():
-                if worker.slot == slot:
-                    self.stop_worker(worker, "scale-down", self.drain_times.abort_after)
-        log.info(
-            "%s: %d workers", why, self.target, extra={"event": "scale", "workers": self.target}
-        )
-        warnings = self.over_plan(self.target)
-        for warning in warnings:
-            log.warning(
-                "%d workers is above the sizing plan (%d): %s",
-                self.target, self.observe.plan.workers, warning,
-                extra={"event": "sizing_warning"},
-            )  # fmt: skip
-        self.wake()
-        return warnings
-
-    def handle_sigchld(self) -> None:
-        self.reap()
-
-    def handle_sigterm(self) -> None:
-        if self.phase is Phase.RUNNING:
-            log.info("SIGTERM/SIGINT: draining (a second one stops now)", extra={"event": "drain"})
-            self.phase = Phase.DRAINING
-        else:
-            self.handle_sigquit()
-
-    handle_sigint = handle_sigterm
-
-    def handle_sigquit(self) -> None:
-        if self.phase is Phase.STOPPING:
-            return
-        log.warning("stopping now: in-flight requests are cut", extra={"event": "stop_now"})
-        self.phase = Phase.STOPPING
-        self.unclean()
-        for worker in self.live():
-            worker.hurry(signal.SIGQUIT)
-
-    def handle_sighup(self) -> None:
-        if self.running and self.reconfigure("SIGHUP") is None:
-            self.reload("SIGHUP")
-
-    def reconfigure(self, why: str) -> str | None:
-        """Re-read the config, validate it, apply what can change without a restart and
-        name what cannot. An invalid config keeps the running one: its one-line error is
-        returned (and logged), and the caller reloads nothing."""
-        if self.reloader is None or self.loaded is None:
-            return None
-        from asgi_supervise.config.sources import ConfigError
-        from asgi_supervise.worker import apploader
-
-        try:
-            new = self.reloader()
-            if (
-                new.settings.app != self.settings.app
-                or new.settings.app_dir != self.settings.app_dir
-            ):
-                try:
-                    apploader.check(new.settings.app or "", new.settings.app_dir)
-                except apploader.AppStringError as exc:
-                    raise ConfigError(f"{new.describe('app')}: {exc.detail}") from None
-        except ConfigError as exc:
-            error = str(exc)
-            log.error(
-                "%s: the new config is invalid, nothing reloaded; the running config stays: %s",
-                why, error, extra={"event": "config_invalid", "error": error},
-            )  # fmt: skip
-            self.last_reload = {
-                "outcome": "aborted", "duration_s": 0.0, "error": error,
-                "finished_at": time.time(), "generation": self.rollout.generation,
-            }  # fmt: skip
-            return error
-        change = liveconfig.reconcile(self.loaded, new)
-        if change.kept:
-            log.warning(
-                "%s: not applied without a restart (running values kept): %s",
-                why, "; ".join(change.kept), extra={"event": "config_kept"},
-            )  # fmt: skip
-        self.loaded = change.loaded
-        self.config_change = {"config_applied": change.applied, "config_kept": change.kept}
-        self.apply_settings(change)
-        if change.applied:
-            log.info(
-                "%s: config applied: %s", why, "; ".join(change.applied),
-                extra={"event": "config_applied"},
-            )  # fmt: skip
-        return None
-
-    def apply_settings(self, change: liveconfig.Change) -> None:
-        """New settings for the master's loop; the replaced workers get them at spawn."""
-        s = self.settings = change.settings
-        self.rollout.settings = self.observe.settings = s
-        self.rollout.db_share = sizing.db_share(s)
-        self.drain_times = drain.of(s)
-        self.boot.limit = s.boot_failure_limit
-        if change.changed(*liveconfig.LOGGING):
-            logs.configure(
-                s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config
-            )
-        plan = sizing.plan(s, host.read_host())
-        resize = plan.workers != self.observe.plan.workers
-        self.observe.plan = plan
-        self.observe.metrics.set_plan(plan.to_dict())
-        if resize:
-            self.scale_to(plan.workers, "config")
-
-    def reload(self, why: str) -> None:
-        """Replace every worker, new code first (SIGHUP, or a file change with --reload)."""
-        if not self.running:
-            return
-        self.rollout.start(why)
-        self.notify.reloading()
-        self.wake()
-
-    def reload_finished(self, seconds: float, outcome: str) -> None:
-        self.observe.reload_finished(seconds, outcome)
-        error = self.last_boot_error if outcome == "aborted" else None
-        self.last_reload = {
-            "outcome": outcome,
-            "duration_s": round(seconds, 3),
-            "error": error,
-            "finished_at": time.time(),
-            "generation": self.rollout.generation,
-            **self.config_change,
-        }
-        self.config_change = {}
-        self.answer_reload_waiters()
-        self.notify.ready(f"serving with {self.target} workers ({outcome})")
-
-    def files_changed(self, paths: list[str]) -> None:
-        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        if self.waiting_for_fix:
-            log.info("%s changed: trying to start again", shown)
-            self.waiting_for_fix = False
-            self.boot.succeeded()
-            return
-        self.reload(f"{shown} changed")
-
-    def handle_sigusr1(self) -> None:
-        logs.reopen()
-        for worker in self.live():
-            worker.send_signal(signal.SIGUSR1)
-        log.info("SIGUSR1: log files reopened", extra={"event": "reopen_logs"})
-
-    def handle_sigttin(self) -> None:
-        self.scale_to(self.target + 1, "SIGTTIN")
-
-    def handle_sigttou(self) -> None:
-        if self.target <= 1:
-            log.info("SIGTTOU ignored: already at 1 worker")
-            return
-        self.scale_to(self.target - 1, "SIGTTOU")
