@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -245,8 +246,17 @@ def test_status_watch_redraws_until_interrupted(supervisor, tmp_path):
         watch.stdout.close()
 
 
-def test_the_one_master_is_found_without_a_path_and_stale_sockets_go(supervisor, tmp_path):
-    runtime = tmp_path / "run"
+@pytest.fixture
+def runtime_dir() -> Iterator[Path]:
+    """A short XDG_RUNTIME_DIR: a socket path must fit AF_UNIX's 108 bytes, which a
+    pytest-xdist tmp_path with the socket's name below it does not always."""
+    path = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_one_master_is_found_without_a_path_and_stale_sockets_go(supervisor, runtime_dir):
+    runtime = runtime_dir
     (runtime / "asgi-supervise").mkdir(parents=True, mode=0o700)
     stale = runtime / "asgi-supervise" / "master-999999999.sock"  # above any pid_max
     with socket.socket(socket.AF_UNIX) as killed:
