@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import APPS, free_port, wait_until
+from conftest import APPS, Supervisor, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,10 +35,13 @@ os.execv(sys.executable, [sys.executable, "-m", "asgi_supervise", *sys.argv[2:]]
 """
 
 
-class Activated:
-    """A master started with the test's socket at fd 3, as systemd starts it."""
+class Activated(Supervisor):
+    """A master started with the test's socket at fd 3, as systemd starts it; the rest
+    (log, wait_ready, stop) is `conftest.Supervisor`'s."""
 
     def __init__(self, tmp_path: Path, sock: socket.socket, name: str, *args: str):
+        self.port = sock.getsockname()[1]
+        self.args = list(args)
         self.log_path = tmp_path / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -48,25 +51,7 @@ class Activated:
                 command, stdout=log, stderr=subprocess.STDOUT, cwd=APPS, env=env,
                 pass_fds=(sock.fileno(),),
             )  # fmt: skip
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, workers: int) -> None:
-        wait_until(
-            lambda: self.log().count(" ready in ") >= workers,
-            20,
-            lambda: f"{workers} workers ready\n{self.log()}",
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        self.ps = psutil.Process(self.process.pid)
 
 
 @pytest.fixture
