@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import types
 import typing
@@ -229,16 +228,6 @@ def _check_bind(bind: str, argv: list[str]) -> None:
         sys.exit(Exit.USAGE)
 
 
-def _emit(text: str) -> None:
-    """Print command output; a reader that stops early (`| head`) is not an error."""
-    try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
 def show_config(loaded: sources.Loaded, as_json: bool) -> int:
     values = loaded.settings.model_dump(mode="json")
     rows = {name: (redact(name, values[name]), loaded.origin(name)) for name in FIELDS}
@@ -246,20 +235,20 @@ def show_config(loaded: sources.Loaded, as_json: bool) -> int:
     if as_json:
         data = {n: {"value": v, "source": src} for n, (v, src) in rows.items()}
         document = {"profile": loaded.profile, "settings": data, "drain": times.to_dict()}
-        _emit(json.dumps(document, indent=2))
+        logs.emit(json.dumps(document, indent=2))
         return 0
     width = max(map(len, FIELDS))
     lines = [f"# profile: {loaded.profile or '(none)'}"]
     for name, (value, origin) in rows.items():
         lines.append(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
     lines.append(f"# drain: {times.describe()}")
-    _emit("\n".join(lines))
+    logs.emit("\n".join(lines))
     return 0
 
 
 def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
     plan = sizing.make_plan(loaded.settings)
-    _emit(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
+    logs.emit(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
     return 0
 
 

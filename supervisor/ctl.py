@@ -177,16 +177,10 @@ def main(command: str, argv: list[str]) -> int:
         return FAILED
 
 
-def _emit(text: str) -> None:
-    from asgi_supervise.cli import _emit
-
-    _emit(text)
-
-
 def status(path: str, args: argparse.Namespace) -> int:
     if args.watch is None:
         data = request(path, {"command": "status"})
-        _emit(json.dumps(data, indent=2) if args.json else render_status(data))
+        logs.emit(json.dumps(data, indent=2) if args.json else render_status(data))
         return 0
     try:
         while True:
@@ -194,7 +188,7 @@ def status(path: str, args: argparse.Namespace) -> int:
             text = json.dumps(data) if args.json else render_status(data)
             if not args.json and sys.stdout.isatty():
                 text = "\x1b[H\x1b[2J" + text  # home, clear: redraw in place
-            _emit(text)
+            logs.emit(text)
             time.sleep(max(0.1, args.watch))
     except KeyboardInterrupt:  # Ctrl-C is how a watch ends
         return 0
@@ -211,19 +205,19 @@ def reload(path: str, args: argparse.Namespace) -> int:
     for line in result.get("config_kept") or []:
         logs.say(f"warning: not applied without a restart (running value kept): {line}")
     if args.json:
-        _emit(json.dumps(result, indent=2))
+        logs.emit(json.dumps(result, indent=2))
         return 0 if result["outcome"] == "completed" else FAILED
     for line in result.get("config_applied") or []:
-        _emit(f"config applied: {line}")
+        logs.emit(f"config applied: {line}")
     if result["outcome"] == "completed":
-        _emit(
+        logs.emit(
             f"reload completed: every worker replaced in {result['duration_s']:.2f}s "
             f"(generation {result['generation']})"
         )
     else:
         error = (result.get("error") or "").strip().splitlines()
         shown = "\n".join("  " + line for line in error[-8:])
-        _emit(
+        logs.emit(
             f"reload aborted after {time.monotonic() - started:.2f}s: the new code cannot "
             f"start; the old workers keep serving\n{shown}"
         )
@@ -233,11 +227,11 @@ def reload(path: str, args: argparse.Namespace) -> int:
 def scale(path: str, args: argparse.Namespace) -> int:
     result = request(path, {"command": "scale", "workers": args.workers})
     if args.json:
-        _emit(json.dumps(result, indent=2))
+        logs.emit(json.dumps(result, indent=2))
         return 0
     for warning in result["warnings"]:
         logs.say(f"warning: above the sizing plan: {warning}")
-    _emit(f"scaled to {result['workers']} workers")
+    logs.emit(f"scaled to {result['workers']} workers")
     return 0
 
 
@@ -249,7 +243,7 @@ def stop(path: str, args: argparse.Namespace) -> int:
         time.sleep(0.05)
     if _running(pid):
         raise ControlFailed(f"master {pid} closed its control socket but is still running")
-    _emit(json.dumps({"pid": pid, "stopped": True}) if args.json else f"master {pid} stopped")
+    logs.emit(json.dumps({"pid": pid, "stopped": True}) if args.json else f"master {pid} stopped")
     return 0
 
 
@@ -276,7 +270,7 @@ def config_running(argv: list[str]) -> int:
         logs.say(str(exc))
         return FAILED
     if args.json:
-        _emit(json.dumps(data, indent=2))
+        logs.emit(json.dumps(data, indent=2))
         return 0
     rows = data["settings"]
     width = max(map(len, rows))
@@ -284,7 +278,7 @@ def config_running(argv: list[str]) -> int:
     for name, row in rows.items():
         value = json.dumps(row["value"])
         lines.append(f"{name.replace('_', '-'):<{width}} = {value:<24} # {row['source']}")
-    _emit("\n".join(lines))
+    logs.emit("\n".join(lines))
     return 0
 
 

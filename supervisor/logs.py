@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import logging.config
+import os
 import sys
 import time
 from typing import Any, ClassVar
@@ -144,3 +145,13 @@ def reopen() -> None:
 def say(message: str) -> None:
     """A user-facing error line for the CLI, before logging exists."""
     print(f"asgi-supervise: {message}", file=sys.stderr)
+
+
+def emit(text: str) -> None:
+    """Print command output; a reader that stops early (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
