@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asgi_supervise import drain
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS
-from asgi_supervise.master.policy import KILL_GRACE
 
 DEPLOY = Path(__file__).parent.parent.parent / "deploy"
-MARGIN = 5.0  # lifespan shutdown and the exit, beyond the kill grace
 
 
 def unit(name: str) -> dict[str, list[str]]:
@@ -32,8 +31,7 @@ def profile(name: str):
 def test_stop_timeout_covers_the_drain_of_the_profile_it_runs():
     service = unit("asgi-supervise.service")
     assert service["ExecStart"][0].endswith("--profile prod")
-    prod = profile("prod")
-    needed = prod.drain_delay + prod.graceful_timeout + KILL_GRACE + MARGIN
+    needed = drain.of(profile("prod")).worst_case  # what `plan` prints: the product's sum
     assert seconds(service["TimeoutStopSec"][0]) >= needed
     assert service["KillMode"] == ["mixed"]  # SIGTERM to the master alone: it drains
 
