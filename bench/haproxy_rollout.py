@@ -45,22 +45,15 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = REPO / "tests" / "apps"
-for where in (REPO / "bench", REPO / "tests"):  # loadgen.py lives in one of them
-    if (where / "loadgen.py").exists() and str(where) not in sys.path:
-        sys.path.insert(0, str(where))
+sys.path.insert(0, str(REPO / "bench"))
 
+from harness import free_port  # noqa: E402
 from loadgen import Load  # noqa: E402
 
 CHECK_INTER_MS = 500  # the readiness probe's period
 CHECK_FALL = 2  # its failureThreshold
 DRAIN_DELAY = 3.0  # >= CHECK_FALL x CHECK_INTER (1 s) + slack for a loaded machine
 SERVERS = ("asgi-supervise", "uvicorn")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
