@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from asgi_supervise import drain, logs, sizing
 from asgi_supervise.config import sources
-from asgi_supervise.config.settings import FIELDS, meta, redact
+from asgi_supervise.config.settings import FIELDS, meta
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
 from asgi_supervise.suggest import did_you_mean
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["config"] and "--running" in argv:
         from asgi_supervise import ctl
 
-        return ctl.config_running([a for a in argv[1:] if a != "--running"])
+        return ctl.main("config", [a for a in argv[1:] if a != "--running"])
     command = argv[0] if argv and argv[0] in COMMANDS else "run"
     if argv and argv[0] in COMMANDS:
         argv = argv[1:]
@@ -229,21 +229,24 @@ def _check_bind(bind: str, argv: list[str]) -> None:
 
 
 def show_config(loaded: sources.Loaded, as_json: bool) -> int:
-    values = loaded.settings.model_dump(mode="json")
-    rows = {name: (redact(name, values[name]), loaded.origin(name)) for name in FIELDS}
-    times = drain.of(loaded.settings)
+    document = loaded.document()
     if as_json:
-        data = {n: {"value": v, "source": src} for n, (v, src) in rows.items()}
-        document = {"profile": loaded.profile, "settings": data, "drain": times.to_dict()}
         logs.emit(json.dumps(document, indent=2))
         return 0
-    width = max(map(len, FIELDS))
-    lines = [f"# profile: {loaded.profile or '(none)'}"]
-    for name, (value, origin) in rows.items():
-        lines.append(f"{name.replace('_', '-'):<{width}} = {json.dumps(value):<24} # {origin}")
-    lines.append(f"# drain: {times.describe()}")
-    logs.emit("\n".join(lines))
+    footer = f"# drain: {drain.of(loaded.settings).describe()}"
+    logs.emit(config_text(document, f"# profile: {loaded.profile or '(none)'}", footer))
     return 0
+
+
+def config_text(document: dict[str, Any], heading: str, footer: str = "") -> str:
+    """`config`'s table: one line a setting, its value and where it came from."""
+    rows = document["settings"]
+    width = max(map(len, rows))
+    lines = [heading]
+    for name, row in rows.items():
+        value = json.dumps(row["value"])
+        lines.append(f"{name.replace('_', '-'):<{width}} = {value:<24} # {row['source']}")
+    return "\n".join([*lines, footer] if footer else lines)
 
 
 def show_plan(loaded: sources.Loaded, as_json: bool) -> int:

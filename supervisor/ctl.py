@@ -125,9 +125,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         "reload": "Rolling reload of the running master; waits and reports the outcome.",
         "scale": "Set the running master's worker count: N, +N or -N.",
         "stop": "Drain the running master (or --now) and wait until it has exited.",
+        "config": "The settings the running master uses, with their sources.",
     }
     parser = Parser(
-        prog=f"asgi-supervise {command}", description=descriptions.get(command), allow_abbrev=False
+        prog=f"asgi-supervise {command}" + (" --running" if command == "config" else ""),
+        description=descriptions.get(command),
+        allow_abbrev=False,
     )
     where = parser.add_argument_group("which master")
     where.add_argument("--socket", help="the master's control socket")
@@ -256,33 +259,25 @@ def _running(pid: int) -> bool:
         return False
 
 
-def config_running(argv: list[str]) -> int:
+def config_running(path: str, args: argparse.Namespace) -> int:
     """`asgi-supervise config --running`: what the running master uses, with sources."""
-    parser = build_parser("config")
-    parser.prog = "asgi-supervise config --running"
-    args = parser.parse_args(argv)
-    try:
-        data = request(find_socket(args, os.environ), {"command": "config"})
-    except NoMaster as exc:
-        logs.say(str(exc))
-        return NO_MASTER
-    except ControlFailed as exc:
-        logs.say(str(exc))
-        return FAILED
+    from asgi_supervise.cli import config_text
+
+    data = request(path, {"command": "config"})
     if args.json:
         logs.emit(json.dumps(data, indent=2))
-        return 0
-    rows = data["settings"]
-    width = max(map(len, rows))
-    lines = [f"# running master; profile: {data['profile'] or '(none)'}"]
-    for name, row in rows.items():
-        value = json.dumps(row["value"])
-        lines.append(f"{name.replace('_', '-'):<{width}} = {value:<24} # {row['source']}")
-    logs.emit("\n".join(lines))
+    else:
+        logs.emit(config_text(data, f"# running master; profile: {data['profile'] or '(none)'}"))
     return 0
 
 
-COMMAND = {"status": status, "reload": reload, "scale": scale, "stop": stop}
+COMMAND = {
+    "status": status,
+    "reload": reload,
+    "scale": scale,
+    "stop": stop,
+    "config": config_running,
+}
 
 
 # --- the status table -----------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from asgi_supervise import drain
 from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, meta, redact
 from asgi_supervise.profiles import ProfileError, find_profile
 from asgi_supervise.suggest import did_you_mean
@@ -58,6 +59,14 @@ class Loaded:
         if layer.source == "profile":  # its `where` already says "profile NAME"
             return layer.where
         return f"{layer.source}: {layer.where}"
+
+    def document(self) -> dict[str, Any]:
+        """Every setting's value (secrets redacted) and source, and the drain they make:
+        what `config --json` prints, and what a running master answers `config --running`."""
+        values = self.settings.model_dump(mode="json")
+        rows = {n: {"value": redact(n, values[n]), "source": self.origin(n)} for n in FIELDS}
+        drain_times = drain.of(self.settings).to_dict()
+        return {"profile": self.profile, "settings": rows, "drain": drain_times}
 
     def describe(self, name: str) -> str:
         """`--port='8000' (command line)`: the setting as the user gave it, for errors."""

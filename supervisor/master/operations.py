@@ -97,16 +97,9 @@ class Operations:
         return {"pid": os.getpid(), "phase": self.phase.value}
 
     def command_config(self, request: dict[str, Any], future: asyncio.Future) -> dict[str, Any]:
-        from asgi_supervise.config.settings import FIELDS, redact
-
         if self.loaded is None:
             raise control.ControlError("the master kept no record of its settings' sources")
-        values = self.loaded.settings.model_dump(mode="json")
-        rows = {
-            name: {"value": redact(name, values[name]), "source": self.loaded.origin(name)}
-            for name in FIELDS
-        }
-        return {"profile": self.loaded.profile, "settings": rows}
+        return self.loaded.document()
 
     def answer_reload_waiters(self, error: str | None = None) -> None:
         waiters, self.reload_waiters = self.reload_waiters, []
