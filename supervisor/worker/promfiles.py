@@ -245,26 +245,25 @@ def reserving_class(module: ModuleType) -> type:
             for key, (value, timestamp) in self._detached.items():
                 yield key, value, timestamp
 
+        def _slot(self, key: str) -> int | None:
+            """The key's place in the file, made on first use; None: no room for it, so
+            its value lives in `_detached`."""
+            if key not in self._positions and key not in self._detached:
+                self._init_value(key)
+            return self._positions.get(key)
+
         def read_value(self, key: str) -> tuple[float, float]:
-            pos = self._positions.get(key)
+            pos = self._slot(key)
             if pos is None:
-                if key not in self._detached:
-                    self._init_value(key)
-                pos = self._positions.get(key)
-                if pos is None:
-                    return self._detached[key]
+                return self._detached[key]
             return unpack_two_doubles(self._m, pos)
 
         def write_value(self, key: str, value: float, timestamp: float) -> None:
-            pos = self._positions.get(key)
+            pos = self._slot(key)
             if pos is None:
-                if key not in self._detached:
-                    self._init_value(key)
-                pos = self._positions.get(key)
-                if pos is None:
-                    self._detached[key] = (value, timestamp)
-                    _dropped()
-                    return
+                self._detached[key] = (value, timestamp)
+                _dropped()
+                return
             pack_two_doubles(self._m, pos, value, timestamp)
 
         def close(self) -> None:
