@@ -59,10 +59,45 @@ def wait_until(
         time.sleep(interval)
 
 
+def _port_block() -> range:
+    """This test process's own ports: below the kernel's ephemeral range, one block per worker.
+
+    A port the kernel picks for `bind(0)` comes from the ephemeral range, where every
+    client connection of every parallel test also takes its source port: between the
+    probe closing and the server binding, a client may take it ("address already in use").
+    Below that range nothing is handed out implicitly, and each pytest-xdist worker (gw0,
+    gw1, ...) counts through a block no other worker touches.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    top = max(low, 12_000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw7").removeprefix("gw")
+    index = int(worker) % 8 if worker.isdigit() else 7
+    size = (top - 4_000) // 8
+    start = 4_000 + index * size
+    return range(start, start + size)
+
+
+_PORTS = _port_block()
+_next_port = _PORTS.start + os.getpid() % len(_PORTS)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port no one holds now and this test run has not handed out before."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port, _next_port = _next_port, _next_port + 1
+        if _next_port >= _PORTS.stop:
+            _next_port = _PORTS.start
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def get(port: int, path: str, timeout: float = 5.0, host: str = "127.0.0.1") -> tuple[int, str]:
