@@ -54,6 +54,9 @@ CHART_OWNED = {
     "db_max_connections": "database.maxConnections",
     "db_reserved_connections": "database.reservedConnections",
     "db_pool_size": "database.poolSize",
+    # Ranked above the chart's own config file, its bind and workers would override
+    # ports.http (which the probes use) and workers: a chart sets those values itself.
+    "gunicorn_config": "(not in the chart: it would override ports.http and workers)",
 }
 # What the templates need from each profile (shutdown_timeout: where the product has it).
 PROFILE_KEYS = ("drain_delay", "graceful_timeout", "shutdown_timeout", "workers", "log_format")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from asgi_supervise import drain, logs, sizing
-from asgi_supervise.config import sources
+from asgi_supervise.config import gunicorn_conf, sources
 from asgi_supervise.config.settings import FIELDS, meta
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
@@ -77,29 +77,10 @@ class BindAction(argparse.Action):
 
 
 def parse_bind(value: str, flag: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    if value.startswith("unix:"):
-        path = value.removeprefix("unix:")
-        if not path:
-            parser.error(f"{flag} {value}: expected unix:PATH")
-        return {"uds": path}
-    if value.startswith("fd://"):
-        parser.error(f"{flag} {value}: use --fd N for an inherited descriptor")
-    host, port = value, None
-    if value.startswith("["):  # [::1]:8000
-        host, _, rest = value[1:].partition("]")
-        port = rest.removeprefix(":") or None
-    elif value.count(":") == 1:
-        host, port = value.split(":")
-    if port is not None and not (port.isdigit() and int(port) <= 65535):
-        parser.error(f"{flag} {value}: expected HOST:PORT with a port 0-65535, or unix:PATH")
-    given: dict[str, Any] = {}
-    if host:
-        given["host"] = host
-    if port is not None:
-        given["port"] = port
-    if not given:
-        parser.error(f"{flag} {value!r}: expected HOST:PORT or unix:PATH")
-    return given
+    try:
+        return gunicorn_conf.parse_bind(value)
+    except ValueError as exc:
+        parser.error(f"{flag} {value or repr(value)}: {exc}")
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     profile, config, as_json = args.pop("profile"), args.pop("config"), args.pop("json", False)
     try:
         loaded = sources.load(args, profile=profile, config_file=config)
+        if command != "run":  # `run` logs them, once its logging is set up
+            for note in loaded.notes:
+                logs.say(note)
         if command == "config":
             return show_config(loaded, as_json)
         if command == "plan":
@@ -278,6 +262,8 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
     except Exception as exc:  # any logging.config failure: the file is what is wrong
         where = f"--log-config {s.log_config}" if s.log_config else f"--log-file {s.log_file}"
         raise sources.ConfigError(f"{where}: cannot set up logging: {exc}") from None
+    for note in loaded.notes:
+        log.warning("%s", note, extra={"event": "config_ignored"})
     facts = host.read_host()
     plan = sizing.plan(settings, facts)
     if settings.min_ready > plan.workers:  # a fixed count was checked with the settings

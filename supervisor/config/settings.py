@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     env_file: str | None = opt(None, "A .env file whose variables the app sees.", "app")
     lifespan: Literal["auto", "on", "off"] = opt("auto", "ASGI lifespan handling.", "app")
 
+    gunicorn_config: str | None = opt(
+        None,
+        "A gunicorn config file (gunicorn.conf.py) to read settings from, as gunicorn reads "
+        "it; each setting with no equivalent is named in a warning.",
+        "app",
+    )
+
     # --- binding -------------------------------------------------------------------------
     host: str = opt("127.0.0.1", "Address to bind.", "bind", bind_aliases=("-b", "--bind"))
     port: int = opt(8000, "Port to bind (0 picks a free one).", "bind", ge=0, le=65535)

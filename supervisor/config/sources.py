@@ -1,8 +1,10 @@
 """Where settings come from, in precedence order, and what to say when one is wrong.
 
-defaults < profile < config file < environment < command line. Each layer is a plain
-dict of field name -> raw value plus a way to spell a key the way the user wrote it, so
-an error can say ``ASGI_SUPERVISE_WORKERS='abc' (environment)`` rather than ``workers``.
+defaults < profile < config file < WEB_CONCURRENCY < gunicorn config file <
+GUNICORN_CMD_ARGS < environment < command line (see `gunicorn_layers` for why gunicorn's
+sit there). Each layer is a plain dict of field name -> raw value plus a way to spell a
+key the way the user wrote it, so an error can say ``ASGI_SUPERVISE_WORKERS='abc'
+(environment)`` rather than ``workers``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Loaded:
     settings: Settings
     origins: dict[str, Layer | None]  # None: built-in default
     profile: str | None
+    notes: tuple[str, ...] = ()  # warnings: gunicorn settings with no equivalent
 
     def origin(self, name: str) -> str:
         layer = self.origins.get(name)
@@ -202,6 +205,51 @@ def web_concurrency_layer(environ: Mapping[str, str]) -> Layer:
     """WEB_CONCURRENCY sets the worker count, as in every other server; our own var wins."""
     values = {"workers": environ["WEB_CONCURRENCY"]} if "WEB_CONCURRENCY" in environ else {}
     return Layer("env", "environment", values, spell=lambda n: "WEB_CONCURRENCY")
+
+
+def gunicorn_layers(
+    below: list[Layer | None], above: list[Layer], environ: Mapping[str, str], cwd: Path
+) -> tuple[list[Layer], list[str]]:
+    """The gunicorn config file and GUNICORN_CMD_ARGS as two layers, and their notes.
+
+    They sit above our config file (and the profile, and WEB_CONCURRENCY, which gunicorn
+    too ranks below both) and below our environment and command line: a service moving
+    off gunicorn runs with what it ran with, over the presets of a profile or a project
+    file, while a deliberate ASGI_SUPERVISE_* variable or flag given at deploy time is
+    the newer choice and wins. Between the two, gunicorn's own order: the variable over
+    the file. The file is --gunicorn-config, else GUNICORN_CMD_ARGS' own --config (as
+    gunicorn reads it); never an implicit ./gunicorn.conf.py, which a repository may keep
+    from its gunicorn days and which would change a service silently.
+    """
+    from asgi_supervise.config import gunicorn_conf  # imports gunicorn only when used
+
+    def chosen(layers: list[Layer | None]) -> gunicorn_conf.Choice | None:
+        for layer in reversed([layer for layer in layers if layer is not None]):
+            if layer.values.get("gunicorn_config"):
+                path = str(layer.values["gunicorn_config"])
+                return path, layer.describe("gunicorn_config")
+        return None
+
+    try:
+        read = gunicorn_conf.read(chosen(list(above)), chosen(below), environ, cwd)
+    except gunicorn_conf.GunicornConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if read is None:
+        return [], []
+    layers = []
+    file, cmd_args = read.file, read.cmd_args
+    if read.path is not None:
+        layers.append(Layer("file", read.path, file.values, spell=_spelled(file.spelled)))
+    if read.chosen_by_cmd_args:
+        cmd_args.values = {"gunicorn_config": read.path, **cmd_args.values}
+        cmd_args.spelled["gunicorn_config"] = "--config"
+    where = gunicorn_conf.CMD_ARGS
+    layers.append(Layer("env", where, cmd_args.values, spell=_spelled(cmd_args.spelled)))
+    return layers, [*file.notes, *cmd_args.notes]
+
+
+def _spelled(names: dict[str, str]) -> Callable[[str], str]:
+    return lambda name: names.get(name, name)
 
 
 def _flag_name(name: str) -> str:
@@ -360,13 +408,10 @@ def load(
             raise ConfigError(f"profile={file.profile!r} ({file.where}): expected a profile name")
         profile, profile_by = file.profile, f"profile={file.profile!r} ({file.where})"
 
-    layers = [
-        profile_layer(profile, profile_by) if profile else None,
-        file,
-        web_concurrency_layer(environ),
-        env_layer(environ),
-        flag_layer(flags),
-    ]
+    below = [profile_layer(profile, profile_by) if profile else None, file]
+    above = [env_layer(environ), flag_layer(flags)]
+    gunicorn, notes = gunicorn_layers(below, above, environ, cwd)
+    layers = [*below, web_concurrency_layer(environ), *gunicorn, *above]
     merged: dict[str, Any] = {}
     origins: dict[str, Layer | None] = dict.fromkeys(FIELDS)
     for layer in filter(None, layers):
@@ -379,4 +424,4 @@ def load(
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, origins)) from None
-    return Loaded(settings, origins, profile)
+    return Loaded(settings, origins, profile, tuple(notes))

@@ -196,6 +196,8 @@ class Operations:
                 "finished_at": time.time(), "generation": self.rollout.generation,
             }  # fmt: skip
             return error
+        for note in new.notes:  # a re-read gunicorn config: what it sets to no effect
+            log.warning("%s: %s", why, note, extra={"event": "config_ignored"})
         change = liveconfig.reconcile(self.loaded, new)
         if change.kept:
             log.warning(
