@@ -169,7 +169,8 @@ class Supervisor:
         # The tests' own settings only: nothing leaks in from the developer's shell.
         run_env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
         run_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-        given = {"--uds", "--fd", "-b", "--bind"} & set(args)  # an address of its own
+        # An address of its own, or one from a gunicorn config file.
+        given = {"--uds", "--fd", "-b", "--bind", "--gunicorn-config"} & set(args)
         bind = [] if given else ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
