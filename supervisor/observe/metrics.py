@@ -8,7 +8,7 @@ multiprocess directory the master owns (``multiproc``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -149,6 +149,7 @@ class SupervisorMetrics:
         self.samples: dict[int, tuple[float, float, float]] = {}
         self.plan: dict[str, Any] | None = None
         self.draining = False
+        self.readiness: Callable[[], bool] | None = None  # /readyz's own verdict
         self.dropped = 0  # app metric samples workers could not write: see app_samples_dropped
         self.requests = RequestTotals()
         self.header_timeouts_gone = 0  # closed by workers that have exited
@@ -202,6 +203,12 @@ class SupervisorMetrics:
     def set_draining(self, draining: bool) -> None:
         self.draining = draining
 
+    def set_readiness(self, verdict: Callable[[], bool]) -> None:
+        """What /readyz answers, asked at each scrape: `asgi_supervise_ready` cannot
+        disagree with the probe (--min-ready included), as a rule over the worker states
+        and `draining` would."""
+        self.readiness = verdict
+
     def app_samples_dropped(self, count: Any) -> None:
         """Writes to the app's own prometheus_client metrics that a worker dropped because
         the multiprocess directory had no room (``worker.promfiles``): a count since its
@@ -225,6 +232,12 @@ class SupervisorMetrics:
         yield _histogram("reload_duration_seconds", "Rolling reloads.", self.reload)
         yield _family(counter, "reloads", "Reloads by outcome.", self.reloads, "outcome")
         yield gauge(prefix + "draining", "1 once the master drains.", int(self.draining))
+        if self.readiness is not None:
+            yield gauge(
+                prefix + "ready",
+                "1 when /readyz answers 200 (--min-ready workers ready, not draining), else 0.",
+                int(self.readiness()),
+            )
         yield counter(
             prefix + "app_metric_samples_dropped",
             "Writes to the app's prometheus_client metrics dropped: no room for their files.",
@@ -241,6 +254,13 @@ class SupervisorMetrics:
             yield _family(gauge, "plan_budget", "Workers each budget allows.", allows, "budget")
             limited = {str(plan.get("limited_by")): 1}
             yield _family(gauge, "plan_limited_by", "The deciding budget.", limited, "budget")
+            if plan.get("memory_limit") is not None:  # no series, not +Inf, when unknown
+                yield gauge(
+                    prefix + "memory_limit_bytes",
+                    "The memory limit the sizing plan divides: the cgroup limit, else the "
+                    "host's memory.",
+                    plan["memory_limit"],
+                )
 
 
 def _limit(allows: int | None) -> float:

@@ -79,11 +79,16 @@ class Observability:
             writable_tempdir()
         self.dir = MultiprocDir.create(s.multiproc_dir)
         metrics.set_plan(self.plan.to_dict())
+
+        def verdict() -> tuple[bool, str]:
+            return readiness(
+                not arbiter.running, arbiter.ready_count(), arbiter.target, s.min_ready
+            )
+
+        metrics.set_readiness(lambda: verdict()[0])  # the probe's answer, as a gauge
         app = HealthApp(
             status=lambda: self.status(arbiter),
-            readiness=lambda: readiness(
-                not arbiter.running, arbiter.ready_count(), arbiter.target, s.min_ready
-            ),
+            readiness=verdict,
             metrics=lambda accept: render(accept, self.dir, metrics),
         )
         try:

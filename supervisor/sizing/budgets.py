@@ -42,6 +42,7 @@ class Plan:
     reloads: str = ""  # how a reload replaces these workers, and what decides it
     worst_case_drain_s: float = 0.0  # SIGTERM to exit at worst (`drain.DrainTimes`)
     drain: str = ""  # ... and its parts
+    memory_limit: int | None = None  # bytes the memory budget divides; None: unknown
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for ``plan --json`` and the /status endpoint."""
@@ -113,11 +114,17 @@ def _cpu_rule(settings: Settings, facts: HostFacts) -> Rule:
     return Budget("cpu", allows, detail), over, []
 
 
+def memory_limit(facts: HostFacts) -> tuple[int | None, str]:
+    """The memory the instance may use and where it was read: its cgroup limit, else the
+    host's memory (a VM's, or a container's without a limit); None when neither is known."""
+    if facts.memory_limit is not None:
+        return facts.memory_limit, facts.memory_limit_source
+    return facts.host_memory or None, "host memory, no cgroup limit"
+
+
 def _memory_rule(settings: Settings, facts: HostFacts) -> Rule:
     """Leave room for the master and for replacements: a reload starts the new worker first."""
-    limit, src = facts.memory_limit, facts.memory_limit_source
-    if limit is None:
-        limit, src = facts.host_memory, "host memory, no cgroup limit"
+    limit, src = memory_limit(facts)
     est, spare = settings.worker_memory_estimate * MIB, settings.reload_surge
     if not limit:
         return Budget("memory", None, "memory size unknown"), str, []
@@ -252,7 +259,10 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
         n = settings.workers
         warnings += [over(n) for allows, _, over in bound if n > allows]
         reloads = describe_reloads(settings, facts, n)
-        return Plan(n, "configured", budgets, True, tuple(warnings), reloads, *_drain(settings))
+        return Plan(
+            n, "configured", budgets, True, tuple(warnings), reloads, *_drain(settings),
+            memory_limit=memory_limit(facts)[0],
+        )  # fmt: skip
     n, limited_by, _ = min(bound, key=lambda b: b[0])
     forced = False
     if n < settings.min_workers:
@@ -265,7 +275,10 @@ def plan(settings: Settings, facts: HostFacts) -> Plan:
     elif settings.max_workers is not None and n > settings.max_workers:
         n, limited_by = settings.max_workers, "max-workers"
     reloads = describe_reloads(settings, facts, n)
-    return Plan(n, limited_by, budgets, forced, tuple(warnings), reloads, *_drain(settings))
+    return Plan(
+        n, limited_by, budgets, forced, tuple(warnings), reloads, *_drain(settings),
+        memory_limit=memory_limit(facts)[0],
+    )  # fmt: skip
 
 
 def _drain(settings: Settings) -> tuple[float, str]:

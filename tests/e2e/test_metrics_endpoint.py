@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from asgi_supervise.sizing.budgets import memory_limit
+from asgi_supervise.sizing.host import read_host
 from asgi_supervise.worker.meter import COMPILED
 from conftest import free_port, get, try_get, wait_until
 
@@ -139,6 +141,35 @@ def test_readyz_turns_503_during_drain_delay_while_app_serves(supervisor):
     assert server.wait_exit() == 0
     assert readyz and set(readyz) == {503}  # never 200 again once draining
     assert len(app) >= 10 and set(app) == {200}  # the app kept serving meanwhile
+
+
+def test_ready_gauge_is_the_readyz_verdict_and_the_memory_limit_the_plans(supervisor):
+    """With --min-ready 2, one ready worker is not ready: `asgi_supervise_ready` says so
+    where the worker states alone would not; a drain turns it 0 too."""
+    mport = free_port()
+    args = ("--workers", "2", "--min-ready", "2", "--drain-delay", "1")
+    server = supervisor("testapp:app", *args, *_metrics_args(mport))
+    server.wait_ready(2)
+
+    def ready_now() -> tuple[int, float, float, float]:
+        text = scrape(mport)  # one scrape: the gauges at one moment
+        gauges = (value(text, "asgi_supervise_ready"), value(text, "asgi_supervise_draining"))
+        states = value(text, "asgi_supervise_workers", state="ready")
+        return (try_get(mport, "/readyz") or (0,))[0], *gauges, states
+
+    wait_until(lambda: ready_now() == (200, 1, 0, 2), 10, lambda: f"ready {ready_now()}")
+    text = scrape(mport)
+    plan = json.loads(get(mport, "/status")[1])["plan"]
+    limit, _ = memory_limit(read_host())
+    assert limit and plan["memory_limit"] == limit
+    assert value(text, "asgi_supervise_memory_limit_bytes") == limit
+    server.signal(signal.SIGTTOU)  # one worker left, below --min-ready
+    wait_until(lambda: ready_now() == (503, 0, 0, 1), 15, lambda: f"1 of 2 {ready_now()}")
+    server.signal(signal.SIGTTIN)
+    wait_until(lambda: ready_now() == (200, 1, 0, 2), 15, lambda: f"ready again {ready_now()}")
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: ready_now()[:3] == (503, 0, 1), 5, lambda: f"draining {ready_now()}")
+    assert server.wait_exit() == 0
 
 
 def test_killed_worker_counts_a_crash_restart(supervisor):

@@ -67,7 +67,7 @@ def test_plan_json_for_each_profile(tmp_path: Path, profile: str):
     data = plan_json("--profile", profile, cwd=tmp_path)
     assert set(data) == {
         "workers", "limited_by", "budgets", "forced", "warnings", "reloads",
-        "worst_case_drain_s", "drain",
+        "worst_case_drain_s", "drain", "memory_limit",
     }  # fmt: skip
     assert [b["name"] for b in data["budgets"]] == ["cpu", "memory", "db"]
     assert all(isinstance(b["detail"], str) and b["detail"] for b in data["budgets"])

@@ -226,6 +226,25 @@ def test_supervisor_metrics() -> None:
     assert "process_resident_memory_bytes" in got  # the master's own
 
 
+def test_ready_and_memory_limit_gauges() -> None:
+    """`ready` is the probe's verdict asked at each scrape; `memory_limit_bytes` is the
+    plan's limit, and no series at all (not +Inf, not 0) when the plan found none."""
+    supervisor = SupervisorMetrics()
+    plan = {"workers": 1, "limited_by": "cpu", "budgets": [], "memory_limit": None}
+    supervisor.set_plan(plan)
+    got = families(render(None, None, supervisor)[0])
+    assert "asgi_supervise_ready" not in got  # before the health server gives the verdict
+    assert "asgi_supervise_memory_limit_bytes" not in got
+    verdict = [True]
+    supervisor.set_readiness(lambda: verdict[0])
+    supervisor.set_plan({**plan, "memory_limit": 512 * 1024 * 1024})
+    got = families(render(None, None, supervisor)[0])
+    assert value(got["asgi_supervise_ready"]) == 1
+    assert value(got["asgi_supervise_memory_limit_bytes"]) == 512 * 1024 * 1024
+    verdict[0] = False
+    assert value(families(render(None, None, supervisor)[0])["asgi_supervise_ready"]) == 0
+
+
 def test_render_joins_both_sources_and_negotiates(directory: MultiprocDir) -> None:
     work_as(601, requests=3, latencies=[0.5])
     directory.worker_exited(601)
