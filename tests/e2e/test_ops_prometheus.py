@@ -91,7 +91,6 @@ def substitute(expr: str) -> str:
         "job": JOB,
         "instance": ".*",
         "route": ".*",  # the All value
-        "memory_limit_mib": "2048",
         "__rate_interval": RATE_INTERVAL,
     }
     for name, value in values.items():
