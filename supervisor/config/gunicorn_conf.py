@@ -94,8 +94,8 @@ def _accesslog(value: str | None) -> Mapped:
     if value in (None, "-"):
         return {"access_log": value is not None}
     raise _NoEquivalent(
-        "access lines go where the other logs go (stderr or --log-file), not to a file "
-        "of their own; access-log is on",
+        "access-log is on, but access lines go where the other logs go (stderr or "
+        "--log-file), not to a file of their own",
         {"access_log": True},
     )
 
@@ -173,6 +173,10 @@ class Translation:
     spelled: dict[str, str] = field(default_factory=dict)  # our field -> gunicorn's name
     notes: list[str] = field(default_factory=list)
 
+    def spell(self, name: str) -> str:
+        """Our setting as the user wrote it there (`timeout`, `--bind`), for errors."""
+        return self.spelled.get(name, name)
+
 
 def translate(
     given: Mapping[str, Any],
@@ -204,9 +208,12 @@ def translate(
             why = "; ".join(filter(None, (kind, missing.why)))
             switch = value is True and spell(name).startswith("-")  # `--preload`
             shown = spell(name) if kind or switch else f"{spell(name)}={value!r}"
-            out.notes.append(
-                f"{where}: {shown}{f' ({why})' if why else ''} has no equivalent here: ignored"
-            )
+            if mapped:  # taken, but not all of it
+                out.notes.append(f"{where}: {shown}: {why}")
+            else:
+                out.notes.append(
+                    f"{where}: {shown}{f' ({why})' if why else ''} has no equivalent here: ignored"
+                )
         except ValueError as exc:
             raise GunicornConfigError(f"{where}: {spell(name)}={value!r}: {exc}") from None
         for ours, mapped_value in mapped.items():

@@ -236,20 +236,13 @@ def gunicorn_layers(
         raise ConfigError(str(exc)) from None
     if read is None:
         return [], []
-    layers = []
     file, cmd_args = read.file, read.cmd_args
-    if read.path is not None:
-        layers.append(Layer("file", read.path, file.values, spell=_spelled(file.spelled)))
     if read.chosen_by_cmd_args:
         cmd_args.values = {"gunicorn_config": read.path, **cmd_args.values}
         cmd_args.spelled["gunicorn_config"] = "--config"
-    where = gunicorn_conf.CMD_ARGS
-    layers.append(Layer("env", where, cmd_args.values, spell=_spelled(cmd_args.spelled)))
+    layers = [Layer("file", read.path, file.values, file.spell)] if read.path else []
+    layers.append(Layer("env", gunicorn_conf.CMD_ARGS, cmd_args.values, cmd_args.spell))
     return layers, [*file.notes, *cmd_args.notes]
-
-
-def _spelled(names: dict[str, str]) -> Callable[[str], str]:
-    return lambda name: names.get(name, name)
 
 
 def _flag_name(name: str) -> str:

@@ -106,7 +106,13 @@ def test_uvicorn_worker_classes_are_what_runs_here(worker_class, values, noted):
 def test_accesslog_turns_access_lines_on_or_off(accesslog, access_log, noted):
     out = mapped(accesslog=accesslog)
     assert out.values == {"access_log": access_log}
-    assert bool(out.notes) == noted  # a file of their own is not kept: said so
+    if noted:  # a file of their own is not kept: said so
+        assert out.notes == [
+            "g.py: accesslog='/var/log/access.log': access-log is on, but access lines go "
+            "where the other logs go (stderr or --log-file), not to a file of their own"
+        ]
+    else:
+        assert out.notes == []
 
 
 @pytest.mark.parametrize(
