@@ -185,7 +185,7 @@ def translate(
     defaults: Mapping[str, Any] | None = None,
     sections: Mapping[str, str] | None = None,
 ) -> Translation:
-    """gunicorn's validated values (name -> value) as ours, in gunicorn's setting order.
+    """gunicorn's validated values (name -> value) as ours, in the order given.
 
     `defaults` are gunicorn's own: a setting with no equivalent left at its default asks
     for nothing and is not named. `sections` tell server hooks from other settings.
@@ -321,7 +321,9 @@ def _parse_cmd_args(cfg: Any) -> dict[str, Any]:
 
 def _load_file(reader: Any, path: str, chosen_by: str, cwd: Path) -> dict[str, Any]:
     """Execute the file with gunicorn's loader and set each of its settings, validated by
-    gunicorn. Its tracebacks become one line; what the file prints goes to stderr."""
+    gunicorn (the loop of its load_config_from_file, which prints a bad value and raises
+    without naming the setting; this one names it). Its tracebacks become one line; what
+    the file prints goes to stderr, never into `config --json`."""
     full = Path(path) if Path(path).is_absolute() else cwd / path
     if not full.is_file():
         raise GunicornConfigError(f"{chosen_by}: gunicorn config {path} does not exist")
