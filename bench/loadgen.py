@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,20 @@ def failure_kind(exc: BaseException, phase: str) -> str:
     return type(exc).__name__
 
 
+def _dropped(writer: asyncio.StreamWriter) -> bool:
+    """Whether the server closed (or wrote unasked on) an idle connection, asked of the
+    socket itself, as urllib3's `is_connection_dropped` does with a zero-timeout poll.
+
+    The stream's own flags lag: they change only when the event loop next handles the
+    FIN, and a client that reuses the connection before then sends into a dead socket.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 class Pool:
     """Idle keep-alive connections, newest first. Like urllib3 and nginx, a connection the
     server closed while it sat idle (or sent unasked-for bytes on) is skipped."""
@@ -53,7 +68,7 @@ class Pool:
     def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         while self.idle:
             reader, writer = self.idle.pop()
-            if not (reader.at_eof() or reader._buffer or writer.is_closing()):
+            if not (reader.at_eof() or reader._buffer or writer.is_closing() or _dropped(writer)):
                 return reader, writer
             writer.close()
         return None
