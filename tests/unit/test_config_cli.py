@@ -8,61 +8,24 @@ The real binary runs a representative handful of these in tests/e2e/test_config_
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from bad_inputs import BAD_INPUTS, IN_PROCESS_ROWS, SUBPROCESS, assert_one_line, prepared
 
-from asgi_supervise.cli import main
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import Settings
+from conftest import run_main as run_cli
 
 pytestmark = pytest.mark.timeout(30)
 
 
-class Result:
-    """What `run_cli` returns, for a run of `main` in this process."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable:
-    """`asgi-supervise ARGS` in `cwd` with only `env` of ours set, as the binary would run
-    it: `main`'s return value or SystemExit code, and what it printed."""
-
-    def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Result:
-        with monkeypatch.context() as patch:
-            for name in os.environ:
-                if name.startswith("ASGI_SUPERVISE_") or name == "WEB_CONCURRENCY":
-                    patch.delenv(name)
-            for name, value in (env or {}).items():
-                patch.setenv(name, value)
-            patch.chdir(cwd)
-            capsys.readouterr()
-            try:
-                code = main(list(args))
-            except SystemExit as exc:
-                code = exc.code
-            out, err = capsys.readouterr()
-        return Result(int(code or 0), out, err)
-
-    return run
-
-
-@pytest.fixture
-def config_json(run_cli: Callable) -> Callable:
-    def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-        result = run_cli("config", "--json", *args, cwd=cwd, env=env)
-        assert result.returncode == 0, result.stderr
-        assert "Traceback" not in result.stderr
-        return json.loads(result.stdout)
-
-    return run
+def config_json(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    result = run_cli("config", "--json", *args, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)
 
 
 def toml_value(value: Any) -> str:
@@ -117,7 +80,7 @@ PRECEDENCE = {
 
 @pytest.mark.parametrize("file_kind", ["asgi-supervise.toml", "pyproject.toml"])
 @pytest.mark.parametrize("name", list(PRECEDENCE))
-def test_each_layer_overrides_the_one_below(config_json, tmp_path: Path, name: str, file_kind: str):
+def test_each_layer_overrides_the_one_below(tmp_path: Path, name: str, file_kind: str):
     """Set the option in all four layers, then take them away from the top, one by one."""
     profile_value, file_value, env_value, flag_args, expected, default = PRECEDENCE[name]
     key = name.replace("_", "-")
@@ -143,7 +106,7 @@ def test_each_layer_overrides_the_one_below(config_json, tmp_path: Path, name: s
     check([], {}, default, "default")
 
 
-def test_config_file_choice_order(config_json, tmp_path: Path):
+def test_config_file_choice_order(tmp_path: Path):
     """--config FILE, else asgi-supervise.toml, else [tool.asgi-supervise] in pyproject."""
     write_table(tmp_path / "pyproject.toml", {"backlog": 100}, header="[tool.asgi-supervise]")
     assert setting(config_json(cwd=tmp_path), "backlog") == (
@@ -160,14 +123,14 @@ def test_config_file_choice_order(config_json, tmp_path: Path):
     assert setting(data, "backlog") == (300, "file: etc/other.toml")
 
 
-def test_pyproject_without_our_table_is_no_config_file(config_json, tmp_path: Path):
+def test_pyproject_without_our_table_is_no_config_file(tmp_path: Path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
     data = config_json(cwd=tmp_path)
     assert all(entry["source"] == "default" for entry in data["settings"].values())
     assert data["profile"] is None
 
 
-def test_web_concurrency_is_below_our_own_variable(config_json, tmp_path: Path):
+def test_web_concurrency_is_below_our_own_variable(tmp_path: Path):
     write_table(tmp_path / "asgi-supervise.toml", {"workers": 2})
     data = config_json(cwd=tmp_path, env={"WEB_CONCURRENCY": "3"})
     assert setting(data, "workers") == (3, "env: environment")  # above the file
@@ -179,7 +142,7 @@ def test_web_concurrency_is_below_our_own_variable(config_json, tmp_path: Path):
     assert setting(data, "workers") == (5, "flag: command line")
 
 
-def test_profile_chosen_inside_the_config_file(config_json, tmp_path: Path):
+def test_profile_chosen_inside_the_config_file(tmp_path: Path):
     write_table(tmp_path / "asgi-supervise.toml", {"profile": "prod", "max-requests": 500})
     data = config_json(cwd=tmp_path)
     assert data["profile"] == "prod"
@@ -196,7 +159,7 @@ def test_profile_chosen_inside_the_config_file(config_json, tmp_path: Path):
     assert setting(data, "host") == ("0.0.0.0", "profile container")
 
 
-def test_profile_from_a_path(config_json, tmp_path: Path):
+def test_profile_from_a_path(tmp_path: Path):
     write_table(tmp_path / "deploy" / "mine.toml", {"workers": 3, "log-format": "json"})
     data = config_json("--profile", "deploy/mine.toml", cwd=tmp_path)
     assert data["profile"] == "deploy/mine.toml"
@@ -207,7 +170,7 @@ def test_profile_from_a_path(config_json, tmp_path: Path):
     assert setting(data, "workers") == (3, f"profile {absolute}")
 
 
-def test_app_from_file_env_or_command_line(config_json, tmp_path: Path):
+def test_app_from_file_env_or_command_line(tmp_path: Path):
     write_table(tmp_path / "asgi-supervise.toml", {"app": "fromfile:app"})
     assert setting(config_json(cwd=tmp_path), "app") == (
         "fromfile:app",
@@ -219,7 +182,7 @@ def test_app_from_file_env_or_command_line(config_json, tmp_path: Path):
     assert setting(data, "app") == ("fromflag:app", "flag: command line")
 
 
-def test_socket_options_do_not_clash_with_a_profile_host(config_json, tmp_path: Path):
+def test_socket_options_do_not_clash_with_a_profile_host(tmp_path: Path):
     """`--profile container --uds ...` serves the profile on a socket; it is not a conflict."""
     sock = str(tmp_path / "app.sock")
     data = config_json("--profile", "container", "--uds", sock, cwd=tmp_path)
@@ -227,7 +190,7 @@ def test_socket_options_do_not_clash_with_a_profile_host(config_json, tmp_path: 
     assert setting(data, "host") == ("0.0.0.0", "profile container")
 
 
-def test_text_output_names_profile_values_and_sources(run_cli, tmp_path: Path):
+def test_text_output_names_profile_values_and_sources(tmp_path: Path):
     result = run_cli("config", "--profile", "container", "--port", "9000", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -247,7 +210,7 @@ SECRETS = ("hunter2", "s3cret", "t0ps3cret")
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
-def test_config_redacts_secrets(run_cli, tmp_path: Path, as_json: bool):
+def test_config_redacts_secrets(tmp_path: Path, as_json: bool):
     write_table(
         tmp_path / "asgi-supervise.toml", {"ssl-ciphers": "redis://:t0ps3cret@cache:6379/0"}
     )
@@ -274,7 +237,7 @@ def test_config_redacts_secrets(run_cli, tmp_path: Path, as_json: bool):
         assert "redis://:***@cache:6379/0" in rows["ssl-ciphers"]
 
 
-def test_errors_do_not_echo_secrets(run_cli, tmp_path: Path):
+def test_errors_do_not_echo_secrets(tmp_path: Path):
     result = run_cli("nosuch_app_mod:app", "--port", "postgres://u:s3cret@db", cwd=tmp_path)
     assert result.returncode == 2
     assert "s3cret" not in result.stderr
@@ -307,7 +270,7 @@ def test_settings_never_read_the_process_environment_themselves(monkeypatch):
     assert again.workers == 1
 
 
-def test_env_list_variable_through_the_cli(config_json, tmp_path: Path):
+def test_env_list_variable_through_the_cli(tmp_path: Path):
     env = {"ASGI_SUPERVISE_FORWARDED_ALLOW_IPS": "10.0.0.1,10.0.0.2"}
     data = config_json(cwd=tmp_path, env=env)
     assert setting(data, "forwarded_allow_ips") == (["10.0.0.1", "10.0.0.2"], "env: environment")
@@ -326,16 +289,14 @@ def test_env_list_variable_through_the_cli(config_json, tmp_path: Path):
     ids=["ips-json", "ips-json-with-commas", "globs-json", "headers-json", "headers-lines",
          "header-one"],
 )  # fmt: skip
-def test_env_lists_as_json_or_separated(
-    config_json, tmp_path: Path, name: str, value: str, expected: Any
-):
+def test_env_lists_as_json_or_separated(tmp_path: Path, name: str, value: str, expected: Any):
     """Any list variable may be a JSON array; else commas separate items, except in
     ASGI_SUPERVISE_HEADERS, where a header value may hold commas and newlines do."""
     data = config_json(cwd=tmp_path, env={"ASGI_SUPERVISE_" + name: value})
     assert setting(data, name.lower()) == (expected, "env: environment")
 
 
-def test_header_flags_are_one_header_each(config_json, tmp_path: Path):
+def test_header_flags_are_one_header_each(tmp_path: Path):
     args = ["--header", "Cache-Control: no-cache, no-store", "--header", "X-Two: a,b"]
     data = config_json(*args, cwd=tmp_path)
     assert setting(data, "headers") == (
@@ -344,7 +305,7 @@ def test_header_flags_are_one_header_each(config_json, tmp_path: Path):
     )
 
 
-def test_metrics_address_turns_metrics_on(config_json, tmp_path: Path):
+def test_metrics_address_turns_metrics_on(tmp_path: Path):
     data = config_json("--metrics-port", "9100", cwd=tmp_path)
     assert setting(data, "metrics") == (True, "flag: command line, implied by --metrics-port")
     env = {"ASGI_SUPERVISE_METRICS_HOST": "0.0.0.0"}
@@ -362,7 +323,7 @@ def test_metrics_address_turns_metrics_on(config_json, tmp_path: Path):
 
 
 @pytest.mark.parametrize(("args", "env", "files", "expect", "exact"), IN_PROCESS_ROWS)
-def test_bad_input_is_one_line_and_exit_2(run_cli, tmp_path, args, env, files, expect, exact):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, env, files, expect, exact):
     with prepared(tmp_path, args, env, files, expect) as (argv, environ, fragments):
         result = run_cli(*argv, cwd=tmp_path, env=environ)
     assert_one_line(result.returncode, result.stdout, result.stderr, fragments, exact)
