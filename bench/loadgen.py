@@ -80,13 +80,19 @@ class Pool:
 
 
 async def get(
-    port: int, path: str = "/pid", timeout: float = 5.0, pool: Pool | None = None
+    port: int,
+    path: str = "/pid",
+    timeout: float = 5.0,
+    pool: Pool | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     """One GET; never raises. outcome: ok, http_NNN, refused, reset, eof, timeout,
     connect_timeout, or stale_keepalive (a reused connection that failed before any
-    byte of a response: the keep-alive close race)."""
+    byte of a response: the keep-alive close race). `request_id` is sent as X-Load-Id, so
+    an app can say which requests it saw; `got_bytes` says whether any of a response came."""
     r: dict[str, Any] = {"t0": time.monotonic(), "outcome": None, "body": None, "reused": False}
     phase, got_bytes, writer = "connect", False, None
+    tag = b"X-Load-Id: %s\r\n" % request_id.encode() if request_id is not None else b""
     try:
         async with asyncio.timeout(timeout):
             conn = pool.take() if pool is not None else None
@@ -98,8 +104,8 @@ async def get(
             phase = "request"
             keep = b"keep-alive" if pool is not None else b"close"
             writer.write(
-                b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n\r\n"
-                % (path.encode(), HOST.encode(), keep)
+                b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n%s\r\n"
+                % (path.encode(), HOST.encode(), keep, tag)
             )
             await writer.drain()
             phase = "response"
@@ -130,6 +136,7 @@ async def get(
             writer.close()
     r["t1"] = time.monotonic()
     r["ok"] = r["outcome"] == "ok"
+    r["got_bytes"] = got_bytes
     return r
 
 
@@ -180,6 +187,8 @@ class Stats:
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     pids: collections.Counter[int] = field(default_factory=collections.Counter)
     examples: list[str] = field(default_factory=list)
+    # With Load(tagged=True): each request's X-Load-Id -> (outcome, reused, got_bytes).
+    by_id: dict[str, tuple[str, bool, bool]] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
@@ -195,12 +204,19 @@ class Stats:
             self.examples.append(f"{kind}: {detail}")
 
 
-async def _client(port: int, path: str, interval: float, stop: threading.Event, stats: Stats):
-    """One keep-alive client: a request every `interval` s (later if one is slow)."""
+async def _client(port: int, path: str, interval: float, stop: threading.Event, stats: Stats,
+                  tag: str | None = None):  # fmt: skip
+    """One keep-alive client: a request every `interval` s (later if one is slow). With a
+    `tag`, request n carries X-Load-Id `tag-n` and its outcome is kept in `stats.by_id`."""
     pool = Pool()
     next_at = time.monotonic()
+    sent = 0
     while not stop.is_set():
-        r = await get(port, path, 5.0, pool)
+        request_id = None if tag is None else f"{tag}-{sent}"
+        sent += 1
+        r = await get(port, path, 5.0, pool, request_id)
+        if request_id is not None:
+            stats.by_id[request_id] = (r["outcome"], r["reused"], r["got_bytes"])
         if r["ok"]:
             stats.ok += 1
             pid = pid_of(r)
@@ -219,21 +235,27 @@ class Load:
 
     Failure kinds are `get()`'s outcomes (refused, reset, eof, timeout, stale_keepalive,
     http_NNN ...). Bounded: it stops by itself after `max_seconds` even if the caller
-    forgets to.
+    forgets to. `tagged`: every request carries a unique X-Load-Id, and `stats.by_id` keeps
+    each one's outcome (so a test can match them with the requests its app saw).
     """
 
     def __init__(self, port: int, rate: float = 150, clients: int = 6, path: str = "/pid",
-                 max_seconds: float = 60):  # fmt: skip
+                 max_seconds: float = 60, tagged: bool = False):  # fmt: skip
         self.stats = Stats()
         self._stop = threading.Event()
         interval = clients / rate
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._run(port, path, clients, interval)), daemon=True
+            target=lambda: asyncio.run(self._run(port, path, clients, interval, tagged)),
+            daemon=True,
         )
         self._max_seconds = max_seconds
 
-    async def _run(self, port: int, path: str, clients: int, interval: float) -> None:
-        tasks = [_client(port, path, interval, self._stop, self.stats) for _ in range(clients)]
+    async def _run(self, port: int, path: str, clients: int, interval: float,
+                   tagged: bool) -> None:  # fmt: skip
+        tasks = [
+            _client(port, path, interval, self._stop, self.stats, f"c{i}" if tagged else None)
+            for i in range(clients)
+        ]
         stopper = asyncio.get_running_loop().call_later(self._max_seconds, self._stop.set)
         await asyncio.gather(*tasks)
         stopper.cancel()

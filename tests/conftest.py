@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import os
 import shutil
 import signal
@@ -130,6 +131,32 @@ def run_cli(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None, tim
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None):
+    """`run_cli` in this process: the CLI's `main` with `args`, in `cwd`, with the
+    environment run_cli would give the binary; its exit code and output, as run_cli returns
+    them. For what only the settings decide (config, plan, usage errors): a process adds
+    nothing there but a second of start-up. Never for a command that could start a master."""
+    from asgi_supervise.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for name in [n for n in os.environ if n.startswith("ASGI_SUPERVISE_")]:
+            del os.environ[name]
+        os.environ.update(env or {})
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(list(args), int(code or 0), out.getvalue(), err.getvalue())
 
 
 def in_cgroups(cgroups: tuple[Path, ...], *python_args: str) -> list[str]:

@@ -10,6 +10,9 @@ from urllib.parse import parse_qs
 
 VERSION = os.environ.get("TESTAPP_VERSION", "1")
 INFLIGHT = os.environ.get("TESTAPP_INFLIGHT_DIR")
+# A file each request's X-Load-Id is appended to as the app starts handling it (one line
+# a request, O_APPEND: workers may share it), so a test knows which requests the app saw.
+STARTED = os.environ.get("TESTAPP_STARTED_FILE")
 _hoard: list[bytes] = []
 # Memory every worker holds from the start (touched, so it counts in RSS and the cgroup).
 _ballast = b"x" * int(os.environ.get("TESTAPP_BALLAST_MB", "0")) * 1024 * 1024
@@ -36,6 +39,16 @@ async def _lifespan(receive, send) -> None:
             return
 
 
+def _note_started(scope) -> None:
+    load_id = dict(scope["headers"]).get(b"x-load-id")
+    if load_id:
+        fd = os.open(STARTED, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, load_id + b"\n")
+        finally:
+            os.close(fd)
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         return await _lifespan(receive, send)
@@ -47,6 +60,8 @@ async def app(scope, receive, send):
             if message["type"] == "websocket.disconnect":
                 return
             await send({"type": "websocket.send", "text": message.get("text") or ""})
+    if STARTED:
+        _note_started(scope)
     query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
     path = scope["path"]
     if path == "/pid":

@@ -123,7 +123,7 @@ def test_counters_survive_recycling_and_files_stay_bounded(supervisor, tmp_path:
 
 def test_readyz_turns_503_during_drain_delay_while_app_serves(supervisor):
     mport = free_port()
-    server = supervisor("testapp:app", "--drain-delay", "5", *_metrics_args(mport))
+    server = supervisor("testapp:app", "--drain-delay", "3", *_metrics_args(mport))
     server.wait_ready(1)
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
     assert json.loads(get(mport, "/readyz")[1]) == {"ready": True}

@@ -34,11 +34,11 @@ def serving_pid(port: int) -> int | None:
 
 
 def test_worker_killed_after_serving_is_respawned_at_once_every_time(supervisor):
-    """Five SIGKILLs in a row, each after a request: no backoff grows, each replacement
-    serves again."""
+    """Three SIGKILLs in a row, each after a request: no backoff grows (a crash loop's
+    would from the second: 0.5 s, then 1 s), each replacement serves again."""
     server = supervisor("testapp:app", "--workers", "1")
     server.wait_ready(1)
-    for kill in range(1, 6):
+    for kill in range(1, 4):
         (victim,) = server.serving_pids(1)  # it served a request
         os.kill(victim, signal.SIGKILL)
         wait_until(
@@ -47,7 +47,7 @@ def test_worker_killed_after_serving_is_respawned_at_once_every_time(supervisor)
             lambda kill=kill: f"a replacement serving after kill {kill}\n{server.log()}",
         )
     log = server.log()
-    assert log.count(RESPAWN_NOW) == 5, log
+    assert log.count(RESPAWN_NOW) == 3, log
     assert server.process.poll() is None
 
 
@@ -62,7 +62,7 @@ def test_a_worker_that_served_is_no_crash_loop_even_with_others_serving(supervis
         return next((w for w in workers if w["slot"] == 1 and w["state"] == "ready"), None)
 
     victims = []
-    for _ in range(4):
+    for _ in range(3):  # a crash loop's backoff would show from the second
         victim = wait_until(
             lambda: (w := slot_one()) and w["pid"] not in victims and w["pid"],
             20,
@@ -86,7 +86,7 @@ def test_a_worker_that_served_is_no_crash_loop_even_with_others_serving(supervis
         lambda: f"slot 1 refilled\n{server.log()}",
     )
     log = server.log()
-    assert log.count(RESPAWN_NOW) == 4, log
+    assert log.count(RESPAWN_NOW) == 3, log
     assert " respawning in " not in log
 
 
@@ -116,17 +116,20 @@ def test_workers_killed_while_booting_are_no_boot_failure(supervisor, tmp_path: 
     markers.mkdir()
     hold = markers / "hold"
     hold.touch()
-    server = supervisor("slowboot:app", "--workers", "1", env={"SLOWBOOT_DIR": str(markers)})
+    server = supervisor(
+        "slowboot:app", "--workers", "1", "--boot-failure-limit", "1",
+        env={"SLOWBOOT_DIR": str(markers)},
+    )  # fmt: skip
     killed: set[int] = set()
     kill_booting = _booting_killer(server, markers, killed)
-    kill_booting(4)  # before the app ever booted: more than --boot-failure-limit (3)
+    kill_booting(2)  # before the app ever booted: more than --boot-failure-limit
     hold.unlink()
     (first,) = server.serving_pids(1)
     killed.add(first)
     # Now the app is known to boot: kill the serving worker, then its replacements as they boot.
     hold.touch()
     os.kill(first, signal.SIGKILL)
-    kill_booting(4)
+    kill_booting(2)
     hold.unlink()
     wait_until(
         lambda: serving_pid(server.port) not in (None, *killed),
@@ -136,7 +139,7 @@ def test_workers_killed_while_booting_are_no_boot_failure(supervisor, tmp_path: 
     log = server.log()
     assert server.process.poll() is None, log
     assert "giving up" not in log and "failed to start" not in log
-    assert log.count("while booting (not counted as a failure to start)") == 8
+    assert log.count("while booting (not counted as a failure to start)") == 4
 
 
 def test_replacement_killed_while_booting_does_not_abort_the_reload(supervisor, tmp_path: Path):
@@ -147,13 +150,13 @@ def test_replacement_killed_while_booting_does_not_abort_the_reload(supervisor, 
     (old,) = server.serving_pids(1)
     hold.touch()
     server.signal(signal.SIGHUP)
-    _booting_killer(server, markers, {old})(3)
+    _booting_killer(server, markers, {old})(2)  # one failure to start would abort the reload
     assert serving_pid(server.port) == old  # the old worker serves meanwhile
     hold.unlink()
     wait_until(lambda: "reload complete" in server.log(), 30, lambda: server.log())
     log = server.log()
     assert "reload aborted" not in log and "failed to start" not in log
-    assert log.count("starting another replacement for pid") == 3
+    assert log.count("starting another replacement for pid") == 2
     assert serving_pid(server.port) not in (None, old)
 
 

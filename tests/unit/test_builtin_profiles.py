@@ -1,4 +1,8 @@
-"""The built-in profiles load, validate and hold the values their comments promise."""
+"""The built-in profiles load, validate and hold the values their comments promise.
+
+`config` output runs the CLI's `main` in-process (conftest.run_main); the binary reads a
+built-in profile in tests/e2e/test_config_layers.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import pytest
 from asgi_supervise import drain, profiles
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import FIELDS, Settings
-from conftest import run_cli
+from conftest import run_main as run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
