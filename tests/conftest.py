@@ -28,6 +28,7 @@ sys.path.append(str(REPO / "bench"))
 # Every process a test starts inherits this per-test token (run_cli and Supervisor copy
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
+FORK_SERVER = "asgi-forkserver"  # a fork server's process name; workers keep python's
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
@@ -193,6 +194,13 @@ class Supervisor:
         return get(self.port, path, timeout)
 
     def worker_pids(self) -> set[int]:
+        return self._children(worker=True)
+
+    def fork_server_pids(self) -> set[int]:
+        return self._children(worker=False)
+
+    def _children(self, worker: bool) -> set[int]:
+        """Live children: the workers, or the fork servers (named FORK_SERVER in ps)."""
         try:
             children = self.ps.children()
         except psutil.NoSuchProcess:
@@ -200,7 +208,9 @@ class Supervisor:
         pids = set()
         for child in children:
             try:
-                if child.status() != psutil.STATUS_ZOMBIE:
+                if child.status() != psutil.STATUS_ZOMBIE and (
+                    (child.name() == FORK_SERVER) != worker
+                ):
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

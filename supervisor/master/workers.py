@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.forkserver import Forked
 from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
@@ -38,7 +39,7 @@ class Worker:
     def __init__(
         self,
         slot: int,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | Forked,
         control: socket.socket,
         generation: int = 0,
     ):
@@ -222,8 +223,8 @@ def spawn(
 ) -> Worker:
     """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
 
-    Exec (not fork): the master may hold threads and an event loop, and a fresh interpreter
-    re-imports the app, which is what a reload needs anyway.
+    Exec (not fork) from the master: it may hold threads and an event loop. Forked
+    workers come from a fork server instead (`forkserver`, `adopt`).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [s.fileno() for s in sockets]
@@ -243,8 +244,15 @@ def spawn(
         )
     finally:
         theirs.close()
+    return adopt(slot, settings, process, ours, generation)
+
+
+def adopt(
+    slot: int, settings: Settings, process: Any, control: socket.socket, generation: int
+) -> Worker:
+    """The handle on a started worker, which waits on `control` for its spec."""
     # The settings travel over the channel, never argv or environ: they may hold secrets.
     spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
-    ours.sendall(encode(spec))
-    ours.setblocking(False)
-    return Worker(slot, process, ours, generation)
+    control.sendall(encode(spec))
+    control.setblocking(False)
+    return Worker(slot, process, control, generation)

@@ -1,0 +1,161 @@
+"""How the master runs its fork servers (`--worker-start fork`, the default).
+
+Part of the arbiter (a mixin over its state). One fork server per code generation: the
+first at start, a new one for each rolling reload, which replaces the current one once it
+is ready (the workers are then replaced from it, replacement first). A fork server that
+dies is restarted with a worker slot's backoff while its workers keep serving; one whose
+`--preload` import fails stops the master (exit 3), aborts a reload (the old workers and
+fork server stay), or, with `--reload`, waits for the next save.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from asgi_supervise.master import forkserver
+from asgi_supervise.master.forkserver import ForkServer, ForkServers
+from asgi_supervise.master.phase import Phase
+from asgi_supervise.protocol import Exit
+
+log = logging.getLogger("asgi_supervise.master")
+
+
+class Forking:
+    """Mixed into `Arbiter`. `forks` is None in exec mode."""
+
+    forks: ForkServers | None
+
+    def start_forking(self) -> None:
+        if self.settings.worker_start != "fork":
+            self.forks = None
+            return
+        self.forks = ForkServers()
+        if not forkserver.become_subreaper():
+            log.warning("not a child subreaper (not Linux?): forked workers are reaped by init")
+        self.ensure_fork_server()
+
+    def can_spawn(self, generation: int | None = None) -> bool:
+        """A worker can start now: exec mode, or a ready fork server (of `generation`)."""
+        if self.forks is None:
+            return True
+        current = self.forks.current
+        if current is None or not current.ready:
+            return False
+        return generation is None or current.generation >= generation
+
+    def ensure_fork_server(self) -> None:
+        """Start the fork server the current code generation needs, unless one boots."""
+        forks = self.forks
+        if forks is None or not self.running or self.waiting_for_fix:
+            return
+        newest = forks.newest()
+        if newest is not None and newest.generation >= self.rollout.generation:
+            return
+        if newest is None and time.monotonic() < forks.health.not_before:
+            return  # it died young: backing off
+        if forks.next is not None:  # booting for a generation already superseded
+            forks.next.retire()
+        server = forkserver.start(
+            self.settings, self.sockets, self.rollout.generation, self.observe.worker_environ()
+        )
+        forks.add(server)
+        asyncio.get_running_loop().add_reader(
+            server.channel.fileno(), self.on_fork_server_message, server
+        )
+        log.info(
+            "%s booting%s", server.tag(), " (preloading the app)" if server.preload else "",
+            extra=server.extra("fork_server_booting"),
+        )  # fmt: skip
+
+    def on_fork_server_message(self, server: ForkServer) -> None:
+        changed, eof = server.read_messages()
+        if eof:
+            asyncio.get_running_loop().remove_reader(server.channel.fileno())
+        if not changed or not server.ready or self.forks is None or self.forks.next is not server:
+            return
+        old = self.forks.promote(server)
+        took = (server.ready_at or server.started) - server.started
+        log.info(
+            "%s up, forking: imports took %.2fs%s", server.tag(), took,
+            "" if old is None else f"; retiring the fork server of generation {old.generation}",
+            extra=server.extra("fork_server_ready", boot_s=took),
+        )  # fmt: skip
+        if old is not None:
+            old.retire()
+        self.wake()
+
+    def fork_server_exited(self, server: ForkServer, status: int) -> None:
+        """From `reap`: a retired one is done; otherwise restart it, or take its boot error."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(server.channel.fileno())
+        if server.state != "retiring":
+            server.read_messages()  # its last words: a boot error
+        server.channel.close()
+        retired = server.state == "retiring"
+        server.exited(status)
+        forks = self.forks
+        assert forks is not None
+        was_next = forks.next is server
+        forks.forget(server)
+        extra = server.extra("fork_server_exited", status=server.exit_status)
+        if retired or not self.running:
+            log.info("%s retired", server.tag(), extra=extra)
+            return
+        if server.boot_error:
+            self.preload_failed(server, was_next)
+            return
+        uptime = 0.0 if server.ready_at is None else time.monotonic() - server.ready_at
+        cap = self.settings.restart_backoff_max
+        delay = forks.health.crashed(time.monotonic(), uptime, cap)
+        log.warning(
+            "%s died: %s; its workers keep serving; starting another %s",
+            server.tag(), server.exit_status, f"in {delay:.1f}s" if delay else "now",
+            extra={**extra, "respawn_delay_s": delay},
+        )  # fmt: skip
+        self.wake()
+
+    def preload_failed(self, server: ForkServer, was_next: bool) -> None:
+        """The app failed to import in the fork server: the same code fails in every worker."""
+        error = server.boot_error or ""
+        headline = error.strip().splitlines()[-1] if error.strip() else error
+        extra = server.extra("boot_failed", error=headline)
+        self.last_boot_error = error
+        if error == self.boot.last_error:
+            log.error("%s failed to import the app: same error", server.tag(), extra=extra)
+        else:
+            log.error("%s failed to import the app:\n%s", server.tag(), error, extra=extra)
+        self.boot.last_error = error
+        if self.forks is not None and self.forks.current is not None and was_next:
+            self.rollout.abort(headline)  # a reload's new code: the old workers keep serving
+            self.forks.current.generation = self.rollout.generation
+            return
+        if self.settings.reload:
+            log.error("the app cannot start: waiting for a file change to try again")
+            self.waiting_for_fix = True
+            return
+        log.critical(
+            "giving up: the app failed to import in the fork server (--preload): %s",
+            headline,
+            extra={"event": "boot_failure", "error": headline},
+        )
+        self.exit_code = Exit.BOOT_FAILURE
+        self.phase = Phase.STOPPING
+
+    def sample_fork_servers(self) -> None:
+        """Their memory, with the workers' (once a second), for /status and the metrics."""
+        if self.forks is not None:
+            for server in self.forks.alive():
+                server.sample()
+            self.rollout.fork_servers_memory = sum(s.pss for s in self.forks.alive())
+            self.observe.fork_servers_sampled(self.forks)
+
+    def retire_fork_servers(self) -> None:
+        """The master stops: no more workers, and no copy of the listener held open."""
+        if self.forks is not None:
+            for server in self.forks.alive():
+                server.retire()
+
+    def fork_servers_alive(self) -> bool:
+        return self.forks is not None and bool(self.forks.alive())
