@@ -28,7 +28,8 @@ sys.path.append(str(REPO / "bench"))
 # Every process a test starts inherits this per-test token (run_cli and Supervisor copy
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
-FORK_SERVER = "asgi-forkserver"  # a fork server's process name; workers keep python's
+FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
+FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
@@ -151,6 +152,10 @@ os.execv(sys.executable, [sys.executable, *sys.argv[end + 1:]])
 """
 
 
+def is_fork_server(process: psutil.Process) -> bool:
+    return FORKSERVER_MODULE in process.cmdline() and process.name() != FORKED_WORKER
+
+
 class Supervisor:
     """An `asgi-supervise` master started as users start it, with its output in a file."""
 
@@ -200,7 +205,8 @@ class Supervisor:
         return self._children(worker=False)
 
     def _children(self, worker: bool) -> set[int]:
-        """Live children: the workers, or the fork servers (named FORK_SERVER in ps)."""
+        """Live children: the workers, or the fork servers (booting ones too, still named
+        python, hence the command line)."""
         try:
             children = self.ps.children()
         except psutil.NoSuchProcess:
@@ -208,9 +214,7 @@ class Supervisor:
         pids = set()
         for child in children:
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and (
-                    (child.name() == FORK_SERVER) != worker
-                ):
+                if child.status() != psutil.STATUS_ZOMBIE and is_fork_server(child) != worker:
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

@@ -44,20 +44,17 @@ MACHINERY = (
     "asgi_supervise.worker.meter", "asgi_supervise.worker._meter",
     "asgi_supervise.worker.forwarded", "asgi_supervise.worker.apploader", "asyncio",
 )  # fmt: skip
-NAME = b"asgi-forkserver"  # its name in ps and top (comm): told apart from its workers
-PR_SET_NAME, PR_GET_NAME = 15, 16
+NAME = b"asgi-forkserver"  # its name in ps and top (comm), and its workers' name:
+WORKER_NAME = b"asgi-worker"  # they share its command line
+PR_SET_NAME = 15
 REPARENT_WAIT = 5.0  # seconds a worker waits to be handed to the master before giving up
 
 
-def _set_name(name: bytes) -> bytes:
-    """Set this process's name (comm) and return the previous one."""
-    if sys.platform != "linux":
-        return name
-    libc = ctypes.CDLL(None, use_errno=True)
-    old = ctypes.create_string_buffer(16)
-    libc.prctl(PR_GET_NAME, old, 0, 0, 0)
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-    return old.value
+def _set_name(name: bytes) -> None:
+    """This process's name (comm) in ps and top."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def _import_machinery(settings: Any) -> None:
@@ -107,14 +104,13 @@ def _become_worker(
     listeners: list[socket.socket],
     master_pid: int,
     middle: int,
-    name: bytes,
 ) -> None:
     """The forked worker: wait to be the master's child, then the same path as an exec'd
     worker. Never returns into the fork server's loop."""
     code: Any = 0
     try:
         channel.close()
-        _set_name(name)  # named as an exec'd worker is
+        _set_name(WORKER_NAME)
         os.setpgid(0, 0)  # its own process group, as the master gives an exec'd worker
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -147,7 +143,6 @@ def _fork(
     control_fd: int,
     listeners: list[socket.socket],
     master_pid: int,
-    name: bytes,
 ) -> None:
     gc.freeze()  # whatever the fork server holds now stays out of the workers' collections
     try:
@@ -161,7 +156,7 @@ def _fork(
             middle_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _become_worker(channel, control_fd, listeners, master_pid, middle_pid, name)
+                _become_worker(channel, control_fd, listeners, master_pid, middle_pid)
             channel.send(encode({"t": "forked", "pid": pid, "slot": request.get("slot")}))
             os._exit(0)
         except BaseException as exc:
@@ -174,7 +169,7 @@ def _fork(
 
 
 def serve(channel: socket.socket, listeners: list[socket.socket]) -> None:
-    name = _set_name(NAME)
+    _set_name(NAME)
     control = Control(channel)
     spec = control.receive()
     master_pid = spec["master_pid"]
@@ -192,7 +187,7 @@ def serve(channel: socket.socket, listeners: list[socket.socket]) -> None:
                 os._exit(0)  # the master closed the channel: it is gone or retiring us
             continue
         if request.get("t") == "fork":
-            _fork(channel, request, fd, listeners, master_pid, name)
+            _fork(channel, request, fd, listeners, master_pid)
         else:
             os.close(fd)
 
