@@ -46,10 +46,17 @@ class Forking:
         return generation is None or current.generation >= generation
 
     def ensure_fork_server(self) -> None:
-        """Start the fork server the current code generation needs, unless one boots."""
+        """Start the fork server the current code generation needs, unless one boots; kill
+        one that is not up within --ready-timeout (an import that hangs)."""
         forks = self.forks
         if forks is None or not self.running or self.waiting_for_fix:
             return
+        timeout = self.settings.ready_timeout
+        for booting in forks.alive():
+            if booting.state == "booting" and time.monotonic() - booting.started > timeout:
+                log.error("%s not up after %gs (ready-timeout): killing", booting.tag(), timeout)
+                booting.boot_error = f"not up within {timeout:g}s (--ready-timeout)"
+                booting.kill()
         newest = forks.newest()
         if newest is not None and newest.generation >= self.rollout.generation:
             return

@@ -146,6 +146,10 @@ class ForkServer:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
 
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
     def exited(self, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
         self.process.returncode = code
