@@ -1,8 +1,11 @@
 """How the master runs its fork servers (`--worker-start fork`, the default).
 
 Part of the arbiter (a mixin over its state). One fork server per code generation: the
-first at start, a new one for each rolling reload, which replaces the current one once it
-is ready (the workers are then replaced from it, replacement first). A fork server that
+first at start; with --preload a new one for each rolling reload, which replaces the
+current one once it is up (the workers are then replaced from it, replacement first).
+Without --preload the fork server holds no app code, only uvicorn and ours, which a
+reload does not change: it is kept and forks the new generation's workers, which import
+the new code themselves (a reload then costs no interpreter start). A fork server that
 dies is restarted with a worker slot's backoff while its workers keep serving; one whose
 `--preload` import fails stops the master (exit 3), aborts a reload (the old workers and
 fork server stay), or, with `--reload`, waits for the next save.
@@ -59,6 +62,16 @@ class Forking:
                 booting.kill()
         newest = forks.newest()
         if newest is not None and newest.generation >= self.rollout.generation:
+            return
+        current, preload = forks.current, self.settings.preload
+        if current is not None and forks.next is None and not (current.preload or preload):
+            # It holds no app code: the workers it forks import the new code themselves.
+            log.info(
+                "%s forks generation %d too (no --preload: it holds no app code)",
+                current.tag(), self.rollout.generation,
+                extra=current.extra("fork_server_kept", new_generation=self.rollout.generation),
+            )  # fmt: skip
+            current.generation = self.rollout.generation
             return
         if newest is None and time.monotonic() < forks.health.not_before:
             return  # it died young: backing off
