@@ -24,7 +24,6 @@ from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import balance, control, policy
 from asgi_supervise.master.exits import Exits
 from asgi_supervise.master.forking import Forking
-from asgi_supervise.master.forkserver import ForkError
 from asgi_supervise.master.notify import Notifier
 from asgi_supervise.master.operations import Operations
 from asgi_supervise.master.phase import Phase
@@ -32,7 +31,7 @@ from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
 from asgi_supervise.master.sockets import cleanup, describe
 from asgi_supervise.master.table import WorkerTable
-from asgi_supervise.master.workers import State, Worker, adopt, spawn
+from asgi_supervise.master.workers import State, Worker
 from asgi_supervise.observe.observability import Observability
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import Plan
@@ -249,19 +248,9 @@ class Arbiter(Exits, Operations, Forking):
     def start_worker(self, slot: int) -> Worker | None:
         """Fork it from the current fork server, or exec it; None if the fork server failed
         (its exit is reaped and it is restarted)."""
-        s = self.settings
-        server = self.forks.current if self.forks else None
-        if server is None:
-            worker = spawn(
-                slot, s, self.sockets, self.rollout.generation, self.observe.worker_environ()
-            )
-        else:
-            try:
-                process, channel = server.fork(slot)
-            except ForkError as exc:
-                log.warning("worker %d not started: %s", slot, exc)
-                return None
-            worker = adopt(slot, s, process, channel, server.generation)
+        worker = self.new_worker(slot)
+        if worker is None:
+            return None
         self.observe.worker_started(worker)
         worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
         self.table.add(worker)

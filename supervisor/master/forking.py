@@ -18,8 +18,9 @@ import logging
 import time
 
 from asgi_supervise.master import forkserver
-from asgi_supervise.master.forkserver import ForkServer, ForkServers
+from asgi_supervise.master.forkserver import ForkError, ForkServer, ForkServers
 from asgi_supervise.master.phase import Phase
+from asgi_supervise.master.workers import Worker, adopt, spawn
 from asgi_supervise.protocol import Exit
 
 log = logging.getLogger("asgi_supervise.master")
@@ -47,6 +48,23 @@ class Forking:
         if current is None or not current.ready:
             return False
         return generation is None or current.generation >= generation
+
+    def new_worker(self, slot: int) -> Worker | None:
+        """Fork it from the current fork server, or exec it; None if the fork server failed
+        (its exit is reaped and it is restarted)."""
+        s = self.settings
+        if self.forks is None:
+            env = self.observe.worker_environ()
+            return spawn(slot, s, self.sockets, self.rollout.generation, env)
+        server = self.forks.current
+        if server is None or not server.ready:
+            return None  # `can_spawn` said so: callers ask it first
+        try:
+            process, channel = server.fork(slot)
+        except ForkError as exc:
+            log.warning("worker %d not started: %s", slot, exc)
+            return None
+        return adopt(slot, s, process, channel, server.generation)
 
     def ensure_fork_server(self) -> None:
         """Start the fork server the current code generation needs, unless one boots; kill

@@ -120,8 +120,9 @@ class Rollout:
         self.last_sample = now
         limit = self.settings.max_worker_memory
         max_rss = None if limit is None else limit * MIB
+        forked = self.settings.worker_start == "fork"
         for worker in self.table.live():
-            worker.sample(max_rss)
+            worker.sample(max_rss, pss=forked)
         self.master_rss = psutil.Process().memory_info().rss
         return True
 
@@ -209,11 +210,13 @@ class Rollout:
         instance's share of the database connections (`sizing.db_share`). Every live worker
         holds its pool (a draining one until it exits), and so will each empty slot's
         refill. Every worker counts as the largest sampled: one that just became ready was
-        last sampled while it booted, before it held its full size."""
+        last sampled while it booted, before it held its full size. Forked workers count
+        their PSS: their RSS counts the pages they share (with --preload, the app) in full
+        for each of them."""
         live, refills = self.table.live(), len(self.table.empty_slots())
         rooms = []
         if self.memory_limit is not None:
-            sampled = [w.rss for w in live if w.rss]
+            sampled = [w.pss or w.rss for w in live if w.rss]
             each = max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
             used = (len(live) + refills) * each + self.master_rss + self.fork_servers_memory
             taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"

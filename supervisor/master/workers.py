@@ -72,6 +72,7 @@ class Worker:
         self.recycle: str | None = None  # max-requests, memory, lifetime
         self.memory_strikes = 0
         self.rss = 0
+        self.pss = 0  # forked workers: what it holds, its pages shared with others divided
         self.cpu_percent = 0.0
         self.reports: list[dict[str, Any]] = []  # request metrics, until observe takes them
         self.paused = False  # told to stop accepting: it holds more than its share
@@ -121,13 +122,16 @@ class Worker:
             return False
         return True
 
-    def sample(self, max_rss: int | None) -> None:
-        """RSS and CPU via psutil; count consecutive samples over the memory limit."""
+    def sample(self, max_rss: int | None, pss: bool = False) -> None:
+        """RSS and CPU via psutil; count consecutive samples over the memory limit. `pss`
+        for forked workers, whose RSS counts the pages they share with the fork server."""
         try:
             self._ps = self._ps or psutil.Process(self.pid)
             with self._ps.oneshot():
                 self.rss = self._ps.memory_info().rss
                 self.cpu_percent = self._ps.cpu_percent()
+                if pss:
+                    self.pss = getattr(self._ps.memory_full_info(), "pss", self.rss)
         except psutil.Error:
             return
         over = max_rss is not None and self.rss > max_rss

@@ -188,6 +188,7 @@ class Observability:
                     "requests": w.requests,
                     "connections": w.connections,
                     "rss_bytes": w.rss,
+                    "pss_bytes": w.pss or None,  # forked workers
                     "cpu_percent": w.cpu_percent,
                     "generation": w.generation,
                     "stopping": w.stop_reason,
