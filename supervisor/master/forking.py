@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from asgi_supervise.master import forkserver
+from asgi_supervise.master import forkserver, policy
 from asgi_supervise.master.forkserver import ForkError, ForkServer, ForkServers
 from asgi_supervise.master.phase import Phase
 from asgi_supervise.master.workers import Worker, adopt, spawn
@@ -78,12 +78,19 @@ class Forking:
                 log.error("%s not up after %gs (ready-timeout): killing", booting.tag(), timeout)
                 booting.boot_error = f"not up within {timeout:g}s (--ready-timeout)"
                 booting.kill()
-        newest = forks.newest()
-        if newest is not None and newest.generation >= self.rollout.generation:
+        newest, current = forks.newest(), forks.current
+        need = policy.fork_server_need(
+            self.rollout.generation,
+            None if newest is None else newest.generation,
+            current is not None,
+            forks.next is not None,
+            self.settings.preload or (current is not None and current.preload),
+            time.monotonic(),
+            forks.health.not_before,
+        )
+        if need in (policy.ForkServerNeed.NONE, policy.ForkServerNeed.WAIT):
             return
-        current, preload = forks.current, self.settings.preload
-        if current is not None and forks.next is None and not (current.preload or preload):
-            # It holds no app code: the workers it forks import the new code themselves.
+        if need is policy.ForkServerNeed.KEEP and current is not None:
             log.info(
                 "%s forks generation %d too (no --preload: it holds no app code)",
                 current.tag(), self.rollout.generation,
@@ -91,8 +98,6 @@ class Forking:
             )  # fmt: skip
             current.generation = self.rollout.generation
             return
-        if newest is None and time.monotonic() < forks.health.not_before:
-            return  # it died young: backing off
         if forks.next is not None:  # booting for a generation already superseded
             forks.next.retire()
         server = forkserver.start(
@@ -165,11 +170,13 @@ class Forking:
         else:
             log.error("%s failed to import the app:\n%s", server.tag(), error, extra=extra)
         self.boot.last_error = error
-        if self.forks is not None and self.forks.current is not None and was_next:
+        current = self.forks.current if self.forks is not None else None
+        verdict = policy.preload_failure(current is not None and was_next, self.settings.reload)
+        if verdict is policy.PreloadFailure.ABORT_RELOAD and current is not None:
             self.rollout.abort(headline)  # a reload's new code: the old workers keep serving
-            self.forks.current.generation = self.rollout.generation
+            current.generation = self.rollout.generation
             return
-        if self.settings.reload:
+        if verdict is policy.PreloadFailure.WAIT_FOR_SAVE:
             log.error("the app cannot start: waiting for a file change to try again")
             self.waiting_for_fix = True
             return
