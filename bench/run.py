@@ -61,7 +61,24 @@ SERVERS = {
         "gunicorn {app} --worker-class asgi -w {workers} -b {host}:{port}",
         "--graceful-timeout {g}",
     ),
+    # Fork server (the default above) against exec'd workers and --preload, and gunicorn's
+    # --preload: not in the default --servers.
+    "asgi-supervise-exec": (
+        "asgi-supervise {app} --workers {workers} --host {host} --port {port} --no-access-log"
+        " --worker-start exec",
+        "--graceful-timeout {g}",
+    ),
+    "asgi-supervise-preload": (
+        "asgi-supervise {app} --workers {workers} --host {host} --port {port} --no-access-log"
+        " --preload",
+        "--graceful-timeout {g}",
+    ),
+    "gunicorn-uvicorn-worker-preload": (
+        "gunicorn {app} -k uvicorn_worker.UvicornWorker -w {workers} -b {host}:{port} --preload",
+        "--graceful-timeout {g}",
+    ),
 }
+DEFAULT_SERVERS = ["asgi-supervise", "uvicorn", "gunicorn-uvicorn-worker", "gunicorn-asgi"]
 # Servers of the issue-6/7 scenarios; {metrics_port}, {multiproc_dir}, {dir}: see
 # metrics_reload.py. Not in the default --servers.
 SUP = "asgi-supervise {app} --workers {workers} --host {host} --port {port} --no-access-log"
@@ -394,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report", metavar="JSON", help="only re-render the .md of a results file")
     p.add_argument("--rounds", type=int, help="rounds for every scenario (throughput >= 3)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated, of: " + ", ".join(SERVERS),
+    )
+    p.add_argument(
+        "--app",
+        help="the app of crash, ready, reload and rss (e.g. apps.heavy:app: ~100 MB at import)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1 round, short loads: a smoke test")
     p.add_argument("--out", default=os.path.join(BENCH, "results"))

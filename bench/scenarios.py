@@ -131,7 +131,7 @@ async def measure_load(srv: Any, o: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 
 async def throughput(name: str, template: str, o: Any) -> dict[str, Any]:
-    srv, _ = await start_ready(name, template, HELLO, o)
+    srv, _ = await start_ready(name, template, o.app or HELLO, o)
     try:
         _, r = await measure_load(srv, o)
         return r
@@ -143,7 +143,7 @@ async def throughput(name: str, template: str, o: Any) -> dict[str, Any]:
 
 
 async def _reload(name: str, template: str, o: Any, keepalive: bool) -> dict[str, Any]:
-    srv, ready = await start_ready(name, template, HELLO, o)
+    srv, ready = await start_ready(name, template, o.app or HELLO, o)
     try:
         old = set(ready["pids"])
         st: dict[str, float | None] = {"hup": None, "old_gone": None, "all_new": None}
@@ -256,7 +256,7 @@ async def drain(name: str, template: str, o: Any) -> dict[str, Any]:
 
 
 async def crash(name: str, template: str, o: Any) -> dict[str, Any]:
-    srv, ready = await start_ready(name, template, HELLO, o)
+    srv, ready = await start_ready(name, template, o.app or HELLO, o)
     try:
         old = set(ready["pids"])
         before = {srv.pid, *srv.tree()}
@@ -294,7 +294,7 @@ async def crash(name: str, template: str, o: Any) -> dict[str, Any]:
 
 
 async def ready(name: str, template: str, o: Any) -> dict[str, Any]:
-    srv = Server(name, template, HELLO, o.workers, o.log_dir).start()
+    srv = Server(name, template, o.app or HELLO, o.workers, o.log_dir).start()
     try:
         r = await wait_workers(srv, o.workers)
         if r["t_all"] is None:
@@ -316,7 +316,7 @@ async def ready(name: str, template: str, o: Any) -> dict[str, Any]:
 
 
 async def rss(name: str, template: str, o: Any) -> dict[str, Any]:
-    srv, ready_ = await start_ready(name, template, HELLO, o)
+    srv, ready_ = await start_ready(name, template, o.app or HELLO, o)
     try:
         workers = set(ready_["pids"])
         for _ in range(25):  # 200 requests

@@ -324,6 +324,12 @@ def render_status(data: dict[str, Any]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    for fs in data.get("fork_servers", ()):
+        table.append(
+            f"fork server {fs['pid']}  generation {fs['generation']}  {fs['state']}  "
+            f"up {_age(fs['age_s'])}  {fs['forks']} forks  RSS {_mib(fs['rss_bytes'])}  "
+            f"PSS {_mib(fs['pss_bytes'])}" + ("  app preloaded" if fs["preload"] else "")
+        )
     plan = data["plan"]
     why = (
         "as configured"

@@ -29,6 +29,8 @@ sys.path.append(str(REPO / "bench"))
 # Every process a test starts inherits this per-test token (run_cli and Supervisor copy
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
+FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
+FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
@@ -177,6 +179,10 @@ os.execv(sys.executable, [sys.executable, *sys.argv[end + 1:]])
 """
 
 
+def is_fork_server(process: psutil.Process) -> bool:
+    return FORKSERVER_MODULE in process.cmdline() and process.name() != FORKED_WORKER
+
+
 class Supervisor:
     """An `asgi-supervise` master started as users start it, with its output in a file."""
 
@@ -221,6 +227,14 @@ class Supervisor:
         return get(self.port, path, timeout)
 
     def worker_pids(self) -> set[int]:
+        return self._children(worker=True)
+
+    def fork_server_pids(self) -> set[int]:
+        return self._children(worker=False)
+
+    def _children(self, worker: bool) -> set[int]:
+        """Live children: the workers, or the fork servers (booting ones too, still named
+        python, hence the command line)."""
         try:
             children = self.ps.children()
         except psutil.NoSuchProcess:
@@ -228,7 +242,7 @@ class Supervisor:
         pids = set()
         for child in children:
             try:
-                if child.status() != psutil.STATUS_ZOMBIE:
+                if child.status() != psutil.STATUS_ZOMBIE and is_fork_server(child) != worker:
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

@@ -93,6 +93,18 @@ class Settings(BaseSettings):
     app_dir: str = opt(".", "Directory added to sys.path before importing the app.", "app")
     env_file: str | None = opt(None, "A .env file whose variables the app sees.", "app")
     lifespan: Literal["auto", "on", "off"] = opt("auto", "ASGI lifespan handling.", "app")
+    worker_start: Literal["fork", "exec"] = opt(
+        "fork",
+        "How workers start: forked from a fork server (one per code generation, reloads "
+        "start a new one), or each a fresh interpreter (exec: for apps that cannot be forked).",
+        "app",
+    )
+    preload: bool = opt(
+        False,
+        "Import the app once in the fork server, before forking workers: its memory is "
+        "shared copy-on-write and its import-time code runs once (needs --worker-start fork).",
+        "app",
+    )
 
     gunicorn_config: str | None = opt(
         None,
@@ -406,6 +418,12 @@ class Settings(BaseSettings):
                 f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})",
                 "max_workers",
                 "min_workers",
+            )
+        if self.preload and self.worker_start == "exec":
+            raise _combination(
+                "--preload imports the app in the fork server: it needs --worker-start fork",
+                "preload",
+                "worker_start",
             )
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise _combination(

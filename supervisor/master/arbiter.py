@@ -23,6 +23,7 @@ from asgi_supervise import drain, logs
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import balance, control, policy
 from asgi_supervise.master.exits import Exits
+from asgi_supervise.master.forking import Forking
 from asgi_supervise.master.notify import Notifier
 from asgi_supervise.master.operations import Operations
 from asgi_supervise.master.phase import Phase
@@ -30,7 +31,7 @@ from asgi_supervise.master.policy import KILL_GRACE, Overdue
 from asgi_supervise.master.rollout import Rollout
 from asgi_supervise.master.sockets import cleanup, describe
 from asgi_supervise.master.table import WorkerTable
-from asgi_supervise.master.workers import State, Worker, spawn
+from asgi_supervise.master.workers import State, Worker
 from asgi_supervise.observe.observability import Observability
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import Plan
@@ -49,7 +50,7 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 
 
-class Arbiter(Exits, Operations):
+class Arbiter(Exits, Operations, Forking):
     def __init__(
         self,
         settings: Settings,
@@ -84,6 +85,7 @@ class Arbiter(Exits, Operations):
         self.last_boot_error: str | None = None
         self.config_change: dict[str, list[str]] = {}  # the reload's config lines, for its result
         self.restarts: Counter[int] = Counter()  # per slot: workers that died unasked
+        self.forks = None  # the fork servers (`forking`), unless workers start by exec
 
     # --- the lifecycle --------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class Arbiter(Exits, Operations):
 
             self.watcher = Watcher(self.settings, self.files_changed)
             self.watcher.start()
+        self.start_forking()
         while self.phase is Phase.RUNNING:
             self.supervise()
             await self.wait_for_event()
@@ -143,6 +146,8 @@ class Arbiter(Exits, Operations):
         if self.phase is Phase.RUNNING and not self.waiting_for_fix:
             if self.rollout.sample():
                 self.observe.sampled(self.live())
+                self.sample_fork_servers()
+            self.ensure_fork_server()
             self.rollout.mark_recycling()
             self.rollout.step()
             self.fill_slots()
@@ -164,13 +169,14 @@ class Arbiter(Exits, Operations):
                 extra={"event": "drain_delay"},
             )
             await self.serve_for(self.settings.drain_delay)
+        self.retire_fork_servers()  # they hold the listener too
         cleanup(self.sockets)  # our copy of the listener: the kernel refuses once all are shut
         for worker in self.live():
             if self.phase is Phase.STOPPING:
                 worker.stop("shutdown", KILL_GRACE, signal.SIGQUIT)
             else:
                 self.stop_worker(worker, "shutdown", self.drain_times.abort_after)
-        while self.live():
+        while self.live() or self.fork_servers_alive():
             await self.pump(TICK)
         outcome = {Exit.OK: "cleanly", Exit.BOOT_FAILURE: "(app failed to start)"}.get(
             self.exit_code, "uncleanly"
@@ -234,14 +240,17 @@ class Arbiter(Exits, Operations):
         occupied = {w.slot for w in live}
         empty = {s: h.not_before for s, h in self.table.slots.items() if s not in occupied}
         answering = sum(w.stop_reason is None for w in live)
+        if not self.can_spawn():
+            return
         for slot in policy.slots_to_fill(empty, time.monotonic(), answering, self.app_boots):
             self.start_worker(slot)
 
-    def start_worker(self, slot: int) -> Worker:
-        s = self.settings
-        worker = spawn(
-            slot, s, self.sockets, self.rollout.generation, self.observe.worker_environ()
-        )
+    def start_worker(self, slot: int) -> Worker | None:
+        """Fork it from the current fork server, or exec it; None if the fork server failed
+        (its exit is reaped and it is restarted)."""
+        worker = self.new_worker(slot)
+        if worker is None:
+            return None
         self.observe.worker_started(worker)
         worker.request_limit, worker.lifetime_limit = self.rollout.limits_for_new_worker()
         self.table.add(worker)
@@ -356,6 +365,10 @@ class Arbiter(Exits, Operations):
                 return
             if pid == 0:
                 return
+            server = self.forks.get(pid) if self.forks else None
+            if server is not None:
+                self.fork_server_exited(server, status)
+                continue
             worker = self.table.get(pid)
             if worker is None:
                 log.debug("reaped orphan process %d", pid)

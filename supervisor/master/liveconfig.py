@@ -18,7 +18,7 @@ from asgi_supervise.config.sources import Loaded
 # Bound, opened or started once by the master: a restart changes them.
 RESTART_ONLY = frozenset(
     {
-        "host", "port", "uds", "fd", "backlog",
+        "host", "port", "uds", "fd", "backlog", "worker_start",
         "metrics", "metrics_host", "metrics_port", "multiproc_dir", "min_ready",
         "pid_file", "control_socket", "log_file", "log_config",
         "reload", "reload_dirs", "reload_includes", "reload_excludes", "reload_delay",

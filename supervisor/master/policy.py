@@ -253,3 +253,55 @@ def overdue(
     if state == "ready" and now - last_beat > worker_timeout:
         return Overdue.SILENT
     return None
+
+
+# --- fork servers ----------------------------------------------------------------------
+
+
+class ForkServerNeed(enum.StrEnum):
+    """What the current code generation needs of the fork servers now."""
+
+    NONE = "none"  # the newest one (up or booting) is of this generation already
+    KEEP = "keep"  # the current one forks this generation too: it holds no app code
+    WAIT = "wait"  # none is left and the last died young: its backoff runs
+    START = "start"  # a new one, for this generation
+
+
+def fork_server_need(
+    generation: int,
+    newest: int | None,
+    current_up: bool,
+    booting: bool,
+    preload: bool,
+    now: float,
+    not_before: float,
+) -> ForkServerNeed:
+    """`newest`: the generation of the newest fork server (booting or up), None if none.
+
+    Without --preload a fork server imports only uvicorn and our code, which a reload
+    does not change: it is kept for the new generation, whose forks import the new app.
+    With --preload it holds the old app, so a reload needs a new one.
+    """
+    if newest is not None and newest >= generation:
+        return ForkServerNeed.NONE
+    if current_up and not booting and not preload:
+        return ForkServerNeed.KEEP
+    if newest is None and now < not_before:
+        return ForkServerNeed.WAIT
+    return ForkServerNeed.START
+
+
+class PreloadFailure(enum.StrEnum):
+    """What an app that fails to import in the fork server (--preload) leads to."""
+
+    ABORT_RELOAD = "abort_reload"  # new code: the old workers and fork server stay
+    WAIT_FOR_SAVE = "wait_for_save"  # --reload: the next save tries again
+    EXIT = "exit"  # exit 3: every worker would import the same failing code
+
+
+def preload_failure(for_reload: bool, dev_reload: bool) -> PreloadFailure:
+    """Not retried like a worker's boot failure: the import ran once for every worker,
+    and only new code (a save, a deploy and SIGHUP) can change its outcome."""
+    if for_reload:
+        return PreloadFailure.ABORT_RELOAD
+    return PreloadFailure.WAIT_FOR_SAVE if dev_reload else PreloadFailure.EXIT

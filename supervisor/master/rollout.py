@@ -35,7 +35,9 @@ SAMPLE_INTERVAL = 1.0  # seconds between RSS/CPU samples of the workers
 class Lifecycle(Protocol):
     """What a rollout asks of the arbiter."""
 
-    def start_worker(self, slot: int) -> Worker: ...
+    def start_worker(self, slot: int) -> Worker | None: ...
+
+    def can_spawn(self, generation: int | None = None) -> bool: ...
 
     def stop_worker(self, worker: Worker, reason: str, grace: float) -> None: ...
 
@@ -61,6 +63,7 @@ class Rollout:
         self.reload_started: float | None = None
         self.last_sample = 0.0
         self.master_rss = 0
+        self.fork_servers_memory = 0  # their PSS, set by the arbiter (fork mode)
         self.rng = random.Random()
 
     @property
@@ -91,18 +94,22 @@ class Rollout:
             )  # a fix deployed (SIGHUP) while the broken code's worker was still starting
             return
         if reason == "reload":
-            for live in self.table.live():
-                live.generation = self.generation
-            self.finish("aborted")
-            log.error(
-                "reload aborted: the new code failed to start (%s); the old workers keep serving",
-                headline,
-                extra={"event": "reload_aborted", "error": headline},
-            )
+            self.abort(headline)
             return
         cap = self.settings.restart_backoff_max
         delay = self.table.slots[worker.slot].crashed(time.monotonic(), 0.0, cap)
         log.error("%s: retrying its %s replacement in %.1fs", worker.tag(), reason, delay)
+
+    def abort(self, headline: str) -> None:
+        """The new code failed to start: the old workers are the current generation again."""
+        for live in self.table.live():
+            live.generation = self.generation
+        self.finish("aborted")
+        log.error(
+            "reload aborted: the new code failed to start (%s); the old workers keep serving",
+            headline,
+            extra={"event": "reload_aborted", "error": headline},
+        )
 
     def sample(self) -> bool:
         """Once a second: RSS and CPU of every worker (memory strikes come from these), and
@@ -113,8 +120,9 @@ class Rollout:
         self.last_sample = now
         limit = self.settings.max_worker_memory
         max_rss = None if limit is None else limit * MIB
+        forked = self.settings.worker_start == "fork"
         for worker in self.table.live():
-            worker.sample(max_rss)
+            worker.sample(max_rss, pss=forked)
         self.master_rss = psutil.Process().memory_info().rss
         return True
 
@@ -160,6 +168,8 @@ class Rollout:
             if self.reload_started is not None and not self.old_generation_alive():
                 self.finish("completed")
             return
+        if not self.lifecycle.can_spawn(self.generation):
+            return  # the new generation's fork server is still booting
         room, tight = sizing.reload_room(self.settings.reload_surge, self.rooms())
         steps = policy.plan_replacements(due, self.extra(), self.settings.reload_surge, room)
         grace = drain.of(self.settings).abort_after
@@ -167,6 +177,8 @@ class Rollout:
             old = self.table.workers[step.pid]
             if step.action == "spawn":
                 new = self.lifecycle.start_worker(old.slot)
+                if new is None:
+                    return
                 new.replaces, old.replaced_by = old.pid, new.pid
             elif step.action == "stop":
                 self.lifecycle.stop_worker(old, step.reason, grace)
@@ -198,13 +210,15 @@ class Rollout:
         instance's share of the database connections (`sizing.db_share`). Every live worker
         holds its pool (a draining one until it exits), and so will each empty slot's
         refill. Every worker counts as the largest sampled: one that just became ready was
-        last sampled while it booted, before it held its full size."""
+        last sampled while it booted, before it held its full size. Forked workers count
+        their PSS: their RSS counts the pages they share (with --preload, the app) in full
+        for each of them."""
         live, refills = self.table.live(), len(self.table.empty_slots())
         rooms = []
         if self.memory_limit is not None:
-            sampled = [w.rss for w in live if w.rss]
+            sampled = [w.pss or w.rss for w in live if w.rss]
             each = max(sampled) if sampled else self.settings.worker_memory_estimate * MIB
-            used = (len(live) + refills) * each + self.master_rss
+            used = (len(live) + refills) * each + self.master_rss + self.fork_servers_memory
             taken = f"memory ({used // MIB} of {self.memory_limit // MIB} MiB taken)"
             rooms.append(Room("memory", fits(used, each, self.memory_limit), taken))
         pool = self.settings.db_pool_size

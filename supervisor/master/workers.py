@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.forkserver import Forked
 from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
@@ -38,7 +39,7 @@ class Worker:
     def __init__(
         self,
         slot: int,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | Forked,
         control: socket.socket,
         generation: int = 0,
     ):
@@ -71,6 +72,7 @@ class Worker:
         self.recycle: str | None = None  # max-requests, memory, lifetime
         self.memory_strikes = 0
         self.rss = 0
+        self.pss = 0  # forked workers: what it holds, its pages shared with others divided
         self.cpu_percent = 0.0
         self.reports: list[dict[str, Any]] = []  # request metrics, until observe takes them
         self.paused = False  # told to stop accepting: it holds more than its share
@@ -120,13 +122,16 @@ class Worker:
             return False
         return True
 
-    def sample(self, max_rss: int | None) -> None:
-        """RSS and CPU via psutil; count consecutive samples over the memory limit."""
+    def sample(self, max_rss: int | None, pss: bool = False) -> None:
+        """RSS and CPU via psutil; count consecutive samples over the memory limit. `pss`
+        for forked workers, whose RSS counts the pages they share with the fork server."""
         try:
             self._ps = self._ps or psutil.Process(self.pid)
             with self._ps.oneshot():
                 self.rss = self._ps.memory_info().rss
                 self.cpu_percent = self._ps.cpu_percent()
+                if pss:
+                    self.pss = getattr(self._ps.memory_full_info(), "pss", self.rss)
         except psutil.Error:
             return
         over = max_rss is not None and self.rss > max_rss
@@ -222,8 +227,8 @@ def spawn(
 ) -> Worker:
     """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
 
-    Exec (not fork): the master may hold threads and an event loop, and a fresh interpreter
-    re-imports the app, which is what a reload needs anyway.
+    Exec (not fork) from the master: it may hold threads and an event loop. Forked
+    workers come from a fork server instead (`forkserver`, `adopt`).
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [s.fileno() for s in sockets]
@@ -243,8 +248,15 @@ def spawn(
         )
     finally:
         theirs.close()
+    return adopt(slot, settings, process, ours, generation)
+
+
+def adopt(
+    slot: int, settings: Settings, process: Any, control: socket.socket, generation: int
+) -> Worker:
+    """The handle on a started worker, which waits on `control` for its spec."""
     # The settings travel over the channel, never argv or environ: they may hold secrets.
     spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
-    ours.sendall(encode(spec))
-    ours.setblocking(False)
-    return Worker(slot, process, ours, generation)
+    control.sendall(encode(spec))
+    control.setblocking(False)
+    return Worker(slot, process, control, generation)

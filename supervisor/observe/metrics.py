@@ -154,6 +154,7 @@ class SupervisorMetrics:
         self.requests = RequestTotals()
         self.header_timeouts_gone = 0  # closed by workers that have exited
         self.header_timeouts_live: dict[int, int] = {}  # by live worker pid: its total so far
+        self.fork_server: dict[str, Any] | None = None  # the current one's facts (fork mode)
         self.registry.register(self)
         self.registry.register(self.requests)
         ProcessCollector(registry=self.registry)  # the master's own CPU, memory, fds
@@ -195,6 +196,10 @@ class SupervisorMetrics:
 
     def forget_slot(self, slot: int) -> None:
         self.samples.pop(slot, None)
+
+    def set_fork_server(self, facts: dict[str, Any] | None) -> None:
+        """The current fork server (generation, starts, rss, pss); None in exec mode."""
+        self.fork_server = facts
 
     def set_plan(self, plan: Mapping[str, Any]) -> None:
         """From ``sizing.Plan.to_dict()``."""
@@ -243,6 +248,18 @@ class SupervisorMetrics:
             "Writes to the app's prometheus_client metrics dropped: no room for their files.",
             self.dropped,
         )
+        if self.fork_server is not None:
+            fs = self.fork_server
+            yield gauge(
+                prefix + "fork_server_generation",
+                "Code generation of the fork server workers start from (-1: none up).",
+                fs["generation"],
+            )
+            yield counter(prefix + "fork_server_starts", "Fork servers started.", fs["starts"])
+            memory = {"rss": fs["rss"], "pss": fs["pss"]}
+            yield _family(
+                gauge, "fork_server_memory_bytes", "The fork server's memory.", memory, "kind"
+            )
         per_slot = sorted(self.samples.items())
         for index, (name, doc) in enumerate(SLOT_GAUGES):
             values = {str(slot): sample[index] for slot, sample in per_slot}

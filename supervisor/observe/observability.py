@@ -19,6 +19,7 @@ from asgi_supervise.sizing import Plan
 
 if TYPE_CHECKING:
     from asgi_supervise.master.arbiter import Arbiter
+    from asgi_supervise.master.forkserver import ForkServers
     from asgi_supervise.observe.health import HealthServer
     from asgi_supervise.observe.metrics import SupervisorMetrics
     from asgi_supervise.observe.multiproc import MultiprocDir
@@ -139,6 +140,17 @@ class Observability:
                     worker.slot, worker.rss, worker.cpu_percent, worker.requests
                 )
 
+    def fork_servers_sampled(self, forks: ForkServers) -> None:
+        current = forks.current
+        self.metrics.set_fork_server(
+            {
+                "generation": -1 if current is None else current.generation,
+                "starts": forks.starts,
+                "rss": 0 if current is None else current.rss,
+                "pss": 0 if current is None else current.pss,
+            }
+        )
+
     def slot_removed(self, slot: int) -> None:
         self.metrics.forget_slot(slot)
 
@@ -166,7 +178,12 @@ class Observability:
                 "workers_ready": arbiter.ready_count(),
                 "reloading": arbiter.rollout.in_progress,
                 "generation": arbiter.rollout.generation,
+                "worker_start": self.settings.worker_start,
             },
+            "fork_servers": [
+                server.status(now)
+                for server in (arbiter.forks.alive() if arbiter.forks is not None else ())
+            ],
             "workers": [
                 {
                     "slot": w.slot,
@@ -176,6 +193,7 @@ class Observability:
                     "requests": w.requests,
                     "connections": w.connections,
                     "rss_bytes": w.rss,
+                    "pss_bytes": w.pss or None,  # forked workers
                     "cpu_percent": w.cpu_percent,
                     "generation": w.generation,
                     "stopping": w.stop_reason,

@@ -21,6 +21,23 @@ if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
 
 MASTER_RESERVE = 64 * MIB  # the master's own RSS, kept out of the workers' share
+FORK_SERVER_RESERVE = 32 * MIB  # a fork server without --preload: interpreter and uvicorn
+
+
+def fork_server_reserve(settings: Settings) -> int:
+    """Room for a reload's new fork server beside the old generation's (whose pages its
+    workers share, so it is counted in their estimate): with --preload it holds the app
+    as a worker does; without, the interpreter and uvicorn. None in exec mode."""
+    if settings.worker_start != "fork":
+        return 0
+    return settings.worker_memory_estimate * MIB if settings.preload else FORK_SERVER_RESERVE
+
+
+def _kept(settings: Settings) -> tuple[int, str]:
+    """What the memory budget keeps out of the workers' share, and how to say it."""
+    forks = fork_server_reserve(settings)
+    text = "64 MiB master" + (f" + {_size(forks)} fork server" if forks else "")
+    return MASTER_RESERVE + forks, text
 
 
 @dataclass(frozen=True)
@@ -128,23 +145,29 @@ def _memory_rule(settings: Settings, facts: HostFacts) -> Rule:
     est, spare = settings.worker_memory_estimate * MIB, settings.reload_surge
     if not limit:
         return Budget("memory", None, "memory size unknown"), str, []
-    fits = max(0, (limit - MASTER_RESERVE) // est)
+    kept, kept_text = _kept(settings)
+    fits = max(0, (limit - kept) // est)
     allows = max(1, fits - spare)
     detail = (
-        f"{_size(limit)} limit ({src}), 64 MiB kept for the master, {_size(est)} per worker,"
-        f" {spare} spare for replacements"
+        f"{_size(limit)} limit ({src}), 64 MiB kept for the master"
+        + (
+            f" and {_size(kept - MASTER_RESERVE)} for a fork server"
+            if kept > MASTER_RESERVE
+            else ""
+        )
+        + f", {_size(est)} per worker, {spare} spare for replacements"
     )
     warnings = []
     if fits - spare < 1:
         what = "1 worker" if fits < 1 else f"1 worker + {spare} replacement for reloads"
         warnings.append(
-            f"memory: {what} of {_size(est)} each + 64 MiB master > {_size(limit)} ({src})"
+            f"memory: {what} of {_size(est)} each + {kept_text} > {_size(limit)} ({src})"
         )
 
     def over(n: int) -> str:
-        need = (n + spare) * est + MASTER_RESERVE
+        need = (n + spare) * est + kept
         return (
-            f"{_plural(n, 'worker')} x {_size(est)} + {spare} spare + 64 MiB master = {_size(need)}"
+            f"{_plural(n, 'worker')} x {_size(est)} + {spare} spare + {kept_text} = {_size(need)}"
             f" > {_size(limit)} limit ({src})"
         )
 
@@ -214,9 +237,10 @@ def planned_rooms(settings: Settings, facts: HostFacts, workers: int) -> list[Ro
     rooms = []
     limit, est = facts.memory_limit, settings.worker_memory_estimate * MIB
     if limit is not None:
-        taken = f"{_plural(workers, 'worker')} x {_size(est)} + 64 MiB master"
+        kept, kept_text = _kept(settings)
+        taken = f"{_plural(workers, 'worker')} x {_size(est)} + {kept_text}"
         account = f"{taken} of {_size(limit)} ({facts.memory_limit_source})"
-        rooms.append(Room("memory", fits(workers * est + MASTER_RESERVE, est, limit), account))
+        rooms.append(Room("memory", fits(workers * est + kept, est, limit), account))
     share, pool = db_share(settings), settings.db_pool_size
     if share is not None and pool is not None:
         taken = f"{_plural(workers, 'worker')} x {pool} connections"

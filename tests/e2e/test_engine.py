@@ -19,18 +19,24 @@ import pytest
 from conftest import APPS, free_port, get, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
+# The core tests run in both ways of starting workers: forked (the default) and exec'd.
+START_MODES = pytest.mark.parametrize(
+    "start", [(), ("--worker-start", "exec")], ids=["fork", "exec"]
+)
 
 
-def test_workers_serve_from_distinct_processes(supervisor):
-    server = supervisor("testapp:app", "--workers", "3")
+@START_MODES
+def test_workers_serve_from_distinct_processes(supervisor, start):
+    server = supervisor("testapp:app", "--workers", "3", *start)
     pids = server.serving_pids(3)
     assert pids == server.worker_pids()
     assert server.pid not in pids
 
 
-def test_killed_worker_is_replaced(supervisor):
+@START_MODES
+def test_killed_worker_is_replaced(supervisor, start):
     """How fast is bench's `crash` scenario; here: a new process takes the slot and serves."""
-    server = supervisor("testapp:app", "--workers", "2")
+    server = supervisor("testapp:app", "--workers", "2", *start)
     server.wait_ready(2)
     before = server.worker_pids()
     victim = sorted(before)[0]
@@ -212,8 +218,9 @@ def test_blocked_event_loop_is_detected_and_worker_replaced(supervisor):
         ("dynamic_names:missing", "has no attribute 'missing'"),  # past the master's check
     ],
 )
-def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, error):
-    server = supervisor(app, "--workers", "2")
+@START_MODES
+def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, error, start):
+    server = supervisor(app, "--workers", "2", *start)
     assert server.wait_exit(30) == 3
     log = server.log()
     assert log.count(error) <= 3  # once in full, once in the final line (+ traceback text)
@@ -223,8 +230,9 @@ def test_app_that_cannot_start_exits_with_code_3_and_one_error(supervisor, app, 
     assert "Traceback" not in log.split("failed to start (2/3)")[-1]
 
 
-def test_master_sigkill_leaves_no_worker_alive(supervisor):
-    server = supervisor("testapp:app", "--workers", "2")
+@START_MODES
+def test_master_sigkill_leaves_no_worker_alive(supervisor, start):
+    server = supervisor("testapp:app", "--workers", "2", *start)
     server.wait_ready(2)
     workers = server.worker_pids()
     server.process.kill()

@@ -39,6 +39,7 @@ def test_sighup_under_load_replaces_every_worker_with_zero_failures(supervisor):
     server = supervisor("testapp:app", "--workers", "2")
     server.wait_ready(2)
     before = server.worker_pids()
+    fork_server = server.fork_server_pids()
     with Load(server.port, rate=150) as load:
         load.wait_for_requests(150)
         server.signal(signal.SIGHUP)
@@ -52,6 +53,8 @@ def test_sighup_under_load_replaces_every_worker_with_zero_failures(supervisor):
     # LIFO, so a handful of reconnecting keep-alive clients may all land on one worker.)
     assert set(load.stats.pids) & after
     assert server.log().count("replaced (reload)") == 2
+    # No --preload: the fork server holds no app code and forks the new generation too.
+    assert server.fork_server_pids() == fork_server and "forks generation 1 too" in server.log()
 
 
 def _app_in(tmp_path: Path) -> Path:

@@ -188,17 +188,18 @@ def test_app_children_do_not_inherit_the_listener(supervisor, tmp_path: Path):
                 proc.wait(5)
 
 
-def test_worker_orphaned_while_importing_dies_at_once(supervisor, tmp_path: Path):
-    """The master is SIGKILLed while a worker is still importing uvicorn (held, as on a
-    loaded machine): the worker goes with it instead of finishing its boot first."""
+@pytest.mark.parametrize("start", ["fork", "exec"])
+def test_worker_orphaned_while_importing_dies_at_once(supervisor, tmp_path: Path, start):
+    """The master is SIGKILLed while a worker (exec), or the fork server, is still importing
+    uvicorn (held, as on a loaded machine): it goes with it instead of finishing first."""
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "hold").touch()
     env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_IMPORT_GATE": str(gate)}
-    server = supervisor("testapp:app", "--workers", "1", env=env)
+    server = supervisor("testapp:app", "--workers", "1", "--worker-start", start, env=env)
     marker = wait_until(lambda: list(gate.glob("importing-*")), 20, "a worker importing")
     worker = int(marker[0].name.split("-", 1)[1])
-    assert worker in server.worker_pids()
+    assert worker in (server.worker_pids() if start == "exec" else server.fork_server_pids())
     server.process.kill()
     server.process.wait(5)
     wait_until(lambda: not alive(worker), 10, f"worker {worker} to die with its master")

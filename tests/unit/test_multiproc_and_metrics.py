@@ -245,6 +245,16 @@ def test_ready_and_memory_limit_gauges() -> None:
     assert value(families(render(None, None, supervisor)[0])["asgi_supervise_ready"]) == 0
 
 
+def test_fork_server_metrics_only_in_fork_mode() -> None:
+    supervisor = SupervisorMetrics()
+    assert "asgi_supervise_fork_server" not in render(None, None, supervisor)[0].decode()
+    supervisor.set_fork_server({"generation": 3, "starts": 2, "rss": 50e6, "pss": 12e6})
+    got = families(render(None, None, supervisor)[0])
+    assert value(got["asgi_supervise_fork_server_generation"]) == 3
+    assert value(got["asgi_supervise_fork_server_starts"], "_total") == 2
+    assert value(got["asgi_supervise_fork_server_memory_bytes"], kind="pss") == 12e6
+
+
 def test_render_joins_both_sources_and_negotiates(directory: MultiprocDir) -> None:
     work_as(601, requests=3, latencies=[0.5])
     directory.worker_exited(601)

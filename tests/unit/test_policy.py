@@ -258,3 +258,23 @@ def test_a_worker_already_killed_waits_for_its_escalation():
     assert overdue("ready", 201.0, last_beat=0.0, kill_at=201.0, killed=True) is Overdue.KILL
     assert overdue("draining", 201.0, kill_at=201.0, killed=True) is Overdue.KILL
     assert overdue("booting", 99.0, killed=True) is None  # ready timeout already acted on
+
+
+def test_fork_server_needed_for_a_generation():
+    need, N = policy.fork_server_need, policy.ForkServerNeed
+    # (generation, newest, current up, one booting, preload, now, not_before)
+    assert need(0, None, False, False, False, 0.0, 0.0) is N.START  # the first
+    assert need(0, 0, False, True, False, 0.0, 0.0) is N.NONE  # it boots already
+    assert need(1, 0, True, False, False, 0.0, 0.0) is N.KEEP  # a reload, no app code in it
+    assert need(1, 0, True, False, True, 0.0, 0.0) is N.START  # --preload: the old app in it
+    assert need(2, 1, True, True, True, 0.0, 0.0) is N.START  # superseded while booting
+    assert need(0, None, False, False, False, 1.0, 1.5) is N.WAIT  # died young: backoff
+    assert need(0, None, False, False, False, 1.5, 1.5) is N.START
+
+
+def test_a_failed_preload_aborts_a_reload_waits_for_a_save_or_exits():
+    failure, F = policy.preload_failure, policy.PreloadFailure
+    assert failure(for_reload=True, dev_reload=False) is F.ABORT_RELOAD
+    assert failure(for_reload=True, dev_reload=True) is F.ABORT_RELOAD
+    assert failure(for_reload=False, dev_reload=True) is F.WAIT_FOR_SAVE
+    assert failure(for_reload=False, dev_reload=False) is F.EXIT

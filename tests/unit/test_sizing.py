@@ -459,9 +459,10 @@ def test_reloads_with_reload_on_ignore_the_database_share() -> None:
 def test_reloads_under_a_memory_limit_the_worker_count_leaves_full() -> None:
     f = facts(memory_limit=GIB, memory_limit_source="cgroup v2 memory.max")
     assert plan(cfg(workers="auto"), f).reloads.startswith("replacement first, 1 at a time")
-    assert plan(cfg(workers=3), f).reloads == (  # (1024 - 64) // 256 = 3 fit: none more
-        "drain first, 1 at a time: the memory budget holds no more"
-        " (3 workers x 256 MiB + 64 MiB master of 1.0 GiB (cgroup v2 memory.max))"
+    # (1024 - 64 - 32) // 256 = 3 fit: none more
+    assert plan(cfg(workers=3), f).reloads == (
+        "drain first, 1 at a time: the memory budget holds no more (3 workers x 256 MiB"
+        " + 64 MiB master + 32 MiB fork server of 1.0 GiB (cgroup v2 memory.max))"
     )
 
 
@@ -499,7 +500,8 @@ def test_fixed_workers_warn_with_numbers() -> None:
     assert (p.workers, p.limited_by, p.forced) == (8, "configured", True)
     assert p.warnings == (
         "8 workers > 1.5 usable CPUs (cgroup v2 cpu.max 150000/100000)",
-        "8 workers x 256 MiB + 1 spare + 64 MiB master = 2.3 GiB > 1.0 GiB limit"
+        "8 workers x 256 MiB + 1 spare + 64 MiB master + 32 MiB fork server = 2.3 GiB"
+        " > 1.0 GiB limit"
         " (cgroup v2 memory.max)",
         "8 workers x 20 connections x 2 replicas = 320 > 90 available"
         " (db_max_connections 100 - reserved 10)",
@@ -615,3 +617,16 @@ def test_property_auto_never_exceeds_a_budget(s: Settings, f: HostFacts) -> None
     assert p.workers == min(b.allows for b in p.budgets if b.allows is not None) or (
         p.limited_by == "max-workers" and p.workers == s.max_workers
     )
+
+
+def test_memory_budget_keeps_room_for_a_reloads_fork_server() -> None:
+    """A reload's new fork server boots beside the old generation: with --preload it holds
+    the app as a worker does; in exec mode there is none."""
+    f = facts(memory_limit=GIB, memory_limit_source="cgroup v2 memory.max")
+    exec_mode = budget(plan(cfg(workers="auto", worker_start="exec"), f), "memory")
+    forking = budget(plan(cfg(workers="auto"), f), "memory")
+    preload = budget(plan(cfg(workers="auto", preload=True), f), "memory")
+    # (1024 - 64) // 256 - 1 = 2; (1024 - 64 - 32) // 256 - 1 = 2; (1024 - 64 - 256) // 256 - 1 = 1
+    assert (exec_mode.allows, forking.allows, preload.allows) == (2, 2, 1)
+    assert "fork server" not in exec_mode.detail
+    assert "64 MiB kept for the master and 256 MiB for a fork server" in preload.detail

@@ -1,6 +1,7 @@
 """On PYTHONPATH, makes a worker's import of uvicorn slow, as on a loaded machine.
 
-Active only in `python -m asgi_supervise.worker` processes and with SLOW_IMPORT_GATE set:
+Active only in `python -m asgi_supervise.worker` processes (and fork servers, which
+import it for their workers) and with SLOW_IMPORT_GATE set:
 the first `import uvicorn` writes `importing-<pid>` into that directory, then waits while
 `hold` exists there (at most 30 s) before importing it for real.
 """
@@ -26,5 +27,6 @@ class _SlowUvicorn:
         return None  # the regular finders import it now
 
 
-if _gate and "asgi_supervise.worker" in sys.orig_argv:
+WORKER_MODULES = {"asgi_supervise.worker", "asgi_supervise.worker.forkserver"}
+if _gate and WORKER_MODULES & set(sys.orig_argv):
     sys.meta_path.insert(0, _SlowUvicorn)

@@ -1,0 +1,210 @@
+"""The fork server: imports the worker's machinery once, then forks workers on request.
+
+Started by the master as ``python -m asgi_supervise.worker.forkserver``, one per code
+generation. It imports uvicorn, its protocols and loop, our worker modules and, with
+``--preload``, the app; then it runs no event loop and no thread, freezes what it holds
+out of the garbage collector's reach (`gc.freeze`: collections in the workers do not
+write to the shared pages), and waits on its channel for ``fork`` requests.
+
+Each request carries the worker's end of a fresh control channel (SCM_RIGHTS). The fork
+server forks twice: the middle process reports the worker's pid on the fork server's
+channel and exits at once, so the worker is re-parented to the master (a child
+subreaper). The master then waits for it, and sees its exit and status, exactly as for an
+exec'd worker, and a fork server that dies leaves its workers serving. The worker asks
+for SIGKILL on the master's death only once its parent is the master.
+
+Like every worker module it imports nothing of the master, the settings model or observe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import gc
+import importlib
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from types import SimpleNamespace
+from typing import Any
+
+from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode
+from asgi_supervise.worker.__main__ import _boot_error, _die_with_master, run
+
+# What every worker imports before it serves, besides the protocols its settings name.
+MACHINERY = (
+    "uvicorn.config", "uvicorn.server", "uvicorn.lifespan.on", "uvicorn.loops.auto",
+    "uvicorn.loops.asyncio", "uvicorn.loops.uvloop", "uvloop", "httptools",
+    "uvicorn.middleware.proxy_headers", "asgi_supervise.worker.server",
+    "asgi_supervise.worker.meter", "asgi_supervise.worker._meter",
+    "asgi_supervise.worker.forwarded", "asgi_supervise.worker.apploader", "asyncio",
+)  # fmt: skip
+NAME = b"asgi-forkserver"  # its name in ps and top (comm), and its workers' name:
+WORKER_NAME = b"asgi-worker"  # they share its command line
+PR_SET_NAME = 15
+REPARENT_WAIT = 5.0  # seconds a worker waits to be handed to the master before giving up
+
+
+def _set_name(name: bytes) -> None:
+    """This process's name (comm) in ps and top."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+def _import_machinery(settings: Any) -> None:
+    """What the workers would import, so they start with it loaded and share its pages.
+    A name that is missing (an optional extra) is skipped: the worker reports it."""
+    import uvicorn.config
+
+    chosen = (
+        uvicorn.config.HTTP_PROTOCOLS.get(settings.http),
+        uvicorn.config.WS_PROTOCOLS.get(settings.ws),
+    )
+    for name in (*MACHINERY, *(spec.partition(":")[0] for spec in chosen if spec)):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _preload(control: Control, settings: Any) -> None:
+    """Import the app here: once for every worker this fork server starts."""
+    from asgi_supervise import logs
+    from asgi_supervise.worker import apploader, promfiles
+
+    s = settings
+    logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config)
+    promfiles.install()  # before the app imports prometheus_client, as in a worker
+    try:
+        apploader.load(s.app or "", s.app_dir, s.factory)
+    except Exception as exc:
+        _boot_error(control, exc)
+
+
+def _receive_fork(channel: socket.socket) -> tuple[dict[str, Any], int | None]:
+    """One request and the descriptor it carries; ({}, None) once the master is gone."""
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(channel, SPEC_BYTES, 1)
+    except OSError:
+        return {}, None
+    for fd in fds:
+        os.set_inheritable(fd, False)  # the app's own children must not hold it
+    if not data:
+        return {}, None
+    return decode(data), fds[0] if fds else None
+
+
+def _become_worker(
+    channel: socket.socket,
+    control_fd: int,
+    listeners: list[socket.socket],
+    master_pid: int,
+    middle: int,
+) -> None:
+    """The forked worker: wait to be the master's child, then the same path as an exec'd
+    worker. Never returns into the fork server's loop."""
+    code: Any = 0
+    try:
+        channel.close()
+        _set_name(WORKER_NAME)
+        os.setpgid(0, 0)  # its own process group, as the master gives an exec'd worker
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        deadline = time.monotonic() + REPARENT_WAIT
+        while os.getppid() == middle and time.monotonic() < deadline:
+            time.sleep(0.0002)  # the middle process exits right after reporting our pid
+        _die_with_master(master_pid)  # exits unless the master is our parent now
+        # `random` re-seeds itself in a forked child (os.register_at_fork); uvicorn installs
+        # the worker's signal handlers and starts its own event loop in `run`.
+        run(Control(socket.socket(fileno=control_fd)), listeners)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # what a normal interpreter exit does: logging flushes
+    finally:
+        os._exit(code)
+
+
+def _fork(
+    channel: socket.socket,
+    request: dict[str, Any],
+    control_fd: int,
+    listeners: list[socket.socket],
+    master_pid: int,
+) -> None:
+    gc.freeze()  # whatever the fork server holds now stays out of the workers' collections
+    try:
+        middle = os.fork()
+    except OSError as exc:
+        channel.send(encode({"t": "fork_failed", "error": str(exc)}))
+        os.close(control_fd)
+        return
+    if middle == 0:
+        try:
+            middle_pid = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                _become_worker(channel, control_fd, listeners, master_pid, middle_pid)
+            channel.send(encode({"t": "forked", "pid": pid, "slot": request.get("slot")}))
+            os._exit(0)
+        except BaseException as exc:
+            try:
+                channel.send(encode({"t": "fork_failed", "error": str(exc)}))
+            finally:
+                os._exit(1)
+    os.close(control_fd)
+    os.waitpid(middle, 0)
+
+
+def serve(channel: socket.socket, listeners: list[socket.socket]) -> None:
+    _set_name(NAME)
+    control = Control(channel)
+    spec = control.receive()
+    master_pid = spec["master_pid"]
+    _die_with_master(master_pid)
+    settings = SimpleNamespace(**spec["settings"])
+    _import_machinery(settings)
+    if settings.preload:
+        _preload(control, settings)
+    gc.freeze()
+    control.send("ready", preloaded=bool(settings.preload))
+    while True:
+        request, fd = _receive_fork(channel)
+        if fd is None:
+            if not request:
+                os._exit(0)  # the master closed the channel: it is gone or retiring us
+            continue
+        if request.get("t") == "fork":
+            _fork(channel, request, fd, listeners, master_pid)
+        else:
+            os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="asgi-supervise fork server")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--socket-fds", required=True)
+    parser.add_argument("--master-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_master(args.master_pid)
+    channel = socket.socket(fileno=args.control_fd)
+    listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
+    for sock in (channel, *listeners):
+        sock.set_inheritable(False)
+    serve(channel, listeners)
+
+
+if __name__ == "__main__":
+    main()

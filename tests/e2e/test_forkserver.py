@@ -1,0 +1,179 @@
+"""Workers forked from a fork server: preload, reload, crashes of every process involved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from loadgen import Load
+
+from conftest import run_cli, try_get, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+# A module-level marker set at import: which process imported the app, and a line per import.
+APP = """
+import os
+IMPORTED_BY = os.getpid()
+with open(os.environ["IMPORT_COUNTER"], "a") as counter:
+    counter.write(f"{{IMPORTED_BY}}\\n")
+VERSION = {version!r}
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    answers = {{"/pid": os.getpid(), "/version": VERSION, "/imported-by": IMPORTED_BY}}
+    body = str(answers.get(scope["path"], "hello")).encode()
+    headers = [(b"content-length", str(len(body)).encode())]
+    await send({{"type": "http.response.start", "status": 200, "headers": headers}})
+    await send({{"type": "http.response.body", "body": body}})
+"""
+BROKEN = "\nraise RuntimeError('half-deployed release')\n"
+
+
+def _write_app(tmp_path: Path, version: str, broken: bool = False) -> None:
+    (tmp_path / "preapp.py").write_text(APP.format(version=version) + (BROKEN if broken else ""))
+
+
+def _start(supervisor, tmp_path: Path, *args: str):
+    env = {"IMPORT_COUNTER": str(tmp_path / "imports"), "PYTHONDONTWRITEBYTECODE": "1"}
+    pid_file = tmp_path / "app.pid"
+    server = supervisor(
+        "preapp:app", "--preload", "--app-dir", str(tmp_path), "--pid-file", str(pid_file),
+        *args, env=env,
+    )  # fmt: skip
+    return server, pid_file
+
+
+def _imports(tmp_path: Path) -> list[int]:
+    path = tmp_path / "imports"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def _get(server, path: str) -> str | None:
+    answer = try_get(server.port, path, timeout=1.0)
+    return answer[1] if answer and answer[0] == 200 else None
+
+
+def _gone(pids: set[int]) -> bool:
+    def dead(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    return all(dead(pid) for pid in pids)
+
+
+def test_preloaded_workers_are_forked_and_a_hup_serves_new_code_from_a_new_fork_server(
+    supervisor, tmp_path
+):
+    _write_app(tmp_path, "v1")
+    server, pid_file = _start(supervisor, tmp_path, "--workers", "3")
+    server.wait_ready(3)
+    before = server.serving_pids(3)
+    assert before == server.worker_pids()
+    (fork_server,) = server.fork_server_pids()
+    # Imported once, by the fork server, for three workers: they are its forks, not fresh
+    # interpreters, and each is the master's child (re-parented), not the fork server's.
+    assert _imports(tmp_path) == [fork_server]
+    assert _get(server, "/imported-by") == str(fork_server)
+    assert {psutil.Process(pid).ppid() for pid in before} == {server.pid}
+    status = json.loads(run_cli("status", "--json", "--pid-file", str(pid_file)).stdout)
+    (shown,) = status["fork_servers"]
+    assert (shown["pid"], shown["generation"], shown["preload"]) == (fork_server, 0, True)
+    assert shown["forks"] == 3 and status["master"]["worker_start"] == "fork"
+
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(150)
+        _write_app(tmp_path, "v2")
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload complete" in server.log(), 20, "the reload to complete")
+        after = server.worker_pids()
+        load.wait_for_requests(load.stats.total + 150)
+        stats = load.stop()
+    assert stats.failed == 0, (stats.failures, stats.examples)
+    assert len(after) == 3 and not after & before
+    assert {_get(server, "/version") for _ in range(6)} == {"v2"}
+    (new_server,) = server.fork_server_pids()
+    assert new_server != fork_server and _gone({fork_server})
+    assert _imports(tmp_path) == [fork_server, new_server]  # once per code generation
+    text = run_cli("status", "--pid-file", str(pid_file)).stdout
+    assert f"fork server {new_server}  generation 1  ready" in text
+    log = server.log()
+    assert "retiring the fork server of generation 0" in log
+    assert log.count("replaced (reload)") == 3
+
+
+def test_killed_worker_fork_server_and_master(supervisor):
+    """A worker: replaced. The fork server: workers keep serving, a new one starts and
+    forks the next replacement. The master: workers and fork server die with it."""
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    before = server.worker_pids()
+    (fork_server,) = server.fork_server_pids()
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    new = wait_until(lambda: server.worker_pids() - before, 15, "a replacement")
+    assert server.serving_pids(2) == (before - {victim}) | new
+    assert f"(pid {victim}) died: killed by SIGKILL" in server.log()
+
+    workers = server.worker_pids()
+    os.kill(fork_server, signal.SIGKILL)
+    replacement = wait_until(
+        lambda: server.fork_server_pids() - {fork_server}, 15, "a new fork server"
+    )
+    assert server.worker_pids() == workers
+    assert server.serving_pids(2) == workers  # nobody was restarted
+    assert "its workers keep serving" in server.log()
+    wait_until(lambda: "up, forking" in server.log().split("keep serving")[-1], 15, "it up")
+
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    new = wait_until(lambda: server.worker_pids() - workers, 15, "a replacement")
+    assert server.serving_pids(2) == (workers - {victim}) | new
+    assert (server.fork_server_pids(), server.process.poll()) == (replacement, None)
+
+    everyone = server.worker_pids() | server.fork_server_pids()
+    server.process.kill()
+    server.process.wait(5)
+    wait_until(lambda: _gone(everyone), 2.0, f"{everyone} to die with the master")
+
+
+def test_preload_import_failure_exits_3_once(supervisor, tmp_path):
+    _write_app(tmp_path, "v1", broken=True)
+    server, _ = _start(supervisor, tmp_path, "--workers", "2")
+    assert server.wait_exit(30) == 3
+    log = server.log()
+    assert log.count("failed to import the app") == 1
+    assert log.count("RuntimeError: half-deployed release") == 2  # the error, the verdict
+    assert "giving up: the app failed to import in the fork server" in log
+    assert "worker 1" not in log
+
+
+def test_preload_under_reload_waits_for_a_save_and_keeps_old_workers_serving(supervisor, tmp_path):
+    _write_app(tmp_path, "v1", broken=True)
+    server, _ = _start(
+        supervisor, tmp_path, "--reload", "--reload-dir", str(tmp_path), "--reload-delay", "0.1"
+    )
+    wait_until(lambda: "waiting for a file change" in server.log(), 15, "it to wait")
+    _write_app(tmp_path, "v1")
+    wait_until(lambda: _get(server, "/version") == "v1", 15, "the fixed app to serve")
+    serving = server.worker_pids()
+    _write_app(tmp_path, "v2", broken=True)
+    wait_until(lambda: "reload aborted" in server.log(), 15, "the broken save to be refused")
+    assert _get(server, "/version") == "v1" and server.worker_pids() == serving
+    _write_app(tmp_path, "v3")
+    wait_until(lambda: _get(server, "/version") == "v3", 15, "the next save to serve")
+    assert server.process.poll() is None
