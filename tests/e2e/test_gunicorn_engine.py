@@ -1,0 +1,155 @@
+"""`--engine gunicorn`: gunicorn's arbiter supervising asgi-supervise's workers.
+
+The engine tests that apply to gunicorn's arbiter, run against it: workers serve and are
+counted exactly, a killed one is replaced and counted, SIGTERM drains (readiness first,
+through the drain delay), a broken app stops the master, a SIGKILLed master leaves no
+worker, and a HUP under keep-alive load fails no request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from loadgen import Load
+from test_engine import _probe, _start_slow_requests
+from test_metrics_endpoint import REQUESTS, _put, scrape, value
+
+from conftest import free_port, get, try_get, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+GUNICORN = ("--engine", "gunicorn")
+RESTARTS = "asgi_supervise_worker_restarts_total"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_three_workers_serve_are_counted_exactly_and_a_killed_one_is_replaced(supervisor):
+    mport = free_port()
+    server = supervisor(
+        "testapp:app", *GUNICORN, "--workers", "3", "--metrics", "--metrics-port", str(mport)
+    )
+    server.wait_ready(3)
+    pids = server.serving_pids(3)
+    assert pids == server.worker_pids() and server.pid not in pids
+    assert "engine: gunicorn" in server.log()
+
+    answers = [_put(server.port) for _ in range(300)]
+    assert answers == [200] * 300
+    put = {"http_request_method": "PUT"}
+    wait_until(lambda: value(scrape(mport), REQUESTS, **put) == 300, 5, "the count to be 300")
+    status = json.loads(get(mport, "/status")[1])
+    assert status["master"]["engine"] == "gunicorn"
+    assert [w["state"] for w in status["workers"]] == ["ready"] * 3
+    assert sum(w["requests"] for w in status["workers"]) >= 300
+
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    crash = {"reason": "crash"}
+    wait_until(lambda: value(scrape(mport), RESTARTS, **crash) == 1, 10, "the crash counted")
+    new = wait_until(lambda: server.worker_pids() - pids, 15, "a replacement process")
+    assert len(new) == 1 and victim not in server.worker_pids()
+    server.wait_ready(4)  # the replacement reported ready too
+    assert value(scrape(mport), REQUESTS, **put) == 300  # what the dead one sent outlives it
+    assert value(scrape(mport), "asgi_supervise_workers", state="ready") == 3
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_path: Path):
+    inflight = tmp_path / "inflight"
+    inflight.mkdir()
+    server = supervisor(
+        "testapp:app", *GUNICORN, "--workers", "2", env={"TESTAPP_INFLIGHT_DIR": str(inflight)}
+    )
+    server.wait_ready(2)
+    workers = server.worker_pids()
+    results, threads = _start_slow_requests(server.port, 10, 2.0)
+    wait_until(lambda: len(list(inflight.iterdir())) == 10, 15, "10 requests in flight")
+
+    server.signal(signal.SIGTERM)
+    probes = []
+    while server.process.poll() is None:
+        probes.append(_probe(server.port))
+        time.sleep(0.02)  # sampling what new clients see; the loop's end is the exit
+    for thread in threads:
+        thread.join(10)
+    assert results == [200] * 10
+    assert server.wait_exit() == 0, server.log()
+    assert set(probes) <= {"ok", "refused"}, probes
+    assert "refused" in probes
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor):
+    mport = free_port()
+    server = supervisor(
+        "testapp:app", *GUNICORN, "--drain-delay", "3", "--metrics", "--metrics-port", str(mport)
+    )
+    server.wait_ready(1)
+    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 5, "readyz 503")
+    readyz, app = [], []
+    while server.process.poll() is None:
+        answer = try_get(mport, "/readyz", timeout=1)
+        if answer:
+            readyz.append(answer[0])
+        served = try_get(server.port, "/pid", timeout=1)
+        if served:
+            app.append(served[0])
+        time.sleep(0.05)  # sampling; the loop's end is the exit
+    assert server.wait_exit() == 0
+    assert readyz and set(readyz) == {503}
+    assert len(app) >= 10 and set(app) == {200}
+    log = server.log()
+    assert log.index("serving 3.0s more") < log.index("drain delay over")
+
+
+def test_app_that_cannot_start_stops_the_master_with_code_3(supervisor):
+    server = supervisor("broken_import:app", *GUNICORN, "--workers", "2")
+    assert server.wait_exit(30) == 3
+    log = server.log()
+    error = "No module named 'this_module_does_not_exist'"
+    assert log.count("failed to start:") == 1  # once in full ...
+    (verdict,) = [line for line in log.splitlines() if "giving up: " in line]
+    assert error in verdict  # ... and once in the last line
+    assert log.count("Booting worker with pid") <= 2  # no respawn: no crash loop
+
+
+def test_master_sigkill_leaves_no_worker_alive(supervisor):
+    server = supervisor("testapp:app", *GUNICORN, "--workers", "2")
+    server.wait_ready(2)
+    workers = server.worker_pids()
+    server.process.kill()
+    server.process.wait(5)
+    wait_until(lambda: not any(map(_alive, workers)), 10, f"workers {workers} to die")
+
+
+def test_sighup_under_keepalive_load_fails_no_request(supervisor):
+    mport = free_port()
+    server = supervisor(
+        "testapp:app", *GUNICORN, "--workers", "2", "--metrics", "--metrics-port", str(mport)
+    )
+    server.wait_ready(2)
+    before = server.worker_pids()
+    with Load(server.port, rate=150) as load:
+        load.wait_for_requests(150)
+        server.signal(signal.SIGHUP)
+        reloaded = {"reason": "reload"}
+        wait_until(lambda: value(scrape(mport), RESTARTS, **reloaded) == 2, 30, "2 replaced")
+        after = server.worker_pids()
+        load.wait_for_requests(load.stats.total + 150)
+        stats = load.stop()
+    assert stats.failed == 0, (stats.failures, stats.examples)
+    assert stats.ok > 300
+    assert len(after) == 2 and not after & before
+    assert set(stats.pids) & after  # the new workers took the traffic
