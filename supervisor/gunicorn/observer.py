@@ -222,7 +222,13 @@ class Observer:
         view.sock.close()
         if reason is not None:
             view.stop_reason = reason
-        self.metrics.worker_exited(exit_reason(view))
+        why = exit_reason(view)
+        level = (
+            logging.INFO if why in ("reload", "scale", "shutdown", "requests") else logging.WARNING
+        )
+        extra = {"event": "exited", "worker_pid": pid, "reason": why}
+        self._log(level, "worker %d (pid %d) exited (%s)", view.age, pid, why, extra=extra)
+        self.metrics.worker_exited(why)
         self.metrics.requests.worker_gone(pid)
         self.metrics.header_timeouts_final(pid, view.header_timeouts)
         drained = view.drained or {}

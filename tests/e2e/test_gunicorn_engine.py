@@ -20,7 +20,7 @@ from loadgen import Load
 from test_engine import _probe, _start_slow_requests
 from test_metrics_endpoint import REQUESTS, _put, scrape, value
 
-from conftest import free_port, get, try_get, wait_until
+from conftest import free_port, get, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 GUNICORN = ("--engine", "gunicorn")
@@ -92,9 +92,15 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_
 def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor):
     mport = free_port()
     server = supervisor(
-        "testapp:app", *GUNICORN, "--drain-delay", "3", "--metrics", "--metrics-port", str(mport)
-    )
+        "testapp:app", *GUNICORN, "--drain-delay", "3", "--metrics", "--metrics-port", str(mport),
+        "--max-worker-memory", "512",
+    )  # fmt: skip
     server.wait_ready(1)
+    # A setting only the native master applies is named, not dropped silently.
+    assert (
+        "engine gunicorn does not apply --max-worker-memory='512' (command line): no memory"
+        in server.log()
+    )
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
     server.signal(signal.SIGTERM)
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 5, "readyz 503")
@@ -153,3 +159,12 @@ def test_sighup_under_keepalive_load_fails_no_request(supervisor):
     assert stats.ok > 300
     assert len(after) == 2 and not after & before
     assert set(stats.pids) & after  # the new workers took the traffic
+
+
+def test_dev_reload_is_refused_with_one_line():
+    result = run_cli("testapp:app", *GUNICORN, "--reload")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "asgi-supervise: --reload=True (command line): not with --engine gunicorn (gunicorn "
+        "restarts every worker at once on a change); use the native engine for development"
+    ]
