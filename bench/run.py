@@ -9,7 +9,8 @@ worker, in the same run, on 127.0.0.1.
 Scenarios: throughput, reload (new connection per request, then a keep-alive pool),
 drain (default graceful timeout, then 1 s), crash, ready, rss; `all` runs them in that
 order. `engines` runs throughput, reload_keepalive and crash on both engines
-(asgi-supervise, asgi-supervise --engine gunicorn) and gunicorn + UvicornWorker. Three more run their own fixed set of servers (not in `all`, `--servers` ignored):
+(asgi-supervise, asgi-supervise --engine gunicorn) and gunicorn + UvicornWorker. Three
+more run their own fixed set of servers (not in `all`, `--servers` ignored):
 `metrics` (request-metrics overhead under wrk), `scrape` (/metrics with 8 workers and 51
 routes, before and after ~1000 recycles) and `reload-latency` (--reload: save -> first
 response from the new code), from `metrics_reload.py`. Each round runs every server
