@@ -89,13 +89,20 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_
     assert not any(_alive(pid) for pid in workers)
 
 
-def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor):
+def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor, tmp_path: Path):
+    """Then the drain: a request longer than the graceful timeout is cut, and the exit
+    code says so (1), as on the native engine."""
     mport = free_port()
+    inflight = tmp_path / "inflight"
+    inflight.mkdir()
     server = supervisor(
-        "testapp:app", *GUNICORN, "--drain-delay", "3", "--metrics", "--metrics-port", str(mport),
-        "--max-worker-memory", "512",
+        "testapp:app", *GUNICORN, "--drain-delay", "3", "--graceful-timeout", "2",
+        "--metrics", "--metrics-port", str(mport), "--max-worker-memory", "512",
+        env={"TESTAPP_INFLIGHT_DIR": str(inflight)},
     )  # fmt: skip
     server.wait_ready(1)
+    long, threads = _start_slow_requests(server.port, 1, 30.0)
+    wait_until(lambda: len(list(inflight.iterdir())) == 1, 15, "the long request in flight")
     # A setting only the native master applies is named, not dropped silently.
     assert (
         "engine gunicorn does not apply --max-worker-memory='512' (command line): no memory"
@@ -113,11 +120,15 @@ def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor):
         if served:
             app.append(served[0])
         time.sleep(0.05)  # sampling; the loop's end is the exit
-    assert server.wait_exit() == 0
+    assert server.wait_exit() == 1
     assert readyz and set(readyz) == {503}
     assert len(app) >= 10 and set(app) == {200}
+    threads[0].join(10)
+    assert long and long[0] != 200  # cut by the worker at its graceful timeout
     log = server.log()
     assert log.index("serving 3.0s more") < log.index("drain delay over")
+    assert "graceful timeout (2s): cancelling 1 request(s)" in log
+    assert "master stopped uncleanly" in log
 
 
 def test_app_that_cannot_start_stops_the_master_with_code_3(supervisor):
