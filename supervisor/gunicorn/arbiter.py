@@ -15,7 +15,9 @@ the heartbeat timeout. What changes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 from gunicorn import sock as gsock
 from gunicorn.arbiter import Arbiter as GunicornArbiter
+from gunicorn.errors import HaltServer
 
 from asgi_supervise.gunicorn.observer import Observer
 from asgi_supervise.protocol import Exit
@@ -51,8 +54,14 @@ class Arbiter(GunicornArbiter):
     # --- forking --------------------------------------------------------------------------
 
     def spawn_worker(self) -> int:
-        with self.observer.quiet():
-            pid = super().spawn_worker()  # a child never returns from here
+        master = os.getpid()
+        try:
+            with self.observer.quiet():
+                pid = super().spawn_worker()  # a child leaves it by SystemExit, at its end
+        except SystemExit as exc:
+            if os.getpid() != master:
+                _end_child(exc.code)
+            raise
         worker = self.WORKERS[pid]
         worker.channel.close()  # the child's end
         self.observer.call(self.observer.started, pid, worker.age, worker.channel_master)
@@ -75,6 +84,15 @@ class Arbiter(GunicornArbiter):
         elif sig == signal.SIGKILL and pid in self.WORKERS and self.stopping_for == "shutdown":
             self.unclean = True  # still draining at gunicorn's graceful timeout
         super().kill_worker(pid, sig)
+
+    def reap_workers(self) -> None:
+        """gunicorn's, except that a worker's boot error while the arbiter already stops
+        (another one's halted it) does not halt it again halfway through its stop."""
+        try:
+            super().reap_workers()
+        except HaltServer:
+            if self.stopping_for != "shutdown":
+                raise
 
     def reload(self) -> None:
         self.stopping_for = "reload"
@@ -138,3 +156,13 @@ class Arbiter(GunicornArbiter):
         self.observer.stop()
         log.info("master %d exited (%d)", self.pid, exit_status)
         sys.exit(exit_status)
+
+
+def _end_child(code: object) -> None:
+    """A worker's end: exit here, never unwinding into the master's stack that the fork
+    copied (the CLI's pid-file cleanup, the master's finalizers), and without the
+    interpreter's teardown of everything the master had imported."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)

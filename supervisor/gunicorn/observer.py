@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import signal
 import socket
 import threading
 import time
@@ -162,6 +163,9 @@ class Observer:
     # --- in the observer's loop -----------------------------------------------------------
 
     def _run(self) -> None:
+        # Signals are the arbiter's: delivered to this thread instead, they would wait for
+        # the arbiter's next wake-up (up to a second) before its handlers run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             asyncio.run(self._main())
         except BaseException as exc:  # the health port, most likely: the arbiter says it

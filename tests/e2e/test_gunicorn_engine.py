@@ -151,11 +151,13 @@ def test_master_sigkill_leaves_no_worker_alive(supervisor):
     wait_until(lambda: not any(map(_alive, workers)), 10, f"workers {workers} to die")
 
 
-def test_sighup_under_keepalive_load_fails_no_request(supervisor):
+def test_sighup_under_keepalive_load_fails_no_request(supervisor, tmp_path: Path):
     mport = free_port()
+    pid_file = tmp_path / "master.pid"
     server = supervisor(
-        "testapp:app", *GUNICORN, "--workers", "2", "--metrics", "--metrics-port", str(mport)
-    )
+        "testapp:app", *GUNICORN, "--workers", "2", "--metrics", "--metrics-port", str(mport),
+        "--pid-file", str(pid_file),
+    )  # fmt: skip
     server.wait_ready(2)
     before = server.worker_pids()
     with Load(server.port, rate=150) as load:
@@ -170,6 +172,12 @@ def test_sighup_under_keepalive_load_fails_no_request(supervisor):
     assert stats.ok > 300
     assert len(after) == 2 and not after & before
     assert set(stats.pids) & after  # the new workers took the traffic
+    # Workers forked from the master end where they are: the old ones' exits left the
+    # master's pid file alone (it goes when the master does).
+    assert pid_file.read_text().strip() == str(server.pid)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not pid_file.exists()
 
 
 def test_dev_reload_is_refused_with_one_line():
