@@ -19,8 +19,6 @@ EXIT_MARGIN = 2  # seconds gunicorn waits past a worker's own drain bound before
 NATIVE_ONLY: dict[str, str] = {
     "reload": "no file watcher: gunicorn's reloader restarts every worker at once",
     "reload_surge": "a HUP starts every new worker at once and stops the old ones",
-    "max_worker_memory": "no memory recycling",
-    "max_worker_lifetime": "no recycling by age",
     "ready_timeout": "a booting worker is killed after --worker-timeout",
     "boot_failure_limit": "the first worker that fails to start stops the master",
     "restart_backoff_max": "no backoff: gunicorn respawns at once",

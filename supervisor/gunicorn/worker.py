@@ -4,10 +4,11 @@ gunicorn forks it with the listeners open; `run` then serves exactly as a native
 does (`worker.boot.serve`: app loading, proxy headers, request meter, the drain of
 keep-alive connections and streams), with two differences only gunicorn needs: the
 heartbeat is gunicorn's `notify()` (its master kills a worker whose heartbeat file is
-older than --timeout), and --max-requests ends the worker with a drain, after which
-gunicorn forks a new one. The control channel is a socket pair made before the fork
-(`__init__` runs in the master): the gunicorn master's observer reads what the worker
-reports on it, the messages of `protocol`.
+older than --timeout), and recycling (--max-requests, --max-worker-memory,
+--max-worker-lifetime) is the worker's own: it drains, exits, and gunicorn forks a new
+one. The control channel is a socket pair made before the fork (`__init__` runs in the
+master): the gunicorn master's observer reads what the worker reports on it, the
+messages of `protocol`.
 
 Not `uvicorn.workers.UvicornWorker` (deprecated) nor the `uvicorn-worker` package: both
 run plain `uvicorn.Server`, which closes idle keep-alive connections at a drain while
@@ -21,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import random
 import signal
 import socket
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 from gunicorn.workers.base import Worker
 
@@ -32,24 +36,47 @@ from asgi_supervise.worker import boot
 from asgi_supervise.worker.server import HEARTBEAT_TICKS, WorkerServer
 
 log = logging.getLogger("asgi_supervise.worker")
+MIB = 1024 * 1024
+MEMORY_STRIKES = 3  # samples in a row over --max-worker-memory, one a second
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class GunicornServer(WorkerServer):
-    """`WorkerServer`, beating gunicorn's heartbeat and counting gunicorn's max_requests."""
+    """`WorkerServer`, beating gunicorn's heartbeat, and recycling itself: gunicorn's
+    arbiter knows only max_requests, and only as an exit it respawns after."""
 
     def __init__(self, *args: Any, worker: UvicornWorker, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.worker = worker
+        self.limits = RecycleLimits.of(worker.app.settings)
+        self.born = time.monotonic()
+        self.memory_strikes = 0
 
     async def on_tick(self, counter: int) -> bool:
         if counter % HEARTBEAT_TICKS == 0:
             self.worker.notify()
-        requests = self.server_state.total_requests
-        if requests >= self.worker.max_requests and not self.should_exit:
-            log.info("max requests (%d) served: draining to be replaced", self.worker.max_requests)
-            self.control.offer({"t": "recycling", "reason": "requests"})
-            self.should_exit = True  # uvicorn's loop ends; `shutdown` drains
+            if not self.should_exit:
+                self.check_recycling()
         return await super().on_tick(counter)
+
+    def check_recycling(self) -> None:
+        """Once a second: over max-requests, the memory limit (3 samples in a row, as the
+        native master samples) or the lifetime, drain; gunicorn then forks a successor."""
+        limits = self.limits
+        rss = resident_bytes() if limits.memory is not None else None
+        over = rss is not None and limits.memory is not None and rss > limits.memory
+        self.memory_strikes = self.memory_strikes + 1 if over else 0
+        reason = None
+        if self.server_state.total_requests >= self.worker.max_requests:
+            reason, detail = "requests", f"{self.worker.max_requests} requests served"
+        elif self.memory_strikes >= MEMORY_STRIKES:
+            reason, detail = "memory", f"RSS {(rss or 0) // MIB} MiB over {limits.memory // MIB}"
+        elif limits.lifetime is not None and time.monotonic() - self.born >= limits.lifetime:
+            reason, detail = "lifetime", f"{limits.lifetime:.0f}s old"
+        if reason is not None:
+            log.info("due for recycling: %s (%s): draining", reason, detail)
+            self.control.offer({"t": "recycling", "reason": reason})
+            self.should_exit = True  # uvicorn's loop ends; `shutdown` drains
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The drain keeps beating: gunicorn would take a long drain for a hung worker."""
@@ -63,6 +90,28 @@ class GunicornServer(WorkerServer):
         while True:
             self.worker.notify()
             await asyncio.sleep(1.0)
+
+
+class RecycleLimits(NamedTuple):
+    memory: int | None  # bytes
+    lifetime: float | None  # seconds, jitter drawn
+
+    @classmethod
+    def of(cls, settings: Any) -> RecycleLimits:
+        memory = settings.max_worker_memory * MIB if settings.max_worker_memory else None
+        lifetime = settings.max_worker_lifetime
+        if lifetime is not None:
+            lifetime += random.uniform(0, settings.max_worker_lifetime_jitter)
+        return cls(memory, lifetime)
+
+
+def resident_bytes() -> int | None:
+    """This process's RSS from /proc (Linux); None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class UvicornWorker(Worker):

@@ -97,7 +97,7 @@ def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor, 
     inflight.mkdir()
     server = supervisor(
         "testapp:app", *GUNICORN, "--drain-delay", "3", "--graceful-timeout", "2",
-        "--metrics", "--metrics-port", str(mport), "--max-worker-memory", "512",
+        "--metrics", "--metrics-port", str(mport), "--reload-surge", "2",
         env={"TESTAPP_INFLIGHT_DIR": str(inflight)},
     )  # fmt: skip
     server.wait_ready(1)
@@ -105,7 +105,7 @@ def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor, 
     wait_until(lambda: len(list(inflight.iterdir())) == 1, 15, "the long request in flight")
     # A setting only the native master applies is named, not dropped silently.
     assert (
-        "engine gunicorn does not apply --max-worker-memory='512' (command line): no memory"
+        "engine gunicorn does not apply --reload-surge='2' (command line): a HUP starts"
         in server.log()
     )
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
@@ -187,3 +187,25 @@ def test_dev_reload_is_refused_with_one_line():
         "asgi-supervise: --reload=True (command line): not with --engine gunicorn (gunicorn "
         "restarts every worker at once on a change); use the native engine for development"
     ]
+
+
+def test_workers_recycle_themselves_by_memory_and_by_age(supervisor):
+    """gunicorn's arbiter recycles only by request count: the worker measures its own RSS
+    and age, drains, and gunicorn forks its successor."""
+    mport = free_port()
+    server = supervisor(
+        "testapp:app", *GUNICORN, "--max-worker-memory", "150", "--max-worker-lifetime", "8",
+        "--metrics", "--metrics-port", str(mport),
+    )  # fmt: skip
+    server.wait_ready(1)
+    (first,) = server.worker_pids()
+    assert server.get("/grow?mb=200", timeout=60)[0] == 200
+    memory = {"reason": "memory"}
+    wait_until(lambda: value(scrape(mport), RESTARTS, **memory) == 1, 20, "the memory recycle")
+    assert f"[{first}] INFO    due for recycling: memory (RSS" in server.log()
+    (second,) = server.serving_pids(1)
+    assert second != first
+    lifetime = {"reason": "lifetime"}
+    wait_until(lambda: value(scrape(mport), RESTARTS, **lifetime) >= 1, 20, "the age recycle")
+    assert second not in server.worker_pids()
+    assert value(scrape(mport), RESTARTS, reason="crash") == 0
