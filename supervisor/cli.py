@@ -318,7 +318,7 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
     if settings.engine == "gunicorn":
-        return _run_gunicorn(loaded, sockets, plan)
+        return _run_gunicorn(loaded, sockets, plan, reloader)
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     arbiter.loaded = loaded  # `config --running` shows these settings and their sources
     arbiter.reloader = reloader  # a reload re-reads the config
@@ -331,7 +331,12 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
         return Exit.USAGE
 
 
-def _run_gunicorn(loaded: sources.Loaded, sockets: list[Any], plan: sizing.Plan) -> int:
+def _run_gunicorn(
+    loaded: sources.Loaded,
+    sockets: list[Any],
+    plan: sizing.Plan,
+    reloader: Callable[[], sources.Loaded] | None,
+) -> int:
     """`--engine gunicorn`: gunicorn's arbiter supervises the same workers (README)."""
     from asgi_supervise.gunicorn import app, config
     from asgi_supervise.master.pidfile import PidFileError, pid_file
@@ -343,7 +348,7 @@ def _run_gunicorn(loaded: sources.Loaded, sockets: list[Any], plan: sizing.Plan)
         log.warning("engine gunicorn does not apply %s", what, extra={"event": "engine_warning"})
     try:
         with pid_file(loaded.settings.pid_file):
-            return app.serve(loaded.settings, sockets, plan)
+            return app.serve(loaded, sockets, plan, reloader)
     except PidFileError as exc:
         cleanup(sockets)
         logs.say(str(exc))

@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from asgi_supervise import logs
+from asgi_supervise import logs, sizing
+from asgi_supervise.config import sources
 from asgi_supervise.gunicorn.arbiter import Arbiter
 from asgi_supervise.gunicorn.config import cfg_values
 from asgi_supervise.gunicorn.observer import Observer
-from asgi_supervise.sizing import Plan
+from asgi_supervise.master import liveconfig
+from asgi_supervise.sizing import Plan, host
+from asgi_supervise.worker import apploader
 
 log = logging.getLogger("asgi_supervise.master")
 HEARTBEAT_DIR = "/dev/shm"  # gunicorn's advice: a heartbeat file on disk can stall
@@ -53,10 +57,62 @@ def _child_exit(arbiter: Arbiter, worker: Any) -> None:
 
 
 class Application(BaseApplication):
-    def __init__(self, settings: Any, workers: int) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        workers: int,
+        loaded: sources.Loaded | None = None,
+        reloader: Callable[[], sources.Loaded] | None = None,
+    ) -> None:
         self.settings = settings  # the worker class reads them after the fork
         self.workers = workers
+        self.loaded = loaded  # the layers the settings came from, for a reload
+        self.reloader = reloader
         super().__init__(prog="asgi-supervise")
+
+    def reconfigure(self) -> Plan | None:
+        """SIGHUP: re-read every layer as the native master does (`master.liveconfig`).
+        The new settings, and the plan they make, are then what gunicorn's reload loads;
+        what was bound at start keeps its running value. None when the new config is
+        invalid: nothing is reloaded (one line says why)."""
+        if self.reloader is None or self.loaded is None:
+            return sizing.plan(self.settings, host.read_host())
+        try:
+            new = self.reloader()
+            if (new.settings.app, new.settings.app_dir) != (
+                self.settings.app,
+                self.settings.app_dir,
+            ):
+                try:
+                    apploader.check(new.settings.app or "", new.settings.app_dir)
+                except apploader.AppStringError as exc:
+                    raise sources.ConfigError(f"{new.describe('app')}: {exc.detail}") from None
+        except sources.ConfigError as exc:
+            log.error(
+                "SIGHUP: the new config is invalid, nothing reloaded; the running config "
+                "stays: %s", exc, extra={"event": "config_invalid", "error": str(exc)},
+            )  # fmt: skip
+            return None
+        change = liveconfig.reconcile(self.loaded, new)
+        if change.kept:
+            log.warning(
+                "SIGHUP: not applied without a restart (running values kept): %s",
+                "; ".join(change.kept), extra={"event": "config_kept"},
+            )  # fmt: skip
+        if change.applied:
+            log.info(
+                "SIGHUP: config applied: %s", "; ".join(change.applied),
+                extra={"event": "config_applied"},
+            )  # fmt: skip
+        self.loaded, s = change.loaded, change.settings
+        self.settings = s
+        if change.changed(*liveconfig.LOGGING):
+            logs.configure(
+                s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config
+            )
+        plan = sizing.plan(s, host.read_host())
+        self.workers = plan.workers
+        return plan
 
     def load_config(self) -> None:
         for name, value in cfg_values(self.settings, self.workers).items():
@@ -71,11 +127,17 @@ class Application(BaseApplication):
         """Never called: each worker loads the ASGI app itself (`worker.boot.serve`)."""
 
 
-def serve(settings: Any, sockets: list[socket.socket], plan: Plan) -> int:
+def serve(
+    loaded: sources.Loaded,
+    sockets: list[socket.socket],
+    plan: Plan,
+    reloader: Callable[[], sources.Loaded] | None = None,
+) -> int:
     """Run gunicorn's arbiter until it exits; its exit code."""
     import gunicorn
 
-    application = Application(settings, plan.workers)
+    settings = loaded.settings
+    application = Application(settings, plan.workers, loaded, reloader)
     arbiter: Arbiter | None = None
     observer = Observer(settings, plan.to_dict(), lambda: arbiter.num_workers if arbiter else 0)
     observer.start()

@@ -85,6 +85,14 @@ class Arbiter(GunicornArbiter):
             self.unclean = True  # still draining at gunicorn's graceful timeout
         super().kill_worker(pid, sig)
 
+    def handle_hup(self) -> None:
+        """Re-read the configuration first: an invalid one reloads nothing."""
+        plan = self.app.reconfigure()
+        if plan is None:
+            return
+        self.observer.call(self.observer.new_plan, plan.to_dict())
+        super().handle_hup()
+
     def reap_workers(self) -> None:
         """gunicorn's, except that a worker's boot error while the arbiter already stops
         (another one's halted it) does not halt it again halfway through its stop."""

@@ -211,6 +211,10 @@ class Observer:
             view.stop_reason = reason
             view.state = "draining"
 
+    def new_plan(self, plan: dict[str, Any]) -> None:
+        self.plan = plan
+        self.metrics.set_plan(plan)
+
     def set_draining(self) -> None:
         self.draining = True
         self.metrics.set_draining(True)

@@ -209,3 +209,28 @@ def test_workers_recycle_themselves_by_memory_and_by_age(supervisor):
     wait_until(lambda: value(scrape(mport), RESTARTS, **lifetime) >= 1, 20, "the age recycle")
     assert second not in server.worker_pids()
     assert value(scrape(mport), RESTARTS, reason="crash") == 0
+
+
+def test_sighup_rereads_the_config_and_an_invalid_one_reloads_nothing(supervisor, tmp_path):
+    conf = tmp_path / "conf.toml"
+    conf.write_text('workers = 2\nengine = "gunicorn"\n')
+    server = supervisor("testapp:app", "--config", str(conf))
+    server.wait_ready(2)
+    before = server.worker_pids()
+    conf.write_text('workers = 3\nengine = "gunicorn"\nbacklog = 100\n')
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: len(server.worker_pids() - before) == 3, 20, "3 new workers")
+    wait_until(lambda: not server.worker_pids() & before, 20, "the old workers gone")
+    server.wait_ready(5)
+    log = server.log()
+    assert "SIGHUP: config applied: workers 2 -> 3 (file:" in log
+    assert "SIGHUP: not applied without a restart (running values kept): backlog 2048 -> 100" in log
+    assert server.get("/pid")[0] == 200  # still on the port it bound
+
+    now = server.worker_pids()
+    conf.write_text('workers = "many"\nengine = "gunicorn"\n')
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "the new config is invalid" in server.log(), 10, "the refusal")
+    assert server.worker_pids() == now  # nothing reloaded
+    (line,) = [x for x in server.log().splitlines() if "the new config is invalid" in x]
+    assert "workers" in line and "many" in line
