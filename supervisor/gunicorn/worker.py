@@ -12,7 +12,7 @@ messages of `protocol`.
 
 Not `uvicorn.workers.UvicornWorker` (deprecated) nor the `uvicorn-worker` package: both
 run plain `uvicorn.Server`, which closes idle keep-alive connections at a drain while
-clients may be sending on them (failed requests on every HUP), cuts streams only at
+clients may be sending on them (a reset request now and then on a HUP), cuts streams only at
 gunicorn's graceful timeout, measures nothing, and has its own graceful timeout beside
 gunicorn's.
 """

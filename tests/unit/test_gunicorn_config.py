@@ -13,7 +13,7 @@ from asgi_supervise.config.settings import FIELDS, Settings
 from asgi_supervise.gunicorn.app import Application, Logger
 from asgi_supervise.gunicorn.config import NATIVE_ONLY, bind_address, cfg_values, graceful_timeout
 from asgi_supervise.gunicorn.observer import WorkerView, exit_reason
-from asgi_supervise.gunicorn.worker import UvicornWorker
+from asgi_supervise.gunicorn.worker import RecycleLimits, UvicornWorker, resident_bytes
 
 
 def test_settings_become_gunicorns_cfg():
@@ -83,3 +83,15 @@ def test_native_only_settings_exist():
 )
 def test_exit_reason(view, reason):
     assert exit_reason(WorkerView(pid=1, age=1, sock=None, **view)) == reason  # type: ignore[arg-type]
+
+
+def test_recycle_limits_from_the_settings():
+    settings = Settings(
+        app="m:a", max_worker_memory=300, max_worker_lifetime=600, max_worker_lifetime_jitter=60
+    )
+    limits = RecycleLimits.of(settings)
+    assert limits.memory == 300 * 1024 * 1024
+    assert limits.lifetime is not None and 600 <= limits.lifetime <= 660
+    assert RecycleLimits.of(Settings(app="m:a")) == (None, None)
+    rss = resident_bytes()
+    assert rss is not None and 1024 * 1024 < rss < 4096 * 1024 * 1024  # this test process
