@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -142,9 +143,15 @@ class Observer:
             worker.channel_master.close()
         if self.server is not None:
             self.server.sock.close()
+            # A scrape's connection open at the fork: the child's copy would keep it open
+            # (no FIN to the scraper) after the master closes it.
+            for connection in list(self.server.server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                sock = transport and transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(sock.fileno())
         if self.dir is not None:
-            import os
-
             os.environ.update(self.dir.environ())
 
     def worker_exited(self, pid: int, reason: str | None) -> None:
