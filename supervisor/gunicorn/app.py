@@ -140,6 +140,9 @@ def serve(
     application = Application(settings, plan.workers, loaded, reloader)
     arbiter: Arbiter | None = None
     observer = Observer(settings, plan.to_dict(), lambda: arbiter.num_workers if arbiter else 0)
+    # The observer says READY=1 once the workers are ready; gunicorn would say it at boot.
+    # And only the main process may notify: the workers must not inherit the socket.
+    os.environ.pop("NOTIFY_SOCKET", None)
     observer.start()
     arbiter = Arbiter(application, observer, [sock.detach() for sock in sockets])
     where = application.cfg.bind[0]

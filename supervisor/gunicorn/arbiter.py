@@ -91,6 +91,7 @@ class Arbiter(GunicornArbiter):
         if plan is None:
             return
         self.observer.call(self.observer.new_plan, plan.to_dict())
+        self.observer.call(self.observer.reloading)
         super().handle_hup()
 
     def reap_workers(self) -> None:
@@ -136,6 +137,7 @@ class Arbiter(GunicornArbiter):
     handle_int = handle_term  # as the native master: SIGINT drains too
 
     def wait_for_signals(self, timeout: float = 1.0) -> list[int]:
+        self.observer.notifier.watchdog(time.monotonic())  # from the loop a wedge stops
         if self.term_at is not None:
             left = self.term_at - time.monotonic()
             if left <= 0:

@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from asgi_supervise.master.notify import Notifier
 from asgi_supervise.observe.health import HealthApp, HealthServer, readiness, start_server
 from asgi_supervise.observe.metrics import SupervisorMetrics, render
 from asgi_supervise.observe.multiproc import MultiprocDir
@@ -88,6 +89,8 @@ class Observer:
         self.unclean = 0  # workers whose drain cut requests or outran the lifespan shutdown
         self.boot_error: str | None = None  # the first worker's report, for the exit line
         self.fork_lock = threading.Lock()
+        self.notifier = Notifier()  # systemd: READY once the workers are, not at boot
+        self.notify_ready = True  # READY=1 is due once `target` workers are ready
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: HealthServer | None = None
         self.started_at = time.monotonic()
@@ -218,11 +221,23 @@ class Observer:
             view.stop_reason = reason
             view.state = "draining"
 
+    def reloading(self) -> None:
+        self.notifier.reloading()
+        self.notify_ready = True
+
+    def _maybe_ready(self) -> None:
+        ready, target = self.ready_count(), self.target()
+        if self.notify_ready and not self.draining and ready >= target:
+            self.notify_ready = False
+            self.notifier.ready(f"serving with {ready} workers")
+
     def new_plan(self, plan: dict[str, Any]) -> None:
         self.plan = plan
         self.metrics.set_plan(plan)
 
     def set_draining(self) -> None:
+        if not self.draining:
+            self.notifier.stopping()
         self.draining = True
         self.metrics.set_draining(True)
 
@@ -289,6 +304,7 @@ class Observer:
                 view.state = "ready"
             took = view.ready_at - view.started
             self.metrics.worker_ready(took)
+            self._maybe_ready()
             extra = {"event": "ready", "worker_pid": view.pid, "boot_s": took}
             self._log(
                 logging.INFO,

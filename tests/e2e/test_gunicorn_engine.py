@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -234,3 +235,26 @@ def test_sighup_rereads_the_config_and_an_invalid_one_reloads_nothing(supervisor
     assert server.worker_pids() == now  # nothing reloaded
     (line,) = [x for x in server.log().splitlines() if "the new config is invalid" in x]
     assert "workers" in line and "many" in line
+
+
+def test_systemd_hears_ready_once_the_workers_are(supervisor, tmp_path: Path):
+    """Not gunicorn's READY=1 at boot: once every worker is ready, again after a HUP."""
+    address = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(10)
+    try:
+        server = supervisor(
+            "testapp:app", *GUNICORN, "--workers", "2", env={"NOTIFY_SOCKET": address}
+        )
+        assert listener.recv(4096).decode().startswith("READY=1\nSTATUS=serving with 2 workers")
+        assert server.log().count(" ready in ") == 2  # only once both workers are ready
+        server.signal(signal.SIGHUP)
+        assert listener.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+        assert listener.recv(4096).decode().startswith("READY=1")
+        assert server.log().count(" ready in ") == 4
+        server.signal(signal.SIGTERM)
+        assert listener.recv(4096).decode().startswith("STOPPING=1")
+        assert server.wait_exit() == 0
+    finally:
+        listener.close()
