@@ -90,7 +90,8 @@ class Observer:
         self.boot_error: str | None = None  # the first worker's report, for the exit line
         self.fork_lock = threading.Lock()
         self.notifier = Notifier()  # systemd: READY once the workers are, not at boot
-        self.notify_ready = True  # READY=1 is due once `target` workers are ready
+        self.notify_ready = True  # READY=1 is due once `target` workers are ready ...
+        self.ready_from_age = 0  # ... of those gunicorn started since the last HUP
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: HealthServer | None = None
         self.started_at = time.monotonic()
@@ -222,11 +223,17 @@ class Observer:
             view.state = "draining"
 
     def reloading(self) -> None:
+        """Called before gunicorn's reload spawns: READY again once its new workers are."""
         self.notifier.reloading()
         self.notify_ready = True
+        self.ready_from_age = max((view.age for view in self.workers.values()), default=0) + 1
 
     def _maybe_ready(self) -> None:
-        ready, target = self.ready_count(), self.target()
+        ready = sum(
+            view.state == "ready" and view.age >= self.ready_from_age
+            for view in self.workers.values()
+        )
+        target = self.target()
         if self.notify_ready and not self.draining and ready >= target:
             self.notify_ready = False
             self.notifier.ready(f"serving with {ready} workers")
@@ -304,7 +311,6 @@ class Observer:
                 view.state = "ready"
             took = view.ready_at - view.started
             self.metrics.worker_ready(took)
-            self._maybe_ready()
             extra = {"event": "ready", "worker_pid": view.pid, "boot_s": took}
             self._log(
                 logging.INFO,
@@ -314,6 +320,7 @@ class Observer:
                 took,
                 extra=extra,
             )
+            self._maybe_ready()  # after the line: what it says has happened
         elif kind == "recycling":
             view.stop_reason = view.stop_reason or str(message.get("reason", "requests"))
             view.state = "draining"
