@@ -8,7 +8,9 @@ worker, in the same run, on 127.0.0.1.
 
 Scenarios: throughput, reload (new connection per request, then a keep-alive pool),
 drain (default graceful timeout, then 1 s), crash, ready, rss; `all` runs them in that
-order. Three more run their own fixed set of servers (not in `all`, `--servers` ignored):
+order. `engines` runs throughput, reload_keepalive and crash on both engines
+(asgi-supervise, asgi-supervise --engine gunicorn) and gunicorn + UvicornWorker. Three
+more run their own fixed set of servers (not in `all`, `--servers` ignored):
 `metrics` (request-metrics overhead under wrk), `scrape` (/metrics with 8 workers and 51
 routes, before and after ~1000 recycles) and `reload-latency` (--reload: save -> first
 response from the new code), from `metrics_reload.py`. Each round runs every server
@@ -77,8 +79,15 @@ SERVERS = {
         "gunicorn {app} -k uvicorn_worker.UvicornWorker -w {workers} -b {host}:{port} --preload",
         "--graceful-timeout {g}",
     ),
+    "asgi-supervise-gunicorn": (  # gunicorn's arbiter, asgi-supervise's workers
+        "asgi-supervise {app} --engine gunicorn --workers {workers} --host {host} --port {port}"
+        " --no-access-log",
+        "--graceful-timeout {g}",
+    ),
 }
 DEFAULT_SERVERS = ["asgi-supervise", "uvicorn", "gunicorn-uvicorn-worker", "gunicorn-asgi"]
+# `engines`: the two engines beside what they replace, gunicorn + UvicornWorker.
+ENGINE_SERVERS = ["asgi-supervise", "asgi-supervise-gunicorn", "gunicorn-uvicorn-worker"]
 # Servers of the issue-6/7 scenarios; {metrics_port}, {multiproc_dir}, {dir}: see
 # metrics_reload.py. Not in the default --servers.
 SUP = "asgi-supervise {app} --workers {workers} --host {host} --port {port} --no-access-log"
@@ -217,6 +226,7 @@ VARIANTS: dict[str, tuple[Any, int, float | None, list[str]]] = {
     ),
 }
 GROUPS = {
+    "engines": ["throughput", "reload_keepalive", "crash"],  # --servers: ENGINE_SERVERS
     "reload": ["reload", "reload_keepalive"],
     "reload-latency": ["reload_latency"],
     "drain": ["drain", "drain_graceful1"],
@@ -413,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds for every scenario (throughput >= 3)")
     p.add_argument(
         "--servers",
-        default=",".join(DEFAULT_SERVERS),
-        help="comma-separated, of: " + ", ".join(SERVERS),
+        help=f"comma-separated, of {', '.join(SERVERS)} (default: {', '.join(DEFAULT_SERVERS)};"
+        f" for `engines` alone: {', '.join(ENGINE_SERVERS)})",
     )
     p.add_argument(
         "--app",
@@ -489,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             harness.pin(o.pin)
         except ValueError as exc:
             p.error(str(exc))
-    servers = o.servers.split(",")
+    default = ENGINE_SERVERS if o.what == ["engines"] else DEFAULT_SERVERS
+    servers = o.servers.split(",") if o.servers else default
     unknown = set(servers) - set(SERVERS)
     if unknown:
         p.error(f"unknown servers {sorted(unknown)}; known: {', '.join(SERVERS)}")

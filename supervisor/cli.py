@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import sys
@@ -254,6 +255,15 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
         apploader.check(settings.app, settings.app_dir)
     except apploader.AppStringError as exc:
         raise sources.ConfigError(f"{loaded.describe('app')}: {exc.detail}") from None
+    if settings.engine == "gunicorn" and importlib.util.find_spec("gunicorn") is None:
+        raise sources.ConfigError(
+            f"{loaded.describe('engine')}: needs gunicorn: pip install 'asgi-supervise[gunicorn]'"
+        )
+    if settings.engine == "gunicorn" and settings.reload:
+        raise sources.ConfigError(
+            f"{loaded.describe('reload')}: not with --engine gunicorn (gunicorn restarts every "
+            "worker at once on a change); use the native engine for development"
+        )
     s = settings
     try:
         logs.configure(
@@ -293,12 +303,38 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
         )  # fmt: skip
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
+    if settings.engine == "gunicorn":
+        return _run_gunicorn(loaded, sockets, plan, reloader)
     arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
     arbiter.loaded = loaded  # `config --running` shows these settings and their sources
     arbiter.reloader = reloader  # a reload re-reads the config
     try:
         with pid_file(settings.pid_file):
             return asyncio.run(arbiter.run())
+    except PidFileError as exc:
+        cleanup(sockets)
+        logs.say(str(exc))
+        return Exit.USAGE
+
+
+def _run_gunicorn(
+    loaded: sources.Loaded,
+    sockets: list[Any],
+    plan: sizing.Plan,
+    reloader: Callable[[], sources.Loaded] | None,
+) -> int:
+    """`--engine gunicorn`: gunicorn's arbiter supervises the same workers (README)."""
+    from asgi_supervise.gunicorn import app, config
+    from asgi_supervise.master.pidfile import PidFileError, pid_file
+    from asgi_supervise.master.sockets import cleanup
+
+    given = [name for name in config.NATIVE_ONLY if loaded.origins.get(name) is not None]
+    if given:
+        what = "; ".join(f"{loaded.describe(n)}: {config.NATIVE_ONLY[n]}" for n in given)
+        log.warning("engine gunicorn does not apply %s", what, extra={"event": "engine_warning"})
+    try:
+        with pid_file(loaded.settings.pid_file):
+            return app.serve(loaded, sockets, plan, reloader)
     except PidFileError as exc:
         cleanup(sockets)
         logs.say(str(exc))

@@ -136,6 +136,7 @@ MAPPING: dict[str, Callable[[Any], Mapped]] = {
     "logconfig": _same("log_config"),
     "logconfig_json": _same("log_config"),
     "reload": _same("reload"),
+    "preload_app": _same("preload"),
     "keyfile": _same("ssl_keyfile"),
     "certfile": _same("ssl_certfile"),
     "ca_certs": _same("ssl_ca_certs"),
@@ -148,7 +149,6 @@ MAPPING: dict[str, Callable[[Any], Mapped]] = {
 }
 # Why some settings have no equivalent, where the name alone does not say it.
 WHY = {
-    "preload_app": "workers are fresh interpreters; nothing is imported before they start",
     "threads": "workers are event loops, not threads",
     "daemon": "it runs in the foreground, under systemd or a container runtime",
     "user": "start it as that user",

@@ -206,6 +206,12 @@ class Settings(BaseSettings):
         "workers",
         aliases=("-w",),
     )
+    engine: Literal["asgi-supervise", "gunicorn"] = opt(
+        "asgi-supervise",
+        "The master: asgi-supervise's own, or gunicorn's arbiter running the same Uvicorn "
+        "workers (README: engines).",
+        "workers",
+    )
     min_workers: int = opt(1, "Never size 'auto' below this.", "workers", ge=1)
     max_workers: int | None = opt(None, "Never size 'auto' above this.", "workers", ge=1)
     worker_timeout: float = opt(

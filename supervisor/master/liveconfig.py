@@ -20,7 +20,7 @@ RESTART_ONLY = frozenset(
     {
         "host", "port", "uds", "fd", "backlog", "worker_start",
         "metrics", "metrics_host", "metrics_port", "multiproc_dir", "min_ready",
-        "pid_file", "control_socket", "log_file", "log_config",
+        "pid_file", "control_socket", "log_file", "log_config", "engine",
         "reload", "reload_dirs", "reload_includes", "reload_excludes", "reload_delay",
     }
 )  # fmt: skip

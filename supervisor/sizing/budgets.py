@@ -253,6 +253,12 @@ def planned_rooms(settings: Settings, facts: HostFacts, workers: int) -> list[Ro
 def describe_reloads(settings: Settings, facts: HostFacts, workers: int) -> str:
     """How a reload will replace `workers`: beside the old ones while the memory limit and
     the database share hold more, else by draining each first."""
+    if settings.engine == "gunicorn":  # gunicorn starts a whole new set beside the old one
+        room, tight = reload_room(workers, planned_rooms(settings, facts, workers))
+        both = f"gunicorn: all {workers} new workers at once beside the old ones"
+        if tight is None:
+            return both
+        return f"{both}, though the {tight.name} budget holds {room} more ({tight.taken})"
     surge = settings.reload_surge
     room, tight = reload_room(surge, planned_rooms(settings, facts, workers))
     if tight is None:

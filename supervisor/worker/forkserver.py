@@ -34,7 +34,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode
-from asgi_supervise.worker.__main__ import _boot_error, _die_with_master, run
+from asgi_supervise.worker.__main__ import run
+from asgi_supervise.worker.boot import boot_error, die_with_master
 
 # What every worker imports before it serves, besides the protocols its settings name.
 MACHINERY = (
@@ -82,7 +83,7 @@ def _preload(control: Control, settings: Any) -> None:
     try:
         apploader.load(s.app or "", s.app_dir, s.factory)
     except Exception as exc:
-        _boot_error(control, exc)
+        boot_error(control, exc)
 
 
 def _receive_fork(channel: socket.socket) -> tuple[dict[str, Any], int | None]:
@@ -117,7 +118,7 @@ def _become_worker(
         deadline = time.monotonic() + REPARENT_WAIT
         while os.getppid() == middle and time.monotonic() < deadline:
             time.sleep(0.0002)  # the middle process exits right after reporting our pid
-        _die_with_master(master_pid)  # exits unless the master is our parent now
+        die_with_master(master_pid)  # exits unless the master is our parent now
         # `random` re-seeds itself in a forked child (os.register_at_fork); uvicorn installs
         # the worker's signal handlers and starts its own event loop in `run`.
         run(Control(socket.socket(fileno=control_fd)), listeners)
@@ -173,7 +174,7 @@ def serve(channel: socket.socket, listeners: list[socket.socket]) -> None:
     control = Control(channel)
     spec = control.receive()
     master_pid = spec["master_pid"]
-    _die_with_master(master_pid)
+    die_with_master(master_pid)
     settings = SimpleNamespace(**spec["settings"])
     _import_machinery(settings)
     if settings.preload:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket-fds", required=True)
     parser.add_argument("--master-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    _die_with_master(args.master_pid)
+    die_with_master(args.master_pid)
     channel = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
     for sock in (channel, *listeners):

@@ -78,10 +78,9 @@ def test_settings_without_an_equivalent_are_named_once_each():
         "equivalent here: ignored",
         "g.py: timeout=0 (0: never kill a silent worker) has no equivalent here: ignored",
         "g.py: keepalive=0 (0: no keep-alive) has no equivalent here: ignored",
-        "g.py: preload_app=True (workers are fresh interpreters; nothing is imported before "
-        "they start) has no equivalent here: ignored",
     ]  # daemon=False and proxy_protocol="off" are gunicorn's defaults: they ask for nothing
-    assert out.values == {"max_requests": None}  # gunicorn's 0: no recycling
+    # gunicorn's 0: no recycling; preload_app is the fork server's --preload
+    assert out.values == {"max_requests": None, "preload": True}
 
 
 @pytest.mark.parametrize(

@@ -442,6 +442,16 @@ def test_reloads_drain_first_when_the_database_share_holds_no_more_pools() -> No
     )
 
 
+def test_gunicorn_engine_reloads_every_worker_at_once_and_says_what_does_not_fit() -> None:
+    p = plan(cfg(workers=2, engine="gunicorn"), facts())
+    assert p.reloads == "gunicorn: all 2 new workers at once beside the old ones"
+    p = plan(cfg(workers=2, engine="gunicorn", db_max_connections=50, db_pool_size=20), facts())
+    assert p.reloads == (
+        "gunicorn: all 2 new workers at once beside the old ones, though the db budget holds"
+        " 0 more (2 workers x 20 connections of this instance's 50)"
+    )
+
+
 def test_reloads_replace_first_only_as_many_as_the_room_allows() -> None:
     p = plan(cfg(workers=1, reload_surge=3, **DB), facts())  # 45 // 20 = 2 pools: 1 more
     assert p.reloads == (
