@@ -25,6 +25,7 @@ import psutil
 
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master.policy import SlotHealth
+from asgi_supervise.master.workers import exec_python, send_spec
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
 log = logging.getLogger("asgi_supervise.master")
@@ -184,26 +185,8 @@ def start(
     settings: Settings, sockets: list[socket.socket], generation: int, env: dict[str, str] | None
 ) -> ForkServer:
     """`python -m asgi_supervise.worker.forkserver`, with the listeners its workers inherit."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [s.fileno() for s in sockets]
-    command = [
-        sys.executable, "-m", "asgi_supervise.worker.forkserver",
-        "--master-pid", str(os.getpid()),
-        "--control-fd", str(theirs.fileno()),
-        "--socket-fds", ",".join(map(str, fds)),
-    ]  # fmt: skip
-    try:
-        process = subprocess.Popen(
-            command,
-            pass_fds=[*fds, theirs.fileno()],
-            process_group=0,
-            env=None if env is None else {**os.environ, **env},
-        )
-    finally:
-        theirs.close()
-    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
-    ours.sendall(encode(spec))  # never argv or environ: the settings may hold secrets
-    ours.setblocking(False)
+    process, ours = exec_python("asgi_supervise.worker.forkserver", sockets, env)
+    send_spec(ours, settings)
     return ForkServer(process, ours, generation, settings.preload)
 
 

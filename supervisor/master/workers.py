@@ -11,14 +11,16 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master.forkserver import Forked
 from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
+
+if TYPE_CHECKING:
+    from asgi_supervise.master.forkserver import Forked
 
 log = logging.getLogger("asgi_supervise.master")
 
@@ -230,11 +232,20 @@ def spawn(
     Exec (not fork) from the master: it may hold threads and an event loop. Forked
     workers come from a fork server instead (`forkserver`, `adopt`).
     """
+    process, ours = exec_python("asgi_supervise.worker", sockets, env)
+    return adopt(slot, settings, process, ours, generation)
+
+
+def exec_python(
+    module: str, sockets: list[socket.socket], env: dict[str, str] | None
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """`python -m module` in its own process group, holding the listeners and its end of a
+    fresh channel; returns the process and the master's end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [s.fileno() for s in sockets]
     command = [
-        sys.executable, "-m", "asgi_supervise.worker",
-        # Not secret, and needed before the worker's imports: it dies with the master.
+        sys.executable, "-m", module,
+        # Not secret, and needed before its imports: it dies with the master.
         "--master-pid", str(os.getpid()),
         "--control-fd", str(theirs.fileno()),
         "--socket-fds", ",".join(map(str, fds)),
@@ -248,15 +259,19 @@ def spawn(
         )
     finally:
         theirs.close()
-    return adopt(slot, settings, process, ours, generation)
+    return process, ours
+
+
+def send_spec(control: socket.socket, settings: Settings) -> None:
+    """The settings, over the channel: never argv or environ, they may hold secrets."""
+    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
+    control.sendall(encode(spec))
+    control.setblocking(False)
 
 
 def adopt(
     slot: int, settings: Settings, process: Any, control: socket.socket, generation: int
 ) -> Worker:
     """The handle on a started worker, which waits on `control` for its spec."""
-    # The settings travel over the channel, never argv or environ: they may hold secrets.
-    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
-    control.sendall(encode(spec))
-    control.setblocking(False)
+    send_spec(control, settings)
     return Worker(slot, process, control, generation)

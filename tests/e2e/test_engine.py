@@ -102,6 +102,15 @@ def _probe(port: int) -> tuple[str, str]:
         conn.close()
 
 
+def _probe_until_exit(server) -> list[tuple[str, str]]:
+    """What new clients see, sampled every 20 ms until the master has exited."""
+    probes = []
+    while server.process.poll() is None:
+        probes.append(_probe(server.port))
+        time.sleep(0.02)  # a sampling interval; the loop's end is the exit
+    return probes
+
+
 def _outcomes(probes: list[tuple[str, str]], started: Path) -> set[str]:
     """The probes' outcomes, a reset the app never saw counted as the refusal it is."""
     seen = set(started.read_text().split()) if started.exists() else set()
@@ -132,10 +141,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     wait_until(lambda: len(list(inflight.iterdir())) == 10, 15, "10 requests in flight")
 
     server.signal(signal.SIGTERM)
-    probes = []
-    while server.process.poll() is None:
-        probes.append(_probe(server.port))
-        time.sleep(0.02)
+    probes = _probe_until_exit(server)
     for thread in threads:
         thread.join(10)
 
@@ -160,10 +166,7 @@ def test_drain_delay_keeps_serving_new_requests(supervisor, tmp_path: Path):
     for _ in range(10):
         assert server.get("/pid")[0] == 200
     assert server.process.poll() is None
-    probes = []
-    while server.process.poll() is None:
-        probes.append(_probe(server.port))
-        time.sleep(0.02)  # sampling what new clients see; the loop's end is the exit
+    probes = _probe_until_exit(server)
     assert server.wait_exit() == 0
     assert _outcomes(probes, started) <= {"ok", "refused"}, probes
     assert _probe(server.port)[0] == "refused"

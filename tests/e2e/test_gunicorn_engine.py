@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from loadgen import Load
-from test_engine import _outcomes, _probe, _start_slow_requests
+from test_engine import _outcomes, _probe_until_exit, _start_slow_requests
 from test_metrics_endpoint import REQUESTS, _put, scrape, value
 
 from conftest import free_port, get, run_cli, try_get, wait_until
@@ -79,10 +79,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(supervisor, tmp_
     wait_until(lambda: len(list(inflight.iterdir())) == 10, 15, "10 requests in flight")
 
     server.signal(signal.SIGTERM)
-    probes = []
-    while server.process.poll() is None:
-        probes.append(_probe(server.port))
-        time.sleep(0.02)  # sampling what new clients see; the loop's end is the exit
+    probes = _probe_until_exit(server)
     for thread in threads:
         thread.join(10)
     assert results == [200] * 10
