@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import sys
@@ -255,10 +254,6 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
         apploader.check(settings.app, settings.app_dir)
     except apploader.AppStringError as exc:
         raise sources.ConfigError(f"{loaded.describe('app')}: {exc.detail}") from None
-    if settings.engine == "gunicorn" and importlib.util.find_spec("gunicorn") is None:
-        raise sources.ConfigError(
-            f"{loaded.describe('engine')}: needs gunicorn: pip install 'asgi-supervise[gunicorn]'"
-        )
     if settings.engine == "gunicorn" and settings.reload:
         raise sources.ConfigError(
             f"{loaded.describe('reload')}: not with --engine gunicorn (gunicorn restarts every "
