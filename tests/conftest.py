@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
+import json
 import os
 import shutil
 import signal
@@ -85,6 +86,18 @@ def _port_block() -> range:
 
 _PORTS = _port_block()
 _next_port = _PORTS.start + os.getpid() % len(_PORTS)
+
+
+def toml_value(value: Any) -> str:
+    """Enough TOML for the config tests: JSON spells str, int, float, bool and lists alike."""
+    return json.dumps(value)
+
+
+def write_table(path: Path, values: dict[str, Any], header: str = "") -> None:
+    lines = [header] if header else []
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def free_port() -> int:

@@ -23,21 +23,9 @@ from typing import Any
 import pytest
 from bad_inputs import ENCRYPTED_KEY, SUBPROCESS_ROWS, TLS, TLS_CERT, assert_one_line, prepared
 
-from conftest import APPS, free_port, get, run_cli, try_get, wait_until
+from conftest import APPS, free_port, get, run_cli, try_get, wait_until, write_table
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def toml_value(value: Any) -> str:
-    """Enough TOML for these tests: JSON spells str, int, float, bool and lists alike."""
-    return json.dumps(value)
-
-
-def write_table(path: Path, values: dict[str, Any], header: str = "") -> None:
-    lines = [header] if header else []
-    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
 
 
 def config_json(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from bad_inputs import BAD_INPUTS, IN_PROCESS_ROWS, SUBPROCESS, assert_one_line,
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import Settings
 from conftest import run_main as run_cli
+from conftest import write_table
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,18 +27,6 @@ def config_json(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dic
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     return json.loads(result.stdout)
-
-
-def toml_value(value: Any) -> str:
-    """Enough TOML for these tests: JSON spells str, int, float, bool and lists alike."""
-    return json.dumps(value)
-
-
-def write_table(path: Path, values: dict[str, Any], header: str = "") -> None:
-    lines = [header] if header else []
-    lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
 
 
 def setting(data: dict[str, Any], name: str) -> tuple[Any, str]:
