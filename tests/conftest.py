@@ -148,6 +148,31 @@ def run_cli(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None, tim
     )
 
 
+def config_json(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, runner: Callable[..., Any] = run_cli
+) -> dict[str, Any]:
+    """`config --json` through `runner` (the binary, or `run_main` in-process)."""
+    result = runner("config", "--json", *args, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)
+
+
+def setting(data: dict[str, Any], name: str) -> tuple[Any, str]:
+    """A setting's value and source in `config --json`'s answer."""
+    entry = data["settings"][name]
+    return entry["value"], entry["source"]
+
+
+def plan_text(*args: str, cwd: Path, runner: Callable[..., Any] = run_cli) -> str:
+    """`plan` through `runner`: it must succeed silently on stderr."""
+    result = runner("plan", *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == ""
+    return result.stdout
+
+
 def run_main(*args: str, cwd: Path = APPS, env: dict[str, str] | None = None):
     """`run_cli` in this process: the CLI's `main` with `args`, in `cwd`, with the
     environment run_cli would give the binary; its exit code and output, as run_cli returns

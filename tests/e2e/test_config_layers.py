@@ -10,7 +10,6 @@ same messages and exit codes.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import select
 import socket
@@ -18,26 +17,23 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from bad_inputs import ENCRYPTED_KEY, SUBPROCESS_ROWS, TLS, TLS_CERT, assert_one_line, prepared
 
-from conftest import APPS, free_port, get, run_cli, try_get, wait_until, write_table
+from conftest import (
+    APPS,
+    config_json,
+    free_port,
+    get,
+    run_cli,
+    setting,
+    try_get,
+    wait_until,
+    write_table,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def config_json(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = run_cli("config", "--json", *args, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return json.loads(result.stdout)
-
-
-def setting(data: dict[str, Any], name: str) -> tuple[Any, str]:
-    entry = data["settings"][name]
-    return entry["value"], entry["source"]
 
 
 # --- the layers, read by the real binary

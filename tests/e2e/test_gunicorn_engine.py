@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from loadgen import Load
 from test_engine import _outcomes, _probe_until_exit, _start_slow_requests
-from test_metrics_endpoint import REQUESTS, _put, scrape, value
+from test_metrics_endpoint import REQUESTS, _put, readyz_and_app_until_exit, scrape, value
 
 from conftest import free_port, get, run_cli, try_get, wait_until
 
@@ -111,15 +110,7 @@ def test_readyz_is_503_through_the_drain_delay_while_the_app_serves(supervisor, 
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 200, 15, "readyz 200")
     server.signal(signal.SIGTERM)
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 5, "readyz 503")
-    readyz, app = [], []
-    while server.process.poll() is None:
-        answer = try_get(mport, "/readyz", timeout=1)
-        if answer:
-            readyz.append(answer[0])
-        served = try_get(server.port, "/pid", timeout=1)
-        if served:
-            app.append(served[0])
-        time.sleep(0.05)  # sampling; the loop's end is the exit
+    readyz, app = readyz_and_app_until_exit(server, mport)
     assert server.wait_exit() == 1
     assert readyz and set(readyz) == {503}
     assert len(app) >= 10 and set(app) == {200}

@@ -67,6 +67,20 @@ def _put(port: int, pids: set[int] | None = None) -> int:
     return response.status
 
 
+def readyz_and_app_until_exit(server, mport: int) -> tuple[list[int], list[int]]:
+    """The statuses of /readyz and of the app, sampled every 50 ms until the master exits."""
+    readyz, app = [], []
+    while server.process.poll() is None:
+        answer = try_get(mport, "/readyz", timeout=1)
+        if answer:
+            readyz.append(answer[0])
+        served = try_get(server.port, "/pid", timeout=1)
+        if served:
+            app.append(served[0])
+        time.sleep(0.05)  # a sampling interval; the loop's end is the exit
+    return readyz, app
+
+
 def test_requests_over_three_workers_sum_exactly(supervisor):
     mport = free_port()
     server = supervisor("testapp:app", "--workers", "3", *_metrics_args(mport))
@@ -129,15 +143,7 @@ def test_readyz_turns_503_during_drain_delay_while_app_serves(supervisor):
     assert json.loads(get(mport, "/readyz")[1]) == {"ready": True}
     server.signal(signal.SIGTERM)
     wait_until(lambda: (try_get(mport, "/readyz") or (0,))[0] == 503, 5, "readyz 503")
-    readyz, app = [], []
-    while server.process.poll() is None:
-        answer = try_get(mport, "/readyz", timeout=1)
-        if answer:
-            readyz.append(answer[0])
-        served = try_get(server.port, "/pid", timeout=1)
-        if served:
-            app.append(served[0])
-        time.sleep(0.05)
+    readyz, app = readyz_and_app_until_exit(server, mport)
     assert server.wait_exit() == 0
     assert readyz and set(readyz) == {503}  # never 200 again once draining
     assert len(app) >= 10 and set(app) == {200}  # the app kept serving meanwhile

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import run_cli, wait_until
+from conftest import plan_text, run_cli, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,11 +22,7 @@ DB_WARNING = "8 workers x 20 connections x 2 replicas = 320 > 90 available"
 
 
 def plan_cli(*args: str, cwd: Path) -> str:
-    result = run_cli("plan", *args, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr == ""
-    return result.stdout
+    return plan_text(*args, cwd=cwd)
 
 
 def plan_json(*args: str, cwd: Path) -> dict[str, Any]:

@@ -16,22 +16,15 @@ from bad_inputs import BAD_INPUTS, IN_PROCESS_ROWS, SUBPROCESS, assert_one_line,
 
 from asgi_supervise.config import sources
 from asgi_supervise.config.settings import Settings
+from conftest import config_json as _config_json
 from conftest import run_main as run_cli
-from conftest import write_table
+from conftest import setting, write_table
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def config_json(*args: str, cwd: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = run_cli("config", "--json", *args, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return json.loads(result.stdout)
-
-
-def setting(data: dict[str, Any], name: str) -> tuple[Any, str]:
-    entry = data["settings"][name]
-    return entry["value"], entry["source"]
+    return _config_json(*args, cwd=cwd, env=env, runner=run_cli)
 
 
 # --- precedence: default < profile < config file < environment < command line --------------

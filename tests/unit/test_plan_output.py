@@ -14,6 +14,7 @@ import pytest
 
 from asgi_supervise import drain, profiles, sizing
 from asgi_supervise.config import sources
+from conftest import plan_text
 from conftest import run_main as run_cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,11 +26,7 @@ DB_FLAGS += ["--db-pool-size", "20", "--replicas", "2"]
 
 
 def plan_cli(*args: str, cwd: Path) -> str:
-    result = run_cli("plan", *args, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr == ""
-    return result.stdout
+    return plan_text(*args, cwd=cwd, runner=run_cli)
 
 
 def plan_json(*args: str, cwd: Path) -> dict[str, Any]:
