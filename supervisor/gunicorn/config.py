@@ -69,8 +69,3 @@ def cfg_values(settings: Any, workers: int) -> dict[str, Any]:
         "preload_app": False,  # each worker imports the app after the fork, as natively
         "control_socket_disable": True,  # gunicorn's own; `asgi-supervise status` is native
     }
-
-
-def native_only(settings: Any, defaults: dict[str, Any]) -> list[str]:
-    """The settings given away from their default that the gunicorn engine cannot apply."""
-    return [name for name in NATIVE_ONLY if getattr(settings, name) != defaults.get(name)]
