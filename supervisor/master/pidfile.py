@@ -7,8 +7,6 @@ import logging
 import os
 from collections.abc import Iterator
 
-import psutil
-
 log = logging.getLogger("asgi_supervise.master")
 
 # psutil's create_time comes from the boot time, which /proc gives in whole seconds.
@@ -35,6 +33,8 @@ def stale_owner(pid: int, written_at: float) -> str | None:
     None if it may have (an asgi-supervise master that started before that).
 
     The kernel reuses pids: after a master was killed, its pid may name anything."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         created = proc.create_time()
@@ -56,6 +56,8 @@ def pid_file(path: str | None) -> Iterator[None]:
     if path is None:
         yield
         return
+    import psutil  # here, not at the top: a start without a pid file does not wait for it
+
     try:
         with open(path) as fh:
             other = int(fh.read().strip() or 0)

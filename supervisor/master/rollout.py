@@ -17,8 +17,6 @@ import random
 import time
 from typing import Protocol
 
-import psutil
-
 from asgi_supervise import drain, sizing
 from asgi_supervise.config.settings import Settings
 from asgi_supervise.master import policy
@@ -61,7 +59,7 @@ class Rollout:
         self.db_share = sizing.db_share(settings)  # connections this instance may hold
         self.generation = 0
         self.reload_started: float | None = None
-        self.last_sample = 0.0
+        self.last_sample = time.monotonic()  # the first sample a second after the start
         self.master_rss = 0
         self.fork_servers_memory = 0  # their PSS, set by the arbiter (fork mode)
         self.rng = random.Random()
@@ -123,6 +121,8 @@ class Rollout:
         forked = self.settings.worker_start == "fork"
         for worker in self.table.live():
             worker.sample(max_rss, pss=forked)
+        import psutil  # imported here, a second after the start: not before the first workers
+
         self.master_rss = psutil.Process().memory_info().rss
         return True
 
