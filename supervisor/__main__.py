@@ -1,5 +1,5 @@
 import sys
 
-from asgi_supervise.cli import main
+from asgi_supervise.launch import main
 
 sys.exit(main())

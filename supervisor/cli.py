@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import socket
 import sys
 import types
 import typing
@@ -18,13 +19,14 @@ from typing import Any, NoReturn
 from asgi_supervise import drain, logs, sizing
 from asgi_supervise.config import gunicorn_conf, sources
 from asgi_supervise.config.settings import FIELDS, meta
+from asgi_supervise.launch import COMMANDS, CONTROL
+from asgi_supervise.master import signals
+from asgi_supervise.master.interpreter import EarlyForkServer
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
 from asgi_supervise.suggest import did_you_mean
 from asgi_supervise.worker import apploader
 
-COMMANDS = ("run", "config", "plan")
-CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
 log = logging.getLogger("asgi_supervise.master")
 
 
@@ -170,7 +172,9 @@ def _version() -> str:
     return f"asgi-supervise {version('asgi-supervise')}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: EarlyForkServer | None = None) -> int:
+    """Parse, load the settings, and run the command; `early` is the fork server `launch`
+    started before these imports, for the master to take."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in CONTROL:
         from asgi_supervise import ctl
@@ -198,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "plan":
             return show_plan(loaded, as_json)
         flags = dict(args)
-        return run(loaded, lambda: sources.load(dict(flags), profile=profile, config_file=config))
+        return run(
+            loaded, lambda: sources.load(dict(flags), profile=profile, config_file=config), early
+        )
     except sources.ConfigError as exc:
         logs.say(str(exc))
         return Exit.USAGE
@@ -239,8 +245,11 @@ def show_plan(loaded: sources.Loaded, as_json: bool) -> int:
     return 0
 
 
-def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = None) -> int:
-    from asgi_supervise.master.arbiter import Arbiter
+def run(
+    loaded: sources.Loaded,
+    reloader: Callable[[], sources.Loaded] | None = None,
+    early: EarlyForkServer | None = None,
+) -> int:
     from asgi_supervise.master.pidfile import PidFileError, pid_file
     from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
 
@@ -298,18 +307,53 @@ def run(loaded: sources.Loaded, reloader: Callable[[], sources.Loaded] | None = 
         )  # fmt: skip
     for warning in plan.warnings:
         log.warning("sizing: %s", warning, extra={"event": "sizing_warning"})
+    if early is not None and (settings.engine == "gunicorn" or settings.worker_start != "fork"):
+        early.discard()
+        early = None
     if settings.engine == "gunicorn":
+        signals.release()  # gunicorn's arbiter installs its own handlers
         return _run_gunicorn(loaded, sockets, plan, reloader)
-    arbiter = Arbiter(settings, sockets, plan, memory_limit=facts.memory_limit)
-    arbiter.loaded = loaded  # `config --running` shows these settings and their sources
-    arbiter.reloader = reloader  # a reload re-reads the config
     try:
         with pid_file(settings.pid_file):
-            return asyncio.run(arbiter.run())
+            return _run_native(loaded, sockets, plan, facts.memory_limit, reloader, early)
     except PidFileError as exc:
         cleanup(sockets)
         logs.say(str(exc))
         return Exit.USAGE
+
+
+def _run_native(
+    loaded: sources.Loaded,
+    sockets: list[socket.socket],
+    plan: sizing.Plan,
+    memory_limit: int | None,
+    reloader: Callable[[], sources.Loaded] | None,
+    early: EarlyForkServer | None,
+) -> int:
+    """The native master. The fork server `launch` started gets its spec and the first
+    workers' requests before the arbiter's modules are imported: they boot meanwhile."""
+    from asgi_supervise.master import forkserver
+    from asgi_supervise.master.sockets import cleanup
+    from asgi_supervise.observe.observability import metrics_directory
+
+    settings = loaded.settings
+    try:
+        directory = metrics_directory(settings)
+    except OSError as exc:
+        cleanup(sockets)
+        logs.say(str(exc))
+        return Exit.USAGE
+    first = None
+    if early is not None:
+        env = None if directory is None else directory.environ()
+        first = forkserver.start_first(settings, sockets, env, early, plan.workers)
+    from asgi_supervise.master.arbiter import Arbiter  # imported while they boot
+
+    arbiter = Arbiter(settings, sockets, plan, memory_limit, directory)
+    arbiter.loaded = loaded  # `config --running` shows these settings and their sources
+    arbiter.reloader = reloader  # a reload re-reads the config
+    arbiter.first = first
+    return asyncio.run(arbiter.run())
 
 
 def _run_gunicorn(

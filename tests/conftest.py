@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ sys.path.append(str(REPO / "bench"))
 # os.environ; workers inherit the master's), so the leak check recognises that test's
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
 FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
+MASTER_UP = re.compile(r"master \d+ serving")  # its loop runs: its signal handlers are in
 FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
@@ -287,7 +289,9 @@ class Supervisor:
         return pids
 
     def serving_pids(self, want: int, timeout: float = 15.0) -> set[int]:
-        """Distinct worker pids seen answering /pid, on new connections, until `want`."""
+        """Distinct worker pids seen answering /pid, on new connections, until `want`; and
+        the master's loop running (the first workers can serve before it: a signal sent
+        then waits for it, and the test would see a reload of a master still starting)."""
         seen: set[int] = set()
 
         def enough() -> bool:
@@ -297,6 +301,11 @@ class Supervisor:
             return len(seen) >= want
 
         wait_until(enough, timeout, lambda: f"{want} workers serving (saw {seen})\n{self.log()}")
+        wait_until(
+            lambda: MASTER_UP.search(self.log()),
+            timeout,
+            lambda: f"the master's loop running\n{self.log()}",
+        )
         return seen
 
     def wait_ready(self, workers: int = 1, timeout: float = 15.0) -> None:

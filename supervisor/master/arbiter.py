@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_supervise import drain, logs
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master import balance, control, policy
+from asgi_supervise.master import balance, control, policy, signals
 from asgi_supervise.master.exits import Exits
 from asgi_supervise.master.forking import Forking
 from asgi_supervise.master.notify import Notifier
@@ -39,15 +39,11 @@ from asgi_supervise.sizing import Plan
 if TYPE_CHECKING:
     from asgi_supervise.config.sources import Loaded
     from asgi_supervise.master.watcher import Watcher
+    from asgi_supervise.observe.multiproc import MultiprocDir
 
 log = logging.getLogger("asgi_supervise.master")
 
 TICK = 0.25  # seconds between health checks when nothing else happens
-
-HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD,
-)  # fmt: skip
 
 
 class Arbiter(Exits, Operations, Forking):
@@ -57,6 +53,7 @@ class Arbiter(Exits, Operations, Forking):
         sockets: list[socket.socket],
         plan: Plan,
         memory_limit: int | None = None,
+        metrics_dir: MultiprocDir | None = None,
     ):
         self.settings = settings
         self.sockets = sockets
@@ -70,10 +67,11 @@ class Arbiter(Exits, Operations, Forking):
         self.watcher: Watcher | None = None
         self.rollout = Rollout(self.table, self, settings, memory_limit)
         self.notify = Notifier()
-        self.observe = Observability(settings, plan)
+        self.observe = Observability(settings, plan, metrics_dir)
         self.announced_ready = False
         self.drain_times = drain.of(settings)
         self._signals: deque[int] = deque()
+        self._changes: deque[list[str]] = deque()  # saved files, from the watcher (--reload)
         self._wake = asyncio.Event()
         # The control socket: commands wait here, like signals, for the loop to run them.
         self.loaded: Loaded | None = None  # the settings' sources, for `config --running`
@@ -86,6 +84,7 @@ class Arbiter(Exits, Operations, Forking):
         self.config_change: dict[str, list[str]] = {}  # the reload's config lines, for its result
         self.restarts: Counter[int] = Counter()  # per slot: workers that died unasked
         self.forks = None  # the fork servers (`forking`), unless workers start by exec
+        self.first = None  # the first fork server, if `launch` started it (`start_first`)
 
     # --- the lifecycle --------------------------------------------------------------------
 
@@ -128,13 +127,14 @@ class Arbiter(Exits, Operations, Forking):
         if self.settings.reload:
             from asgi_supervise.master.watcher import Watcher  # watchfiles only when watching
 
-            self.watcher = Watcher(self.settings, self.files_changed)
+            self.watcher = Watcher(self.settings, self.queue_change)
             self.watcher.start()
         self.start_forking()
         while self.phase is Phase.RUNNING:
             self.supervise()
             await self.wait_for_event()
-            self.handle_signals()
+            if not self.first_workers_pending():  # signals, commands, saves wait for them
+                self.handle_signals()
         await self.drain()
         return self.exit_code
 
@@ -369,7 +369,7 @@ class Arbiter(Exits, Operations, Forking):
             if server is not None:
                 self.fork_server_exited(server, status)
                 continue
-            worker = self.table.get(pid)
+            worker = self.table.get(pid) or self.claim_exited(pid)
             if worker is None:
                 log.debug("reaped orphan process %d", pid)
                 continue
@@ -386,8 +386,10 @@ class Arbiter(Exits, Operations, Forking):
     def install_signal_handlers(self) -> None:
         """Explicit handlers for everything: as PID 1 in a container there are no defaults."""
         loop = asyncio.get_running_loop()
-        for sig in HANDLED_SIGNALS:
+        for sig in signals.HANDLED:
             loop.add_signal_handler(sig, self.queue_signal, sig)
+        for sig in signals.held():  # arrived while the master started (`launch`)
+            self.queue_signal(sig)
 
     def queue_signal(self, sig: int) -> None:
         self._signals.append(sig)
@@ -400,10 +402,18 @@ class Arbiter(Exits, Operations, Forking):
                 await self._wake.wait()
         self._wake.clear()
 
+    def queue_change(self, paths: list[str]) -> None:
+        """Saved files (--reload): acted on in the loop, like a signal."""
+        self._changes.append(paths)
+        self._wake.set()
+
     def handle_signals(self) -> None:
+        """Signals, then control commands, then saved files, in the order they came."""
         while self._signals:
             sig = self._signals.popleft()
             handler = getattr(self, f"handle_{signal.Signals(sig).name.lower()}", None)
             if handler is not None:
                 handler()
         self.handle_commands()
+        while self._changes:
+            self.files_changed(self._changes.popleft())

@@ -20,7 +20,7 @@ import time
 from asgi_supervise.master import forkserver, policy
 from asgi_supervise.master.forkserver import ForkError, ForkServer, ForkServers
 from asgi_supervise.master.phase import Phase
-from asgi_supervise.master.workers import Worker, adopt, spawn
+from asgi_supervise.master.workers import Worker, spawn
 from asgi_supervise.protocol import Exit
 
 log = logging.getLogger("asgi_supervise.master")
@@ -30,15 +30,27 @@ class Forking:
     """Mixed into `Arbiter`. `forks` is None in exec mode."""
 
     forks: ForkServers | None
+    first: ForkServer | None  # started by `launch`, its first workers asked for (`start_first`)
 
     def start_forking(self) -> None:
         if self.settings.worker_start != "fork":
             self.forks = None
             return
         self.forks = ForkServers()
-        if not forkserver.become_subreaper():
+        if self.first is not None:  # before the first `reap`, which must know its pid
+            self.fork_server_booting(self.first)
+            self.first = None
+        elif not forkserver.become_subreaper():
             log.warning("not a child subreaper (not Linux?): forked workers are reaped by init")
         self.ensure_fork_server()
+
+    def first_workers_pending(self) -> bool:
+        """Workers asked for before the loop ran (`start_first`) and not all claimed yet.
+
+        Until they are, the master does not act on signals, commands or saved files: a
+        reload or a scale then would find workers serving that it does not know of. It
+        waits at most --ready-timeout (a fork server not up by then is killed)."""
+        return self.forks is not None and any(server.requested for server in self.forks.alive())
 
     def can_spawn(self, generation: int | None = None) -> bool:
         """A worker can start now: exec mode, or a ready fork server (of `generation`)."""
@@ -60,11 +72,11 @@ class Forking:
         if server is None or not server.ready:
             return None  # `can_spawn` said so: callers ask it first
         try:
-            process, channel = server.fork(slot)
+            process, channel = server.fork(slot, s)
         except ForkError as exc:
             log.warning("worker %d not started: %s", slot, exc)
             return None
-        return adopt(slot, s, process, channel, server.generation)
+        return Worker(slot, process, channel, server.generation)
 
     def ensure_fork_server(self) -> None:
         """Start the fork server the current code generation needs, unless one boots; kill
@@ -100,10 +112,14 @@ class Forking:
             return
         if forks.next is not None:  # booting for a generation already superseded
             forks.next.retire()
-        server = forkserver.start(
-            self.settings, self.sockets, self.rollout.generation, self.observe.worker_environ()
+        env = self.observe.worker_environ()
+        self.fork_server_booting(
+            forkserver.start(self.settings, self.sockets, self.rollout.generation, env)
         )
-        forks.add(server)
+
+    def fork_server_booting(self, server: ForkServer) -> None:
+        assert self.forks is not None
+        self.forks.add(server)
         asyncio.get_running_loop().add_reader(
             server.channel.fileno(), self.on_fork_server_message, server
         )
@@ -111,6 +127,18 @@ class Forking:
             "%s booting%s", server.tag(), " (preloading the app)" if server.preload else "",
             extra=server.extra("fork_server_booting"),
         )  # fmt: skip
+
+    def claim_exited(self, pid: int) -> Worker | None:
+        """A worker asked for before the loop ran (`start_first`) that exited before it was
+        claimed (an app that fails at import): claimed now, so its exit is seen."""
+        if self.forks is None:
+            return None
+        for server in self.forks.alive():
+            self.on_fork_server_message(server)  # its answers, read first
+            slot = server.forked_slot(pid)
+            if slot is not None and server is self.forks.current:
+                return self.start_worker(slot)
+        return None
 
     def on_fork_server_message(self, server: ForkServer) -> None:
         changed, eof = server.read_messages()
@@ -136,6 +164,7 @@ class Forking:
         if server.state != "retiring":
             server.read_messages()  # its last words: a boot error
         server.channel.close()
+        server.drop_requests()
         retired = server.state == "retiring"
         server.exited(status)
         forks = self.forks

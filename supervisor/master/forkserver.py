@@ -1,9 +1,10 @@
 """The master's handle on a fork server: start it, ask it for a worker, retire it.
 
 A fork server (`asgi_supervise.worker.forkserver`) is started by exec like a worker, one
-per code generation, and forks workers that the master adopts as its own children: the
-master is a child subreaper (`become_subreaper`), so a worker's exit and status reach it
-through `waitpid` at once, as an exec'd worker's do, and no worker depends on the fork
+per code generation (the first before the master's own imports: `interpreter`), and
+forks workers that the master adopts as its own children: the master is a child
+subreaper (`become_subreaper`), so a worker's exit and status reach it through
+`waitpid` at once, as an exec'd worker's do, and no worker depends on the fork
 server staying up.
 """
 
@@ -19,14 +20,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.interpreter import FORKSERVER_MODULE, EarlyForkServer, exec_python
 from asgi_supervise.master.policy import SlotHealth
-from asgi_supervise.master.workers import exec_python, send_spec
+from asgi_supervise.master.workers import send_spec
 from asgi_supervise.protocol import READ_BYTES, decode, encode
+
+if TYPE_CHECKING:
+    import psutil
 
 log = logging.getLogger("asgi_supervise.master")
 
@@ -69,6 +72,8 @@ class ForkServer:
     boot_error: str | None = None
     exit_status: str | None = None
     forks: int = 0  # workers it has started
+    requested: dict[int, socket.socket] = field(default_factory=dict)  # slot -> our channel end
+    answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # slot -> forked, unclaimed
     rss: int = 0
     pss: int = 0
     _ps: psutil.Process | None = None
@@ -93,7 +98,7 @@ class ForkServer:
         }
 
     def read_messages(self) -> tuple[bool, bool]:
-        """Take what it said (ready, boot_error): (state changed, channel at EOF)."""
+        """Take what it said (ready, boot_error, answers): (state changed, channel at EOF)."""
         before = self.state, self.boot_error
         while True:
             try:
@@ -104,43 +109,105 @@ class ForkServer:
                 data = b""
             if not data:
                 return (self.state, self.boot_error) != before, True
-            try:
-                message = decode(data)
-            except ValueError:
-                continue
-            if message.get("t") == "ready" and self.state == "booting":
-                self.state, self.ready_at = "ready", time.monotonic()
-            elif message.get("t") == "boot_error":
-                self.boot_error = str(message.get("error", "")).strip()
+            self._take(data)
 
-    def fork(self, slot: int) -> tuple[Forked, socket.socket]:
-        """A new worker: its process and the master's end of its control channel.
+    def _take(self, data: bytes) -> None:
+        try:
+            message = decode(data)
+        except ValueError:
+            return
+        kind = message.get("t")
+        if kind == "ready" and self.state == "booting":
+            self.state, self.ready_at = "ready", time.monotonic()
+        elif kind == "boot_error":
+            self.boot_error = str(message.get("error", "")).strip()
+        elif kind in ("forked", "fork_failed") and message.get("slot") in self.requested:
+            self.answers[message["slot"]] = message
 
-        Blocks until the fork server answers (a fork: milliseconds). The worker's end of the
-        channel travels with the request; the worker's pid comes back from the fork server's
-        middle process, before the worker can be re-parented to us, so `reap` knows it.
+    def request(self, slot: int, settings: Settings) -> bool:
+        """Ask for a worker in `slot` without waiting; `fork` takes the answer.
+
+        Its spec goes on its channel at once, so it boots the moment it is forked:
+        `start_first` asks for the first workers this way, before the master's loop runs.
+        False if the channel takes no more requests now (the kernel queues only a few
+        messages on a local socket).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.channel.setblocking(True)
-            self.channel.settimeout(FORK_TIMEOUT)
             socket.send_fds(self.channel, [encode({"t": "fork", "slot": slot})], [theirs.fileno()])
-            reply = decode(self.channel.recv(READ_BYTES) or b"{}")
-        except (OSError, ValueError) as exc:
+        except BlockingIOError:
             ours.close()
-            raise ForkError(f"{self.tag()} did not answer: {exc or 'timeout'}") from None
+            return False
+        except OSError as exc:
+            ours.close()
+            raise ForkError(f"{self.tag()} takes no requests: {exc}") from None
         finally:
             theirs.close()
-            with contextlib.suppress(OSError):
+        send_spec(ours, settings)
+        self.requested[slot] = ours
+        return True
+
+    def fork(self, slot: int, settings: Settings) -> tuple[Forked, socket.socket]:
+        """A worker in `slot`: its process and the master's end of its control channel.
+
+        Blocks until the fork server answers (a fork: milliseconds), unless a `request`
+        was answered already. The worker's end of the channel travels with the request;
+        the worker's pid comes back from the fork server's middle process, before the
+        worker can be re-parented to us, so `reap` knows it.
+        """
+        if slot not in self.requested:
+            self.channel.settimeout(FORK_TIMEOUT)  # wait for room in the queue
+            try:
+                self.request(slot, settings)
+            except TimeoutError:
+                raise ForkError(f"{self.tag()} takes no requests: timeout") from None
+            finally:
                 self.channel.setblocking(False)
-        if reply.get("t") != "forked":
+        ours = self.requested[slot]
+        try:
+            answer = self._answer(slot)
+        except (OSError, ValueError) as exc:
+            del self.requested[slot]
             ours.close()
-            raise ForkError(f"{self.tag()} could not fork: {reply.get('error', reply)}")
+            raise ForkError(f"{self.tag()} did not answer: {exc or 'timeout'}") from None
+        del self.requested[slot], self.answers[slot]
+        if answer.get("t") != "forked":
+            ours.close()
+            raise ForkError(f"{self.tag()} could not fork: {answer.get('error', answer)}")
         self.forks += 1
-        return Forked(int(reply["pid"])), ours
+        return Forked(int(answer["pid"])), ours
+
+    def forked_slot(self, pid: int) -> int | None:
+        """The slot of `pid` if this fork server forked it on request and it is unclaimed."""
+        for slot, answer in self.answers.items():
+            if answer.get("t") == "forked" and answer.get("pid") == pid:
+                return slot
+        return None
+
+    def _answer(self, slot: int) -> dict[str, Any]:
+        """Read the channel until `slot`'s answer is there; what else comes is taken too."""
+        self.channel.settimeout(FORK_TIMEOUT)
+        try:
+            while slot not in self.answers:
+                data = self.channel.recv(READ_BYTES)
+                if not data:
+                    raise OSError("its channel closed")
+                self._take(data)
+        finally:
+            self.channel.setblocking(False)
+        return self.answers[slot]
+
+    def drop_requests(self) -> None:
+        """Workers requested and never claimed are not wanted: their channels close, and a
+        worker whose channel closes drains and exits (one not forked yet never serves)."""
+        for ours in self.requested.values():
+            ours.close()
+        self.requested.clear()
+        self.answers.clear()
 
     def retire(self) -> None:
         """Done with it: it exits on the closed channel; SIGTERM in case it is still booting."""
+        self.drop_requests()
         if self.state == "exited":
             return
         self.state = "retiring"
@@ -161,6 +228,8 @@ class ForkServer:
 
     def sample(self) -> None:
         """Its memory: RSS, and PSS (what it really adds beside the workers sharing its pages)."""
+        import psutil  # first needed a second after the start, not before the first workers
+
         try:
             self._ps = self._ps or psutil.Process(self.pid)
             info = self._ps.memory_full_info()
@@ -182,12 +251,44 @@ class ForkServer:
 
 
 def start(
-    settings: Settings, sockets: list[socket.socket], generation: int, env: dict[str, str] | None
+    settings: Settings,
+    sockets: list[socket.socket],
+    generation: int,
+    env: dict[str, str] | None,
+    early: EarlyForkServer | None = None,
 ) -> ForkServer:
-    """`python -m asgi_supervise.worker.forkserver`, with the listeners its workers inherit."""
-    process, ours = exec_python("asgi_supervise.worker.forkserver", sockets, env)
-    send_spec(ours, settings)
-    return ForkServer(process, ours, generation, settings.preload)
+    """`python -m asgi_supervise.worker.forkserver`, with the listeners its workers inherit:
+    the one started `early` (before the master's imports) if given, or a new one."""
+    if early is None:
+        process, ours = exec_python(FORKSERVER_MODULE, sockets, env)
+        spec: tuple[Any, ...] = (ours, settings)
+        started = time.monotonic()
+    else:
+        process, ours, started = early.take()
+        spec = (ours, settings, env, sockets)
+    with contextlib.suppress(OSError):  # it died at once: reaped and restarted like any other
+        send_spec(*spec)
+    return ForkServer(process, ours, generation, settings.preload, started=started)
+
+
+def start_first(
+    settings: Settings,
+    sockets: list[socket.socket],
+    env: dict[str, str] | None,
+    early: EarlyForkServer,
+    workers: int,
+) -> ForkServer:
+    """The fork server started `early`, given its spec, and asked at once for the first
+    `workers` (as many as its channel queues): they boot while the master imports the rest
+    of itself and starts its loop, which then claims them (`fork`) like any other."""
+    if not become_subreaper():
+        log.warning("not a child subreaper (not Linux?): forked workers are reaped by init")
+    server = start(settings, sockets, 0, env, early)
+    with contextlib.suppress(ForkError):  # gone already (a failed --preload): the loop says why
+        for slot in range(1, workers + 1):
+            if not server.request(slot, settings):
+                break
+    return server
 
 
 @dataclass

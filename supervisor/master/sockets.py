@@ -9,6 +9,7 @@ import stat
 from collections.abc import MutableMapping
 
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.interpreter import SOCKET_ACTIVATION
 
 
 class BindError(Exception):
@@ -144,7 +145,7 @@ def from_systemd(environ: MutableMapping[str, str]) -> list[socket.socket]:
     socket unit decides the addresses, and systemd keeps them open across restarts.
     """
     count, pid = environ.get("LISTEN_FDS", ""), environ.get("LISTEN_PID", "")
-    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+    for name in SOCKET_ACTIVATION:
         environ.pop(name, None)
     if not (count.isdigit() and pid.isdigit()) or int(pid) != os.getpid():
         return []

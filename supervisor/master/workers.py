@@ -9,17 +9,18 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from asgi_supervise.config.settings import Settings
+from asgi_supervise.master.interpreter import exec_python
 from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
 if TYPE_CHECKING:
+    import psutil
+
     from asgi_supervise.master.forkserver import Forked
 
 log = logging.getLogger("asgi_supervise.master")
@@ -127,6 +128,8 @@ class Worker:
     def sample(self, max_rss: int | None, pss: bool = False) -> None:
         """RSS and CPU via psutil; count consecutive samples over the memory limit. `pss`
         for forked workers, whose RSS counts the pages they share with the fork server."""
+        import psutil  # first needed a second after the start, not before the first workers
+
         try:
             self._ps = self._ps or psutil.Process(self.pid)
             with self._ps.oneshot():
@@ -230,48 +233,28 @@ def spawn(
     """Start `python -m asgi_supervise.worker` with the listening sockets and a channel.
 
     Exec (not fork) from the master: it may hold threads and an event loop. Forked
-    workers come from a fork server instead (`forkserver`, `adopt`).
+    workers come from a fork server instead (`forkserver`).
     """
     process, ours = exec_python("asgi_supervise.worker", sockets, env)
-    return adopt(slot, settings, process, ours, generation)
+    send_spec(ours, settings)
+    return Worker(slot, process, ours, generation)
 
 
-def exec_python(
-    module: str, sockets: list[socket.socket], env: dict[str, str] | None
-) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """`python -m module` in its own process group, holding the listeners and its end of a
-    fresh channel; returns the process and the master's end."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    fds = [s.fileno() for s in sockets]
-    command = [
-        sys.executable, "-m", module,
-        # Not secret, and needed before its imports: it dies with the master.
-        "--master-pid", str(os.getpid()),
-        "--control-fd", str(theirs.fileno()),
-        "--socket-fds", ",".join(map(str, fds)),
-    ]  # fmt: skip
-    try:
-        process = subprocess.Popen(
-            command,
-            pass_fds=[*fds, theirs.fileno()],
-            process_group=0,
-            env=None if env is None else {**os.environ, **env},
-        )
-    finally:
-        theirs.close()
-    return process, ours
+def send_spec(
+    control: socket.socket,
+    settings: Settings,
+    env: dict[str, str] | None = None,
+    sockets: Sequence[socket.socket] = (),
+) -> None:
+    """The settings, over the channel: never argv or environ, they may hold secrets.
 
-
-def send_spec(control: socket.socket, settings: Settings) -> None:
-    """The settings, over the channel: never argv or environ, they may hold secrets."""
-    spec = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
-    control.sendall(encode(spec))
+    A fork server started early (`interpreter.EarlyForkServer`) also gets here what an
+    exec gives the others: the environment the master adds, and the listeners."""
+    spec: dict[str, Any] = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
+    if env:
+        spec["env"] = env
+    if sockets:
+        socket.send_fds(control, [encode(spec)], [s.fileno() for s in sockets])
+    else:
+        control.sendall(encode(spec))
     control.setblocking(False)
-
-
-def adopt(
-    slot: int, settings: Settings, process: Any, control: socket.socket, generation: int
-) -> Worker:
-    """The handle on a started worker, which waits on `control` for its spec."""
-    send_spec(control, settings)
-    return Worker(slot, process, control, generation)

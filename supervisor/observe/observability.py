@@ -57,12 +57,24 @@ def writable_tempdir() -> str:
         ) from None
 
 
+def metrics_directory(settings: Settings) -> MultiprocDir | None:
+    """The workers' metrics directory (None with --no-metrics), made before any worker
+    starts: its path is in their environment. OSError says what to set instead."""
+    if not settings.metrics:
+        return None
+    from asgi_supervise.observe.multiproc import MultiprocDir
+
+    if settings.multiproc_dir is None:
+        writable_tempdir()
+    return MultiprocDir.create(settings.multiproc_dir)
+
+
 class Observability:
-    def __init__(self, settings: Settings, plan: Plan):
+    def __init__(self, settings: Settings, plan: Plan, directory: MultiprocDir | None = None):
         self.settings = settings
         self.plan = plan
         self.metrics: SupervisorMetrics = OFF  # until start(), and for good with --no-metrics
-        self.dir: MultiprocDir = OFF
+        self.dir: MultiprocDir = directory or OFF  # `metrics_directory`
         self.server: HealthServer | None = None
 
     async def start(self, arbiter: Arbiter) -> None:
@@ -73,12 +85,8 @@ class Observability:
         # Imported only when used: prometheus_client and uvicorn cost the master ~30 MB.
         from asgi_supervise.observe.health import HealthApp, readiness, start_server
         from asgi_supervise.observe.metrics import SupervisorMetrics, render
-        from asgi_supervise.observe.multiproc import MultiprocDir
 
         self.metrics = metrics = SupervisorMetrics()
-        if s.multiproc_dir is None:
-            writable_tempdir()
-        self.dir = MultiprocDir.create(s.multiproc_dir)
         metrics.set_plan(self.plan.to_dict())
 
         def verdict() -> tuple[bool, str]:

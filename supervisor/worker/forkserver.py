@@ -44,10 +44,14 @@ MACHINERY = (
     "uvicorn.middleware.proxy_headers", "asgi_supervise.worker.server",
     "asgi_supervise.worker.meter", "asgi_supervise.worker._meter",
     "asgi_supervise.worker.forwarded", "asgi_supervise.worker.apploader", "asyncio",
+    # The protocols of the default settings (`--http auto`, `--ws auto`), before the spec
+    # says which: the fork server started early imports them while the master starts.
+    "uvicorn.protocols.http.auto", "uvicorn.protocols.websockets.auto",
 )  # fmt: skip
 NAME = b"asgi-forkserver"  # its name in ps and top (comm), and its workers' name:
 WORKER_NAME = b"asgi-worker"  # they share its command line
 PR_SET_NAME = 15
+MAX_LISTENERS = 64  # descriptors a spec may carry
 REPARENT_WAIT = 5.0  # seconds a worker waits to be handed to the master before giving up
 
 
@@ -58,18 +62,23 @@ def _set_name(name: bytes) -> None:
         libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
-def _import_machinery(settings: Any) -> None:
+def _import(names: Any) -> None:
     """What the workers would import, so they start with it loaded and share its pages.
     A name that is missing (an optional extra) is skipped: the worker reports it."""
+    for name in names:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _protocols(settings: Any) -> list[str]:
+    """The modules of the HTTP and WebSocket protocols the settings choose."""
     import uvicorn.config
 
     chosen = (
         uvicorn.config.HTTP_PROTOCOLS.get(settings.http),
         uvicorn.config.WS_PROTOCOLS.get(settings.ws),
     )
-    for name in (*MACHINERY, *(spec.partition(":")[0] for spec in chosen if spec)):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
+    return [spec.partition(":")[0] for spec in chosen if spec]
 
 
 def _preload(control: Control, settings: Any) -> None:
@@ -86,17 +95,15 @@ def _preload(control: Control, settings: Any) -> None:
         boot_error(control, exc)
 
 
-def _receive_fork(channel: socket.socket) -> tuple[dict[str, Any], int | None]:
-    """One request and the descriptor it carries; ({}, None) once the master is gone."""
+def _receive(channel: socket.socket, max_fds: int) -> tuple[dict[str, Any], list[int]]:
+    """One message and the descriptors it carries; ({}, []) once the master is gone."""
     try:
-        data, fds, _flags, _addr = socket.recv_fds(channel, SPEC_BYTES, 1)
+        data, fds, _flags, _addr = socket.recv_fds(channel, SPEC_BYTES, max_fds)
     except OSError:
-        return {}, None
+        return {}, []
     for fd in fds:
-        os.set_inheritable(fd, False)  # the app's own children must not hold it
-    if not data:
-        return {}, None
-    return decode(data), fds[0] if fds else None
+        os.set_inheritable(fd, False)  # the app's own children must not hold them
+    return (decode(data), fds) if data else ({}, fds)
 
 
 def _become_worker(
@@ -149,7 +156,7 @@ def _fork(
     try:
         middle = os.fork()
     except OSError as exc:
-        channel.send(encode({"t": "fork_failed", "error": str(exc)}))
+        channel.send(encode({"t": "fork_failed", "slot": request.get("slot"), "error": str(exc)}))
         os.close(control_fd)
         return
     if middle == 0:
@@ -162,47 +169,62 @@ def _fork(
             os._exit(0)
         except BaseException as exc:
             try:
-                channel.send(encode({"t": "fork_failed", "error": str(exc)}))
+                failed = {"t": "fork_failed", "slot": request.get("slot"), "error": str(exc)}
+                channel.send(encode(failed))
             finally:
                 os._exit(1)
     os.close(control_fd)
     os.waitpid(middle, 0)
 
 
-def serve(channel: socket.socket, listeners: list[socket.socket]) -> None:
+def serve(channel: socket.socket, listeners: list[socket.socket] | None) -> None:
+    """Import, take the spec, preload, then fork on request until the channel closes.
+
+    `listeners` is None for the fork server started before the master's imports: it
+    imports the machinery while the master reads its settings, and gets the listeners
+    (and the environment the master adds) with the spec.
+    """
     _set_name(NAME)
     control = Control(channel)
-    spec = control.receive()
+    _import(MACHINERY)
+    spec, fds = _receive(channel, MAX_LISTENERS)
+    if not spec:
+        os._exit(0)  # the master is gone, or did not need us
+    if listeners is None:
+        listeners = [socket.socket(fileno=fd) for fd in fds]
+    os.environ.update(spec.get("env") or {})
     master_pid = spec["master_pid"]
     die_with_master(master_pid)
     settings = SimpleNamespace(**spec["settings"])
-    _import_machinery(settings)
+    _import(_protocols(settings))
     if settings.preload:
         _preload(control, settings)
     gc.freeze()
     control.send("ready", preloaded=bool(settings.preload))
     while True:
-        request, fd = _receive_fork(channel)
-        if fd is None:
+        request, fds = _receive(channel, 1)
+        if not fds:
             if not request:
                 os._exit(0)  # the master closed the channel: it is gone or retiring us
             continue
         if request.get("t") == "fork":
-            _fork(channel, request, fd, listeners, master_pid)
+            _fork(channel, request, fds[0], listeners, master_pid)
         else:
-            os.close(fd)
+            os.close(fds[0])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="asgi-supervise fork server")
     parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--socket-fds", required=True)
+    parser.add_argument("--socket-fds")  # none when started early: they come with the spec
     parser.add_argument("--master-pid", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_master(args.master_pid)
     channel = socket.socket(fileno=args.control_fd)
-    listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
-    for sock in (channel, *listeners):
+    listeners = None
+    if args.socket_fds:
+        listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
+    for sock in (channel, *(listeners or ())):
         sock.set_inheritable(False)
     serve(channel, listeners)
 

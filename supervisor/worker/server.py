@@ -175,8 +175,9 @@ class WorkerServer(uvicorn.Server):
 
     def _on_control(self) -> None:
         messages, eof = self.control.poll()
-        if eof:  # the master is gone: PR_SET_PDEATHSIG ends us
+        if eof:  # a dead master's PR_SET_PDEATHSIG ends us; a live one closed it: not wanted
             asyncio.get_running_loop().remove_reader(self.control.sock.fileno())
+            self.should_exit = True
         for message in messages:
             kind = message.get("t")
             if kind == "pause" and not self.should_exit:

@@ -297,7 +297,8 @@ def test_master_as_pid_1_honours_sigterm_and_reaps_orphans(tmp_path: Path):
     try:
         master = wait_until(lambda: psutil.Process(outer.pid).children(), 10, "the master")[0]
         wait_until(lambda: try_get(port, "/pid"), 15, "the worker serving")
-        assert "master 1 serving" in log_path.read_text()  # it really is PID 1 in there
+        # It really is PID 1 in there (the first workers may serve before it says so).
+        wait_until(lambda: "master 1 serving" in log_path.read_text(), 10, "the master's line")
 
         for _ in range(3):  # each leaves a `sleep` re-parented to the master
             assert get(port, "/orphan")[0] == 200

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from loadgen import Load
 
-from conftest import run_cli, try_get, wait_until
+from conftest import APPS, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -177,3 +177,34 @@ def test_preload_under_reload_waits_for_a_save_and_keeps_old_workers_serving(sup
     _write_app(tmp_path, "v3")
     wait_until(lambda: _get(server, "/version") == "v3", 15, "the next save to serve")
     assert server.process.poll() is None
+
+
+def test_first_workers_serve_before_the_master_loop_and_signals_wait_for_it(
+    supervisor, tmp_path: Path
+):
+    """The first workers are asked for before the master imports the rest of itself, so
+    they answer before its signal handlers are in place (here its arbiter's import is held
+    until the workers serve): a HUP then is a reload once the master knows its workers,
+    every one replaced, not the default action that would end it; a TERM then drains."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "hold").touch()
+    env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_MASTER_GATE": str(gate)}
+    server = supervisor("testapp:app", "--workers", "2", env=env)
+    answer = wait_until(lambda: try_get(server.port, "/pid", timeout=1.0), 15, "a first answer")
+    assert list(gate.glob("importing-*")) and "master" not in server.log()  # still held
+    server.signal(signal.SIGHUP)
+    (gate / "hold").unlink()
+    wait_until(lambda: "reload complete" in server.log(), 15, lambda: server.log())
+    assert int(answer[1]) not in server.worker_pids()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0, server.log()
+
+
+def test_more_first_workers_than_the_channel_queues(supervisor):
+    """A local socket queues only a few messages (net.unix.max_dgram_qlen, 10 by default):
+    the first workers asked for beyond that are forked once the master's loop runs."""
+    server = supervisor("testapp:app", "--workers", "12")
+    server.wait_ready(12)
+    assert len(server.worker_pids()) == 12
+    assert len(server.fork_server_pids()) == 1

@@ -81,7 +81,7 @@ def test_wheel_ships_profiles_and_runs_installed(tmp_path: Path):
     assert "asgi_supervise/worker/forwarded.py" in names  # proxy headers: Python only
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert (
-        "asgi-supervise = asgi_supervise.cli:main"
+        "asgi-supervise = asgi_supervise.launch:main"
         in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 

@@ -1,0 +1,59 @@
+"""The `asgi-supervise` command: start the first fork server, then the master's imports.
+
+Only the standard library is imported before the fork server starts: it then imports
+uvicorn, the loop and the parser on the other core while this process imports the
+settings model and reads the settings (`master/interpreter.py` says why and how it is
+handed over). Commands that serve nothing (`config`, `plan`, the control commands,
+`--help`, `--version`) start none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+from collections.abc import Mapping
+
+from asgi_supervise.master import signals
+from asgi_supervise.master.interpreter import EarlyForkServer
+
+COMMANDS = ("run", "config", "plan")
+CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
+# Workers that do not come from a fork server, as a flag or variable says it (a profile
+# or a file may say it too: the settings decide, and an unneeded fork server is stopped).
+NO_FORK_SERVER = {"worker-start": "exec", "engine": "gunicorn"}
+
+
+def forks(argv: list[str], environ: Mapping[str, str]) -> bool:
+    """Whether this command line starts a master whose workers come from a fork server."""
+    if argv[:1] and argv[0] in (*COMMANDS, *CONTROL) and argv[0] != "run":
+        return False
+    if any(arg in ("-h", "--help", "--version") for arg in argv):
+        return False
+    for name, value in NO_FORK_SERVER.items():
+        flag = f"--{name}"
+        variable = "ASGI_SUPERVISE_" + name.upper().replace("-", "_")
+        if (
+            f"{flag}={value}" in argv
+            or (flag, value) in itertools.pairwise(argv)
+            or environ.get(variable, "").lower() == value
+        ):
+            return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    early = None
+    if forks(argv, os.environ):
+        signals.hold()  # its first workers may serve before its handlers are in place
+        with contextlib.suppress(OSError):  # none (no memory, no descriptors): one later
+            early = EarlyForkServer()
+    try:
+        from asgi_supervise.cli import main as cli_main
+
+        return cli_main(argv, early)
+    finally:
+        if early is not None:
+            early.discard()  # unless the master took it
