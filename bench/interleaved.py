@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Request-metrics overhead, with the servers loaded in turn, not one after another.
+"""Request-metrics overhead (`--compare start`: workers forked from a fork server against
+exec'd ones), with the servers loaded in turn, not one after another.
 
     .venv/bin/python bench/interleaved.py [--segment S] [--cycles N] [--pin SERVER:LOAD]
                                           [--header 'Name: value' ...] [--together]
-                                          [--restart N]
+                                          [--restart N] [--compare metrics|start]
 
 `bench/run.py metrics` starts each server afresh for one 10 s load, so a pair of runs is
 tens of seconds apart, and on this 2-vCPU VM the machine's speed drifts by more than the
@@ -50,20 +51,42 @@ from run import environment
 from scenarios import HELLO, parse_wrk
 
 SUP = "asgi-supervise {app} --workers 1 --host {host} --port {port} --no-access-log"
-SERVERS = {
-    "on": SUP + " --metrics --metrics-port {metrics_port}",
-    "endpoint-only": SUP + " --metrics --no-request-metrics --metrics-port {metrics_port}",
-    "off": SUP,
-    "uvicorn": "uvicorn {app} --workers 1 --host {host} --port {port} --no-access-log",
+UVICORN = "uvicorn {app} --workers 1 --host {host} --port {port} --no-access-log"
+# --compare: the servers, and (numerator, denominator, figure, target) ratios to judge.
+COMPARISONS: dict[str, tuple[dict[str, str], list[tuple[str, str, str, str]]]] = {
+    # The request-metrics targets, and two controls.
+    "metrics": (
+        {
+            "on": SUP + " --metrics --metrics-port {metrics_port}",
+            "endpoint-only": SUP + " --metrics --no-request-metrics --metrics-port {metrics_port}",
+            "off": SUP,
+            "uvicorn": UVICORN,
+        },
+        [
+            ("on", "off", "rps", ">= 0.97"),
+            ("on", "uvicorn", "cpu_us", "<= 1.03"),
+            ("on", "off", "cpu_us", ""),
+            ("endpoint-only", "off", "rps", ""),
+            ("off", "uvicorn", "cpu_us", ""),
+        ],
+    ),
+    # Workers forked from a fork server (with and without --preload) against exec'd ones.
+    "start": (
+        {
+            "fork": SUP,
+            "exec": SUP + " --worker-start exec",
+            "preload": SUP + " --preload",
+            "uvicorn": UVICORN,
+        },
+        [
+            ("fork", "exec", "rps", "0.97-1.03"),
+            ("fork", "exec", "cpu_us", "0.97-1.03"),
+            ("preload", "exec", "rps", "0.97-1.03"),
+            ("preload", "exec", "cpu_us", "0.97-1.03"),
+            ("fork", "uvicorn", "cpu_us", ""),
+        ],
+    ),
 }
-# (numerator, denominator, figure, target): what the request-metrics targets judge, and two controls
-RATIOS = [
-    ("on", "off", "rps", ">= 0.97"),
-    ("on", "uvicorn", "cpu_us", "<= 1.03"),
-    ("on", "off", "cpu_us", ""),
-    ("endpoint-only", "off", "rps", ""),
-    ("off", "uvicorn", "cpu_us", ""),
-]
 
 
 HEADERS: list[str] = []  # --header: sent with every request
@@ -104,7 +127,7 @@ async def start(o: argparse.Namespace) -> dict[str, Server]:
     """The four servers, answering and warmed up (each loaded 2 s, not measured)."""
     servers: dict[str, Server] = {}
     try:
-        for name, template in SERVERS.items():
+        for name, template in COMPARISONS[o.compare][0].items():
             servers[name], _ = await start_ready(name, template, HELLO, o)
         warm_ups = [load(srv.port, 2) for srv in servers.values()]
         if o.together:
@@ -126,11 +149,12 @@ async def measure(o: argparse.Namespace) -> dict[str, Any]:
     batch = o.restart or o.cycles
     for first in range(0, o.cycles, batch):
         servers = await start(o)
-        on_metrics = servers["on"].metrics_port
-        assert on_metrics is not None
+        on_metrics = servers["on"].metrics_port if "on" in servers else None
         try:
-            await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
-            before = await counted(on_metrics)
+            before = after = None
+            if on_metrics is not None:
+                await asyncio.sleep(o.flush_wait)  # workers deliver their counts once a second
+                before = await counted(on_metrics)
             for cycle in range(first, min(first + batch, o.cycles)):
                 order = rotated(list(servers), cycle)
                 if o.together:  # all at once, wrk started in this order: they share the CPU
@@ -141,8 +165,9 @@ async def measure(o: argparse.Namespace) -> dict[str, Any]:
                 cycles.append(results)
                 brief = ", ".join(f"{n} {r['rps']:.0f}/s" for n, r in results.items())
                 print(f"[cycle {cycle + 1}/{o.cycles}] {brief}", file=sys.stderr, flush=True)
-            await asyncio.sleep(o.flush_wait)
-            after = await counted(on_metrics)
+            if on_metrics is not None:
+                await asyncio.sleep(o.flush_wait)
+                after = await counted(on_metrics)
         finally:
             for srv in servers.values():
                 srv.stop()
@@ -153,15 +178,16 @@ async def measure(o: argparse.Namespace) -> dict[str, Any]:
     return {
         "cycles": cycles,
         "metrics_counted": counted_total,
-        "wrk_completed": sum(c["on"]["requests"] for c in cycles),
+        "wrk_completed": sum(c["on"]["requests"] for c in cycles if "on" in c),
     }
 
 
 def markdown(out: dict[str, Any]) -> str:
     o, cycles = out["options"], out["result"]["cycles"]
-    names = list(SERVERS)
+    servers, ratios_judged = COMPARISONS[o.get("compare", "metrics")]
+    names = list(servers)
     lines = [
-        f"# request-metrics overhead, interleaved: {out['env']['date']}",
+        f"# {o.get('compare', 'metrics')}, interleaved: {out['env']['date']}",
         "",
         f"`{out['command']}`: {len(cycles)} cycles of {o['segment']} s per server"
         + (", all servers loaded at once" if o.get("together") else ", one after another")
@@ -176,27 +202,27 @@ def markdown(out: dict[str, Any]) -> str:
         rps = [c[n]["rps"] for c in cycles]
         cpu = [c[n]["cpu_us"] for c in cycles]
         lines.append(
-            f"| {n} | `{SERVERS[n]}` | {median(rps):,.0f} [{min(rps):,.0f}-{max(rps):,.0f}] "
+            f"| {n} | `{servers[n]}` | {median(rps):,.0f} [{min(rps):,.0f}-{max(rps):,.0f}] "
             f"| {median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}] |"
         )
     lines += ["", "| ratio, within each cycle | median [min-max] | target |", "|---|---|---|"]
-    for a, b, k, target in RATIOS:
+    for a, b, k, target in ratios_judged:
         ratios = [c[a][k] / c[b][k] for c in cycles]
         lines.append(f"| {k} {a} / {b} | {spread(ratios, 3)} | {target} |")
     if o.get("together"):  # at saturation, throughput is CPU per request inverted
-        ratios = [c["off"]["cpu_us"] / c["on"]["cpu_us"] for c in cycles]
-        lines.append(f"| throughput at equal CPU, on / off | {spread(ratios, 3)} | >= 0.97 |")
+        a, b, _, _ = ratios_judged[0]
+        ratios = [c[b]["cpu_us"] / c[a]["cpu_us"] for c in cycles]
+        lines.append(f"| throughput at equal CPU, {a} / {b} | {spread(ratios, 3)} | >= 0.97 |")
     r = out["result"]
     errors = sum(c[n]["errors"] for c in cycles for n in names)
-    lines += [
-        "",
-        f"- wrk errors (socket errors and non-2xx), all servers: {errors}",
-        f"- requests the metrics-on server's /metrics counted over the cycles: "
-        f"{r['metrics_counted']}; wrk completed {r['wrk_completed']} (wrk does not count "
-        "the requests in flight when each load stops, up to 32)",
-        "",
-    ]
-    return "\n".join(lines)
+    lines += ["", f"- wrk errors (socket errors and non-2xx), all servers: {errors}"]
+    if "on" in servers:
+        lines.append(
+            f"- requests the metrics-on server's /metrics counted over the cycles: "
+            f"{r['metrics_counted']}; wrk completed {r['wrk_completed']} (wrk does not count "
+            "the requests in flight when each load stops, up to 32)"
+        )
+    return "\n".join([*lines, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="start the servers afresh every N cycles (0: once): a process keeps the speed "
         "its start gave it, so fresh ones average that luck out",
+    )
+    p.add_argument(
+        "--compare",
+        choices=sorted(COMPARISONS),
+        default="metrics",
+        help="metrics: request metrics on, endpoint only, off, uvicorn; start: forked "
+        "workers (with and without --preload) against exec'd ones, and uvicorn",
     )
     p.add_argument("--flush-wait", type=float, default=1.5)
     p.add_argument(

@@ -45,6 +45,9 @@ def main(paths: list[str]) -> int:
     for path in paths:
         with open(path) as f:
             data: dict[str, Any] = json.load(f)
+        if data["options"].get("compare", "metrics") != "metrics":
+            print(f"skipped {path}: not a request-metrics run", file=sys.stderr)
+            continue
         runs.append((data["command"], data["result"]["cycles"]))
     print(f"{len(runs)} runs, {sum(len(c) for _, c in runs)} cycles")
     for name, ratio in RATIOS.items():
