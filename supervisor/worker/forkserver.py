@@ -1,10 +1,12 @@
 """The fork server: imports the worker's machinery once, then forks workers on request.
 
 Started by the master as ``python -m asgi_supervise.worker.forkserver``, one per code
-generation. It imports uvicorn, its protocols and loop, our worker modules and, with
-``--preload``, the app; then it runs no event loop and no thread, freezes what it holds
-out of the garbage collector's reach (`gc.freeze`: collections in the workers do not
-write to the shared pages), and waits on its channel for ``fork`` requests.
+generation; the first before the master's own imports, with no listeners: they come with
+its spec, which it waits for once the machinery is imported. It imports uvicorn, its
+protocols and loop, our worker modules and, with ``--preload``, the app; then it runs no
+event loop and no thread, freezes what it holds out of the garbage collector's reach
+(`gc.freeze`: collections in the workers do not write to the shared pages), and waits on
+its channel for ``fork`` requests.
 
 Each request carries the worker's end of a fresh control channel (SCM_RIGHTS). The fork
 server forks twice: the middle process reports the worker's pid on the fork server's
@@ -30,6 +32,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
@@ -62,7 +65,7 @@ def _set_name(name: bytes) -> None:
         libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
-def _import(names: Any) -> None:
+def _import(names: Iterable[str]) -> None:
     """What the workers would import, so they start with it loaded and share its pages.
     A name that is missing (an optional extra) is skipped: the worker reports it."""
     for name in names:
