@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -228,3 +229,39 @@ def test_pid_file_of_an_unrelated_live_process_is_taken_over(supervisor, tmp_pat
         if sleeper is not None:
             sleeper.kill()
             sleeper.wait(5)
+
+
+def test_a_worker_whose_channel_the_master_closes_drains_and_exits():
+    """The master drops a worker it asked for and never claimed by closing its channel
+    (`ForkServer.drop_requests`): a live master's closed channel means not wanted, so the
+    worker drains and exits 0 (a dead master's PDEATHSIG ends it anyway). Here this test
+    is the master of one exec'd worker."""
+    from asgi_supervise.config.settings import Settings
+    from asgi_supervise.protocol import encode
+
+    listener = socket.create_server(("127.0.0.1", free_port()))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [listener.fileno(), theirs.fileno()]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "asgi_supervise.worker",
+         "--control-fd", str(theirs.fileno()), "--socket-fds", str(listener.fileno())],
+        cwd=APPS, pass_fds=fds,
+    )  # fmt: skip
+    try:
+        theirs.close()
+        port = listener.getsockname()[1]
+        listener.close()  # the worker holds its own copy
+        settings = Settings(app="testapp:app", log_level="warning")
+        ours.sendall(
+            encode({"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")})
+        )
+        wait_until(lambda: try_get(port, "/pid", timeout=1.0), 15, "the worker serving")
+        assert worker.poll() is None
+        ours.close()
+        wait_until(lambda: worker.poll() is not None, 15, "the worker to exit")
+        assert worker.returncode == 0
+    finally:
+        ours.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
