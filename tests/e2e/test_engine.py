@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import os
@@ -303,12 +304,17 @@ def test_master_as_pid_1_honours_sigterm_and_reaps_orphans(tmp_path: Path):
         for _ in range(3):  # each leaves a `sleep` re-parented to the master
             assert get(port, "/orphan")[0] == 200
 
-        def zombies() -> list[int]:
-            return [p.pid for p in master.children() if p.status() == psutil.STATUS_ZOMBIE]
+        def children() -> list[tuple[str, str]]:
+            """(name, status) of each child; one reaped between the listing and the look
+            is gone, so skipped."""
+            seen = []
+            for child in master.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    seen.append((child.name(), child.status()))
+            return seen
 
         def orphans_gone() -> bool:
-            names = [p.name() for p in master.children()]
-            return "sleep" not in names and not zombies()
+            return all(n != "sleep" and s != psutil.STATUS_ZOMBIE for n, s in children())
 
         wait_until(orphans_gone, 15, "orphans reaped")
         assert get(port, "/pid")[0] == 200  # an orphan's exit was not taken for a worker's
