@@ -219,6 +219,14 @@ os.execv(sys.executable, [sys.executable, *sys.argv[end + 1:]])
 """
 
 
+def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting for its parent."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def is_fork_server(process: psutil.Process) -> bool:
     return FORKSERVER_MODULE in process.cmdline() and process.name() != FORKED_WORKER
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import APPS, free_port, get, run_cli, try_get, wait_until
+from conftest import APPS, alive, free_port, get, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 # The core tests run in both ways of starting workers: forked (the default) and exec'd.
@@ -129,15 +129,17 @@ def inflight(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("engine", ["asgi-supervise", "gunicorn"])
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
-    supervisor, inflight: Path, tmp_path: Path
+    supervisor, inflight: Path, tmp_path: Path, engine: str
 ):
     started = tmp_path / "started"
     server = supervisor(
-        "testapp:app", "--workers", "2",
+        "testapp:app", "--workers", "2", "--engine", engine,
         env={"TESTAPP_INFLIGHT_DIR": str(inflight), "TESTAPP_STARTED_FILE": str(started)},
     )  # fmt: skip
     server.wait_ready(2)
+    workers = server.worker_pids()
     results, threads = _start_slow_requests(server.port, 10, 2.0)
     wait_until(lambda: len(list(inflight.iterdir())) == 10, 15, "10 requests in flight")
 
@@ -150,6 +152,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     assert server.wait_exit() == 0
     assert _outcomes(probes, started) <= {"ok", "refused"}, probes
     assert "refused" in _outcomes(probes, started)  # turned away while requests finished
+    assert not any(map(alive, workers))
     assert _probe(server.port)[0] == "refused"
 
 

@@ -15,18 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import APPS, free_port, get, try_get, wait_until
+from conftest import APPS, alive, free_port, get, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 RESPAWN_NOW = "died: killed by SIGKILL (out of memory?); respawning now"
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def serving_pid(port: int) -> int | None:
