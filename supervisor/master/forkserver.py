@@ -124,28 +124,24 @@ class ForkServer:
         elif kind in ("forked", "fork_failed") and message.get("slot") in self.requested:
             self.answers[message["slot"]] = message
 
-    def request(self, slot: int, settings: Settings) -> bool:
+    def request(self, slot: int, settings: Settings) -> None:
         """Ask for a worker in `slot` without waiting; `fork` takes the answer.
 
         Its spec goes on its channel at once, so it boots the moment it is forked:
         `start_first` asks for the first workers this way, before the master's loop runs.
-        False if the channel takes no more requests now (the kernel queues only a few
-        messages on a local socket).
+        ForkError if the fork server is gone, or its channel (non-blocking) is full: the
+        kernel queues only a few messages on a local socket.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             socket.send_fds(self.channel, [encode({"t": "fork", "slot": slot})], [theirs.fileno()])
-        except BlockingIOError:
-            ours.close()
-            return False
         except OSError as exc:
             ours.close()
-            raise ForkError(f"{self.tag()} takes no requests: {exc}") from None
+            raise ForkError(f"{self.tag()} takes no requests: {exc or 'timeout'}") from None
         finally:
             theirs.close()
         send_spec(ours, settings)
         self.requested[slot] = ours
-        return True
 
     def fork(self, slot: int, settings: Settings) -> tuple[Forked, socket.socket]:
         """A worker in `slot`: its process and the master's end of its control channel.
@@ -159,8 +155,6 @@ class ForkServer:
             self.channel.settimeout(FORK_TIMEOUT)  # wait for room in the queue
             try:
                 self.request(slot, settings)
-            except TimeoutError:
-                raise ForkError(f"{self.tag()} takes no requests: timeout") from None
             finally:
                 self.channel.setblocking(False)
         ours = self.requested[slot]
@@ -259,15 +253,13 @@ def start(
 ) -> ForkServer:
     """`python -m asgi_supervise.worker.forkserver`, with the listeners its workers inherit:
     the one started `early` (before the master's imports) if given, or a new one."""
-    if early is None:
+    if early is None:  # the exec gives it the listeners and the environment
         process, ours = exec_python(FORKSERVER_MODULE, sockets, env)
-        spec: tuple[Any, ...] = (ours, settings)
-        started = time.monotonic()
+        started, env, sockets = time.monotonic(), None, []
     else:
         process, ours, started = early.take()
-        spec = (ours, settings, env, sockets)
     with contextlib.suppress(OSError):  # it died at once: reaped and restarted like any other
-        send_spec(*spec)
+        send_spec(ours, settings, env, sockets)
     return ForkServer(process, ours, generation, settings.preload, started=started)
 
 
@@ -284,10 +276,9 @@ def start_first(
     if not become_subreaper():
         log.warning("not a child subreaper (not Linux?): forked workers are reaped by init")
     server = start(settings, sockets, 0, env, early)
-    with contextlib.suppress(ForkError):  # gone already (a failed --preload): the loop says why
+    with contextlib.suppress(ForkError):  # full: the loop asks for the rest; gone: it says why
         for slot in range(1, workers + 1):
-            if not server.request(slot, settings):
-                break
+            server.request(slot, settings)
     return server
 
 
