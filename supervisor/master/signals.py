@@ -4,7 +4,9 @@ The first workers can be serving before the master's loop starts (`forkserver.st
 asks for them while the master still imports): a SIGTERM or SIGHUP then must reach the
 arbiter like any other, not end the master with the default action and its workers with
 it. `hold` records them from the first line of `launch` on; the arbiter takes them
-(`held`) once its own handlers are installed, and acts on them in order.
+(`held`) once its own handlers are installed, and acts on them in order. A second
+SIGTERM, SIGINT or SIGQUIT before that takes the default action: a start that hangs can
+still be stopped (its fork server and workers die with it).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ HANDLED = (
     signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGCHLD,
 )  # fmt: skip
 _HELD = tuple(sig for sig in HANDLED if sig != signal.SIGCHLD)  # the loop reaps anyway
+_STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # a second one ends a held start
 _arrived: list[int] = []
 _holding = False
 
 
 def _record(sig: int, frame: FrameType | None) -> None:
+    if sig in _STOP and sig in _arrived:  # a second one: the start may hang, stop it now
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
     _arrived.append(sig)
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from loadgen import Load
 
-from conftest import APPS, run_cli, try_get, wait_until
+from conftest import APPS, alive, run_cli, try_get, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,13 +67,7 @@ def _get(server, path: str) -> str | None:
 
 
 def _gone(pids: set[int]) -> bool:
-    def dead(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    return all(dead(pid) for pid in pids)
+    return not any(map(alive, pids))
 
 
 def test_preloaded_workers_are_forked_and_a_hup_serves_new_code_from_a_new_fork_server(
@@ -199,6 +193,25 @@ def test_first_workers_serve_before_the_master_loop_and_signals_wait_for_it(
     assert int(answer[1]) not in server.worker_pids()
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0, server.log()
+
+
+def test_a_second_sigterm_stops_a_start_that_hangs(supervisor, tmp_path: Path):
+    """Signals wait for the master's loop, but a second SIGTERM does not: a start that
+    hangs (here the arbiter's import, held) ends at once, and its workers with it."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "hold").touch()
+    env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_MASTER_GATE": str(gate)}
+    server = supervisor("testapp:app", "--workers", "2", env=env)
+    try:
+        wait_until(lambda: try_get(server.port, "/pid", timeout=1.0), 15, "a first answer")
+        everyone = server.worker_pids() | server.fork_server_pids()
+        server.signal(signal.SIGTERM)
+        server.signal(signal.SIGTERM)
+        assert server.process.wait(10) == -signal.SIGTERM  # the gate still holds its start
+        wait_until(lambda: _gone(everyone), 5, f"{everyone} to die with the master")
+    finally:
+        (gate / "hold").unlink()
 
 
 def test_more_first_workers_than_the_channel_queues(supervisor):
