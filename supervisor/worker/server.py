@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uvicorn.error")
 
-HEARTBEAT_TICKS = 10  # uvicorn ticks every 0.1 s: beat once a second
-POLL = 0.05  # seconds between looks at the connections while draining
+TICK = 0.1  # seconds between uvicorn's ticks (its date header, our heartbeat, max requests)
+HEARTBEAT_TICKS = 10  # beat once a second
+POLL = 0.05  # seconds between looks at the connections while draining, if nothing wakes us
 REPORT_GAP = 0.02  # new connections are reported at most this often (the master balances)
 
 
@@ -84,6 +85,16 @@ class _QuietCancellation(logging.Filter):
 
 
 class WorkerServer(uvicorn.Server):
+    """uvicorn's server, told what to do by the master (`_on_control`), reporting to it
+    (`beat`), and woken the moment it is told to stop: uvicorn looks at `should_exit` only
+    at its next 0.1 s tick, and its drain polls the connections every 0.1 s too; in a
+    rolling reload each old worker's drain is on the path to the next replacement."""
+
+    _wakeup: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _should_exit = False
+    _force_exit = False
+
     def __init__(
         self,
         config: uvicorn.Config,
@@ -109,6 +120,40 @@ class WorkerServer(uvicorn.Server):
         self.report_connections = False  # the master balances: tell it of new ones at once
         self._report: asyncio.TimerHandle | None = None
         self._reported_at = 0.0
+
+    @property  # type: ignore[override]
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value:
+            self.wake()
+
+    @property  # type: ignore[override]
+    def force_exit(self) -> bool:
+        return self._force_exit
+
+    @force_exit.setter
+    def force_exit(self, value: bool) -> None:
+        self._force_exit = value
+        if value:
+            self.wake()
+
+    def wake(self) -> None:
+        """End the current wait (a tick, or a drain's look at the connections) now. Safe
+        from a signal handler: the event is set from the loop."""
+        if self._loop is not None and self._wakeup is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    async def _wait(self, timeout: float) -> None:
+        """Until `wake` or `timeout` seconds, whichever comes first."""
+        assert self._wakeup is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
+        self._wakeup.clear()
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         # Our own list: a drain before the server started empties it (`drop_listeners`),
@@ -139,6 +184,10 @@ class WorkerServer(uvicorn.Server):
         signal.signal(signal.SIGQUIT, stop_now)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop, self._wakeup = asyncio.get_running_loop(), asyncio.Event()
+        await super().serve(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         errors = _CaptureErrors()
@@ -188,12 +237,18 @@ class WorkerServer(uvicorn.Server):
     def _watch_connections(self) -> None:
         """Report a new connection within REPORT_GAP, not at the next tick: a burst of
         sequential connections lands on one worker within a tick otherwise."""
+        self._watched().on_add = self._connection_added
+
+    def _watched(self) -> _Connections:
+        """uvicorn's set of open connections, replaced by one that tells us of changes."""
         old = self.server_state.connections
+        if isinstance(old, _Connections):
+            return old
         watched = _Connections(old)
-        watched.on_add = self._connection_added
         for connection in old:  # protocols keep a reference to the set they were made with
             connection.connections = watched
         self.server_state.connections = watched
+        return watched
 
     def _connection_added(self) -> None:
         if self._report is not None or self.should_exit:
@@ -248,6 +303,15 @@ class WorkerServer(uvicorn.Server):
                 server.close()
             return
         self.servers = servers
+
+    async def main_loop(self) -> None:
+        """uvicorn's, but a tick is cut short by `wake`: a drain starts when it is asked for."""
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            await self._wait(TICK)
+            should_exit = await self.on_tick(counter)
 
     async def on_tick(self, counter: int) -> bool:
         if self.reopen_logs:
@@ -312,6 +376,8 @@ class WorkerServer(uvicorn.Server):
         idle_deadline = started + self.idle_grace
         stream_deadline = started + self.drain.stream_grace
         deadline = started + self.drain.graceful_timeout
+        self._watched().on_remove = self.wake  # a connection closed: maybe the last one
+        watched_tasks: set[asyncio.Task[Any]] = set()
         while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
             now = loop.time()
             if now >= deadline:
@@ -322,7 +388,11 @@ class WorkerServer(uvicorn.Server):
                 for connection in list(self.server_state.connections):
                     if isinstance(connection, http) and _is_idle(connection):
                         connection.shutdown()
-            await asyncio.sleep(POLL)
+            for task in self.server_state.tasks - watched_tasks:  # a request ends: look again
+                task.add_done_callback(lambda _: self.wake())
+                watched_tasks.add(task)
+            upcoming = [t for t in (idle_deadline, stream_deadline, deadline) if t > now]
+            await self._wait(min([POLL, *(t - now for t in upcoming)]))
         if not self.force_exit:
             self.cut = await self.cancel_the_rest()
         self.control.offer(self.beat(), 1.0)  # the last second's counts, before exiting
@@ -380,13 +450,25 @@ class WorkerServer(uvicorn.Server):
 
 
 class _Connections(set):  # type: ignore[type-arg]
-    """uvicorn's set of open connections, telling us when one is added."""
+    """uvicorn's set of open connections, telling us when one is added or removed."""
 
     on_add: Any = None
+    on_remove: Any = None
 
     def add(self, item: Any) -> None:
         super().add(item)
-        self.on_add()
+        if self.on_add is not None:
+            self.on_add()
+
+    def discard(self, item: Any) -> None:  # HTTP connections
+        super().discard(item)
+        if self.on_remove is not None:
+            self.on_remove()
+
+    def remove(self, item: Any) -> None:  # WebSockets
+        super().remove(item)
+        if self.on_remove is not None:
+            self.on_remove()
 
 
 def _is_idle(connection: Any) -> bool:

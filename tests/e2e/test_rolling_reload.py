@@ -336,6 +336,40 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
     assert "log files reopened" not in rotated.read_text()
 
 
+def test_a_drain_starts_when_asked_and_ends_with_its_last_connection(supervisor):
+    """Not at a tick: here workers tick, and look at their connections while draining,
+    once an hour (tests/apps/longtick), and every timeout of a drain is an hour too. The
+    reload completes only if the old worker is woken by its SIGTERM, then by a request
+    ending (its response says `Connection: close`), then by its last connection, idle,
+    closed by the client."""
+    env = {"PYTHONPATH": str(APPS / "longtick")}
+    timeouts = ("timeout-keep-alive", "graceful-timeout", "stream-drain-grace", "worker-timeout")
+    hour = [f"--{name}=3600" for name in timeouts]
+    server = supervisor("testapp:app", *hour, env=env)
+    server.wait_ready(1)
+    conn, idle = (http.client.HTTPConnection("127.0.0.1", server.port, timeout=5) for _ in "ab")
+    for each in (conn, idle):
+        each.request("GET", "/pid")
+        old_pid = int(each.getresponse().read())
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: f"(pid {old_pid}) stopping: reload" in server.log(), 15, server.log)
+    answers = []
+
+    def answered_with_close() -> bool:  # the signal may not have reached it yet
+        conn.request("GET", "/pid")
+        response = conn.getresponse()
+        answers.append(int(response.read()))
+        return response.getheader("connection") == "close"
+
+    wait_until(answered_with_close, 10, "a response saying Connection: close", interval=0.05)
+    conn.close()
+    assert set(answers) == {old_pid}
+    assert "reload complete" not in server.log()  # the idle connection holds the drain
+    idle.close()
+    wait_until(lambda: "reload complete" in server.log(), 20, server.log)
+    assert f"(pid {old_pid}) exited with code 0" in server.log()
+
+
 @pytest.mark.parametrize("protocol", ["httptools", "h11"])
 def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor, protocol):
     """The race uvicorn loses: an idle keep-alive connection closed while a client sends.
