@@ -254,6 +254,15 @@ class Settings(BaseSettings):
         aliases=("--timeout-graceful-shutdown",),
         ge=0,
     )
+    idle_drain_grace: float = opt(
+        1.0,
+        "Seconds a draining worker keeps an idle keep-alive connection, counted from its "
+        "last response, for the client's next request (answered with Connection: close); "
+        "idle longer, it is closed. Clients reuse their most recent connections first: one "
+        "idle this long is not about to carry a request. Capped by --timeout-keep-alive.",
+        "drain",
+        ge=0,
+    )
     stream_drain_grace: float = opt(
         0.5,
         "Seconds after a worker starts draining before streaming responses (SSE, chunked) "

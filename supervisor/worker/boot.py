@@ -92,7 +92,7 @@ def serve(
         boot_error(control, exc)
     if settings.proxy_headers:  # outermost, where uvicorn puts its own
         config.loaded_app = forwarded.proxy_headers(config.loaded_app, settings.forwarded_allow_ips)
-    idle_grace = min(settings.timeout_keep_alive, settings.graceful_timeout)
+    idle_grace = min(settings.idle_drain_grace, settings.timeout_keep_alive)
     make = server_class or WorkerServer
     server = make(config, control, idle_grace, drain.of(settings), settings.timeout_request_header)
     server.report_connections = settings.balance_connections

@@ -350,9 +350,10 @@ class WorkerServer(uvicorn.Server):
         streams are told to end, and the graceful timeout ends the app, not the process.
 
         From SIGTERM: WebSockets get 1012 at once; each keep-alive connection's next
-        response says `Connection: close`; streaming responses get `http.disconnect` after
-        `stream_grace` and, once their handler returns, a proper end of body; at `graceful_timeout`
-        what still runs is cancelled (counted in `cut`: the exit code says so); then the
+        response says `Connection: close`, and one idle for `idle_grace` since its last
+        response is closed; streaming responses get `http.disconnect` after `stream_grace`
+        and, once their handler returns, a proper end of body; at `graceful_timeout` what
+        still runs is cancelled (counted in `cut`: the exit code says so); then the
         lifespan shutdown runs, bounded by `shutdown_timeout`.
         """
         loop = asyncio.get_running_loop()
@@ -373,7 +374,6 @@ class WorkerServer(uvicorn.Server):
                 connection.shutdown()  # WebSockets: close 1012 (service restart)
 
         ended = StreamEnder(http)
-        idle_deadline = started + self.idle_grace
         stream_deadline = started + self.drain.stream_grace
         deadline = started + self.drain.graceful_timeout
         self._watched().on_remove = self.wake  # a connection closed: maybe the last one
@@ -384,14 +384,18 @@ class WorkerServer(uvicorn.Server):
                 break
             if now >= stream_deadline:
                 ended.end_streams(self.server_state)
-            if now >= idle_deadline:
-                for connection in list(self.server_state.connections):
-                    if isinstance(connection, http) and _is_idle(connection):
-                        connection.shutdown()
+            idle_closes = []
+            for connection in list(self.server_state.connections):
+                if isinstance(connection, http) and _is_idle(connection):
+                    close_at = _idle_since(connection, started) + self.idle_grace
+                    if now >= close_at:
+                        connection.shutdown()  # not used for a while: not about to be
+                    else:
+                        idle_closes.append(close_at)
             for task in self.server_state.tasks - watched_tasks:  # a request ends: look again
                 task.add_done_callback(lambda _: self.wake())
                 watched_tasks.add(task)
-            upcoming = [t for t in (idle_deadline, stream_deadline, deadline) if t > now]
+            upcoming = [t for t in (*idle_closes, stream_deadline, deadline) if t > now]
             await self._wait(min([POLL, *(t - now for t in upcoming)]))
         if not self.force_exit:
             self.cut = await self.cancel_the_rest()
@@ -473,6 +477,16 @@ class _Connections(set):  # type: ignore[type-arg]
 
 def _is_idle(connection: Any) -> bool:
     return connection.cycle is None or connection.cycle.response_complete
+
+
+def _idle_since(connection: Any, default: float) -> float:
+    """When an idle keep-alive connection's last response ended (loop time), read off the
+    timer uvicorn set then to close it after --timeout-keep-alive; `default` without one
+    (a connection that has not had a request yet)."""
+    timer = getattr(connection, "timeout_keep_alive_task", None)
+    if timer is None:
+        return default
+    return timer.when() - connection.timeout_keep_alive
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:

@@ -377,7 +377,8 @@ def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor, protoco
     While its worker drains, a connection that was idle gets its next request answered,
     with `Connection: close`; then the client reconnects elsewhere. With either parser.
     """
-    server = supervisor("testapp:app", "--http", protocol)
+    patient = ["--idle-drain-grace", "60", "--timeout-keep-alive", "60"]  # a slow HUP, too
+    server = supervisor("testapp:app", "--http", protocol, *patient)
     server.wait_ready(1)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.request("GET", "/pid")
@@ -399,3 +400,21 @@ def test_idle_keepalive_connection_is_asked_to_close_not_cut(supervisor, protoco
     conn.close()
     assert answers[-1] == (200, old_pid)  # the draining worker answered it
     assert all(status == 200 for status, _ in answers)
+
+
+def test_an_idle_keepalive_connection_is_closed_after_the_idle_drain_grace(supervisor):
+    """A connection nobody uses does not hold a draining worker (and a reload's next
+    replacement) for the keep-alive or graceful timeout, here an hour: once idle for
+    --idle-drain-grace since its last response, the worker closes it and exits."""
+    hour = ["--timeout-keep-alive", "3600", "--graceful-timeout", "3600"]
+    server = supervisor("testapp:app", "--idle-drain-grace", "0.5", *hour)
+    server.wait_ready(1)
+    idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    idle.request("GET", "/pid")
+    response = idle.getresponse()
+    response.read()
+    assert response.getheader("connection") is None  # kept alive
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload complete" in server.log(), 20, server.log)
+    assert idle.sock.recv(4096) == b""  # closed by the server between requests, no reset
+    idle.close()
