@@ -328,7 +328,9 @@ def render_status(data: dict[str, Any]) -> str:
         table.append(
             f"fork server {fs['pid']}  generation {fs['generation']}  {fs['state']}  "
             f"up {_age(fs['age_s'])}  {fs['forks']} forks  RSS {_mib(fs['rss_bytes'])}  "
-            f"PSS {_mib(fs['pss_bytes'])}" + ("  app preloaded" if fs["preload"] else "")
+            f"PSS {_mib(fs['pss_bytes'])}"
+            + ("  app preloaded" if fs["preload"] else "")
+            + (f"  standby {fs['standby_pid']}" if fs.get("standby_pid") else "")
         )
     plan = data["plan"]
     why = (

@@ -34,6 +34,7 @@ sys.path.append(str(REPO / "bench"))
 FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
 MASTER_UP = re.compile(r"master \d+ serving")  # its loop runs: its signal handlers are in
 FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
+STANDBY = "asgi-standby"  # a --preload fork server's standby (the next one), likewise
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
@@ -228,7 +229,14 @@ def alive(pid: int) -> bool:
 
 
 def is_fork_server(process: psutil.Process) -> bool:
-    return FORKSERVER_MODULE in process.cmdline() and process.name() != FORKED_WORKER
+    return FORKSERVER_MODULE in process.cmdline() and process.name() not in (FORKED_WORKER, STANDBY)
+
+
+def role(process: psutil.Process) -> str:
+    """worker, fork server or standby: forked ones share their fork server's cmdline."""
+    if is_fork_server(process):
+        return "fork server"
+    return "standby" if process.name() == STANDBY else "worker"
 
 
 class Supervisor:
@@ -275,14 +283,17 @@ class Supervisor:
         return get(self.port, path, timeout)
 
     def worker_pids(self) -> set[int]:
-        return self._children(worker=True)
+        return self._children("worker")
 
     def fork_server_pids(self) -> set[int]:
-        return self._children(worker=False)
+        return self._children("fork server")
 
-    def _children(self, worker: bool) -> set[int]:
-        """Live children: the workers, or the fork servers (booting ones too, still named
-        python, hence the command line)."""
+    def standby_pids(self) -> set[int]:
+        return self._children("standby")
+
+    def _children(self, which: str) -> set[int]:
+        """Live children in a role: the workers, the fork servers (booting ones too, still
+        named python, hence the command line), or the standbys."""
         try:
             children = self.ps.children()
         except psutil.NoSuchProcess:
@@ -290,7 +301,7 @@ class Supervisor:
         pids = set()
         for child in children:
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and is_fork_server(child) != worker:
+                if child.status() != psutil.STATUS_ZOMBIE and role(child) == which:
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

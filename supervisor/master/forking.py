@@ -5,7 +5,9 @@ first at start; with --preload a new one for each rolling reload, which replaces
 current one once it is up (the workers are then replaced from it, replacement first).
 Without --preload the fork server holds no app code, only uvicorn and ours, which a
 reload does not change: it is kept and forks the new generation's workers, which import
-the new code themselves (a reload then costs no interpreter start). A fork server that
+the new code themselves (a reload then costs no interpreter start). With --preload the
+new fork server is the current one's standby, forked before it imported the app (it
+costs no interpreter start either); one is exec'd when there is none. A fork server that
 dies is restarted with a worker slot's backoff while its workers keep serving; one whose
 `--preload` import fails stops the master (exit 3), aborts a reload (the old workers and
 fork server stay), or, with `--reload`, waits for the next save.
@@ -113,9 +115,10 @@ class Forking:
         if forks.next is not None:  # booting for a generation already superseded
             forks.next.retire()
         env = self.observe.worker_environ()
-        self.fork_server_booting(
-            forkserver.start(self.settings, self.sockets, self.rollout.generation, env)
-        )
+        standby = current.take_standby() if current is not None else None
+        generation = self.rollout.generation
+        server = forkserver.start(self.settings, self.sockets, generation, env, standby=standby)
+        self.fork_server_booting(server)
 
     def fork_server_booting(self, server: ForkServer) -> None:
         assert self.forks is not None
@@ -124,8 +127,10 @@ class Forking:
             server.channel.fileno(), self.on_fork_server_message, server
         )
         log.info(
-            "%s booting%s", server.tag(), " (preloading the app)" if server.preload else "",
-            extra=server.extra("fork_server_booting"),
+            "%s booting%s%s", server.tag(),
+            " from the standby of the last one" if server.from_standby else "",
+            " (preloading the app)" if server.preload else "",
+            extra=server.extra("fork_server_booting", from_standby=server.from_standby),
         )  # fmt: skip
 
     def claim_exited(self, pid: int) -> Worker | None:
@@ -165,6 +170,7 @@ class Forking:
             server.read_messages()  # its last words: a boot error
         server.channel.close()
         server.drop_requests()
+        server.drop_standby()
         retired = server.state == "retiring"
         server.exited(status)
         forks = self.forks

@@ -5,7 +5,9 @@ per code generation (the first before the master's own imports: `interpreter`), 
 forks workers that the master adopts as its own children: the master is a child
 subreaper (`become_subreaper`), so a worker's exit and status reach it through
 `waitpid` at once, as an exec'd worker's do, and no worker depends on the fork
-server staying up.
+server staying up. With ``--preload`` each fork server also forks a `Standby` before it
+imports the app: the next generation's fork server starts from it, with no interpreter
+to start and no machinery to import.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -59,18 +62,41 @@ class Forked:
 
 
 @dataclass(eq=False)
+class Standby:
+    """The next generation's fork server, forked by a `--preload` fork server before its
+    app import; it waits for a spec on `channel` (`start` gives it one)."""
+
+    channel: socket.socket
+    pid: int | None = None  # its fork server's answer says
+
+    def usable(self) -> bool:
+        """Forked, and alive: it writes nothing before its spec, so a readable channel
+        means it is gone (the end of the channel) and a dead one cannot be promoted."""
+        if self.pid is None:
+            return False
+        readable, _, _ = select.select([self.channel], [], [], 0)
+        return not readable
+
+    def close(self) -> None:
+        """Not needed: it exits on the closed channel (and is reaped as an orphan)."""
+        self.channel.close()
+
+
+@dataclass(eq=False)
 class ForkServer:
     """One fork server as the master sees it."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | Forked  # Forked: promoted from a standby
     channel: socket.socket
     generation: int
     preload: bool
+    standby: Standby | None = None  # the one it forks for the next generation (--preload)
     state: str = "booting"  # booting, ready, retiring, exited
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     boot_error: str | None = None
     exit_status: str | None = None
+    from_standby: bool = False
     forks: int = 0  # workers it has started
     requested: dict[int, socket.socket] = field(default_factory=dict)  # slot -> our channel end
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # slot -> forked, unclaimed
@@ -123,6 +149,8 @@ class ForkServer:
             self.boot_error = str(message.get("error", "")).strip()
         elif kind in ("forked", "fork_failed") and message.get("slot") in self.requested:
             self.answers[message["slot"]] = message
+        elif kind == "standby" and self.standby is not None:
+            self.standby.pid = int(message["pid"])
 
     def request(self, slot: int, settings: Settings) -> None:
         """Ask for a worker in `slot` without waiting; `fork` takes the answer.
@@ -199,9 +227,23 @@ class ForkServer:
         self.requested.clear()
         self.answers.clear()
 
+    def take_standby(self) -> Standby | None:
+        """Its standby, if alive, for the next generation; it is no longer this one's."""
+        standby, self.standby = self.standby, None
+        if standby is not None and not standby.usable():
+            standby.close()
+            return None
+        return standby
+
+    def drop_standby(self) -> None:
+        if self.standby is not None:
+            self.standby.close()
+            self.standby = None
+
     def retire(self) -> None:
         """Done with it: it exits on the closed channel; SIGTERM in case it is still booting."""
         self.drop_requests()
+        self.drop_standby()
         if self.state == "exited":
             return
         self.state = "retiring"
@@ -239,6 +281,7 @@ class ForkServer:
             "preload": self.preload,
             "age_s": round(now - self.started, 3),
             "forks": self.forks,
+            "standby_pid": None if self.standby is None else self.standby.pid,
             "rss_bytes": self.rss,
             "pss_bytes": self.pss,
         }
@@ -250,17 +293,30 @@ def start(
     generation: int,
     env: dict[str, str] | None,
     early: EarlyForkServer | None = None,
+    standby: Standby | None = None,
 ) -> ForkServer:
-    """`python -m asgi_supervise.worker.forkserver`, with the listeners its workers inherit:
-    the one started `early` (before the master's imports) if given, or a new one."""
-    if early is None:  # the exec gives it the listeners and the environment
+    """A fork server with the listeners its workers inherit: the `standby` a fork server
+    forked, or the one started `early` (before the master's imports), or a new
+    `python -m asgi_supervise.worker.forkserver`. With --preload it forks a standby."""
+    process: subprocess.Popen[bytes] | Forked
+    if standby is not None and standby.pid is not None:
+        process, ours, started = Forked(standby.pid), standby.channel, time.monotonic()
+    elif early is not None:
+        process, ours, started = early.take()
+    else:  # the exec gives it the listeners and the environment
         process, ours = exec_python(FORKSERVER_MODULE, sockets, env)
         started, env, sockets = time.monotonic(), None, []
-    else:
-        process, ours, started = early.take()
+    next_standby, theirs = None, None
+    if settings.preload:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        next_standby = Standby(mine)
     with contextlib.suppress(OSError):  # it died at once: reaped and restarted like any other
-        send_spec(ours, settings, env, sockets)
-    return ForkServer(process, ours, generation, settings.preload, started=started)
+        send_spec(ours, settings, env, sockets, theirs)
+    if theirs is not None:
+        theirs.close()
+    server = ForkServer(process, ours, generation, settings.preload, next_standby)
+    server.started, server.from_standby = started, standby is not None
+    return server
 
 
 def start_first(

@@ -245,16 +245,22 @@ def send_spec(
     settings: Settings,
     env: dict[str, str] | None = None,
     sockets: Sequence[socket.socket] = (),
+    standby: socket.socket | None = None,
 ) -> None:
     """The settings, over the channel: never argv or environ, they may hold secrets.
 
-    A fork server started early (`interpreter.EarlyForkServer`) also gets here what an
-    exec gives the others: the environment the master adds, and the listeners."""
+    A fork server started early (`interpreter.EarlyForkServer`) or a standby also gets
+    here what an exec gives the others: the environment the master adds, and the
+    listeners; a fork server, the channel of the standby it is to fork."""
     spec: dict[str, Any] = {"master_pid": os.getpid(), "settings": settings.model_dump(mode="json")}
     if env:
         spec["env"] = env
-    if sockets:
-        socket.send_fds(control, [encode(spec)], [s.fileno() for s in sockets])
+    fds = [s.fileno() for s in sockets]
+    if standby is not None:
+        spec["standby"] = True
+        fds.append(standby.fileno())  # last: the fork server takes it off the end
+    if fds:
+        socket.send_fds(control, [encode(spec)], fds)
     else:
         control.sendall(encode(spec))
     control.setblocking(False)

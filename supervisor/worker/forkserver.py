@@ -8,6 +8,12 @@ event loop and no thread, freezes what it holds out of the garbage collector's r
 (`gc.freeze`: collections in the workers do not write to the shared pages), and waits on
 its channel for ``fork`` requests.
 
+With ``--preload`` the spec also brings the channel of a *standby*: before it imports the
+app, the fork server forks the next generation's fork server, which waits on that channel
+with the machinery imported and no app, sharing its pages. A reload (new code) then
+gives the standby its spec instead of starting an interpreter: the new code's import is
+all that is left to wait for.
+
 Each request carries the worker's end of a fresh control channel (SCM_RIGHTS). The fork
 server forks twice: the middle process reports the worker's pid on the fork server's
 channel and exits at once, so the worker is re-parented to the master (a child
@@ -53,6 +59,7 @@ MACHINERY = (
 )  # fmt: skip
 NAME = b"asgi-forkserver"  # its name in ps and top (comm), and its workers' name:
 WORKER_NAME = b"asgi-worker"  # they share its command line
+STANDBY_NAME = b"asgi-standby"  # the next generation's fork server, until its spec
 PR_SET_NAME = 15
 MAX_LISTENERS = 64  # descriptors a spec may carry
 REPARENT_WAIT = 5.0  # seconds a worker waits to be handed to the master before giving up
@@ -125,10 +132,7 @@ def _become_worker(
         os.setpgid(0, 0)  # its own process group, as the master gives an exec'd worker
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        deadline = time.monotonic() + REPARENT_WAIT
-        while os.getppid() == middle and time.monotonic() < deadline:
-            time.sleep(0.0002)  # the middle process exits right after reporting our pid
-        die_with_master(master_pid)  # exits unless the master is our parent now
+        _wait_for_master(middle, master_pid)
         # `random` re-seeds itself in a forked child (os.register_at_fork); uvicorn installs
         # the worker's signal handlers and starts its own event loop in `run`.
         run(Control(socket.socket(fileno=control_fd)), listeners)
@@ -148,18 +152,52 @@ def _become_worker(
         os._exit(code)
 
 
+def _become_standby(
+    channel: socket.socket,
+    control_fd: int,
+    listeners: list[socket.socket],
+    master_pid: int,
+    middle: int,
+) -> None:
+    """The next generation's fork server, forked before this one's spec took effect:
+    wait to be the master's child, then for a spec of its own. Never returns."""
+    try:
+        _set_name(STANDBY_NAME)  # at once: ps must not show two fork servers
+        channel.close()
+        for listener in listeners:
+            listener.close()  # its own come with its spec
+        _wait_for_master(middle, master_pid)
+        serve(socket.socket(fileno=control_fd), None, STANDBY_NAME)
+    except BaseException:
+        traceback.print_exc()
+    os._exit(1)
+
+
+def _wait_for_master(middle: int, master_pid: int) -> None:
+    """Until the middle process has exited and we are the master's child (at most
+    REPARENT_WAIT), then die with the master; exits if it is not our parent by then."""
+    deadline = time.monotonic() + REPARENT_WAIT
+    while os.getppid() == middle and time.monotonic() < deadline:
+        time.sleep(0.0002)  # the middle process exits right after reporting our pid
+    die_with_master(master_pid)
+
+
 def _fork(
     channel: socket.socket,
     request: dict[str, Any],
     control_fd: int,
     listeners: list[socket.socket],
     master_pid: int,
+    standby: bool = False,
 ) -> None:
+    """Fork a worker (or, `standby`, the next fork server) through a middle process, which
+    reports its pid and exits: it is re-parented to the master."""
     gc.freeze()  # whatever the fork server holds now stays out of the workers' collections
+    slot = request.get("slot")
     try:
         middle = os.fork()
     except OSError as exc:
-        channel.send(encode({"t": "fork_failed", "slot": request.get("slot"), "error": str(exc)}))
+        channel.send(encode({"t": "fork_failed", "slot": slot, "error": str(exc)}))
         os.close(control_fd)
         return
     if middle == 0:
@@ -167,37 +205,45 @@ def _fork(
             middle_pid = os.getpid()
             pid = os.fork()
             if pid == 0:
-                _become_worker(channel, control_fd, listeners, master_pid, middle_pid)
-            channel.send(encode({"t": "forked", "pid": pid, "slot": request.get("slot")}))
+                become = _become_standby if standby else _become_worker
+                become(channel, control_fd, listeners, master_pid, middle_pid)
+            answer = {"t": "standby", "pid": pid} if standby else {"t": "forked", "pid": pid}
+            channel.send(encode({**answer, "slot": slot}))
             os._exit(0)
         except BaseException as exc:
             try:
-                failed = {"t": "fork_failed", "slot": request.get("slot"), "error": str(exc)}
-                channel.send(encode(failed))
+                channel.send(encode({"t": "fork_failed", "slot": slot, "error": str(exc)}))
             finally:
                 os._exit(1)
     os.close(control_fd)
     os.waitpid(middle, 0)
 
 
-def serve(channel: socket.socket, listeners: list[socket.socket] | None) -> None:
+def serve(
+    channel: socket.socket, listeners: list[socket.socket] | None, name: bytes = NAME
+) -> None:
     """Import, take the spec, preload, then fork on request until the channel closes.
 
-    `listeners` is None for the fork server started before the master's imports: it
-    imports the machinery while the master reads its settings, and gets the listeners
-    (and the environment the master adds) with the spec.
+    `listeners` is None for the fork server started before the master's imports (it
+    imports the machinery while the master reads its settings) and for a standby: both get
+    the listeners, and the environment the master adds, with the spec.
     """
-    _set_name(NAME)
+    _set_name(name)
     control = Control(channel)
     _import(MACHINERY)
-    spec, fds = _receive(channel, MAX_LISTENERS)
+    spec, fds = _receive(channel, MAX_LISTENERS + 1)
     if not spec:
         os._exit(0)  # the master is gone, or did not need us
-    if listeners is None:
-        listeners = [socket.socket(fileno=fd) for fd in fds]
-    os.environ.update(spec.get("env") or {})
+    if name != NAME:
+        _set_name(NAME)
     master_pid = spec["master_pid"]
     die_with_master(master_pid)
+    standby = fds.pop() if spec.get("standby") else None
+    if listeners is None:
+        listeners = [socket.socket(fileno=fd) for fd in fds]
+    if standby is not None:  # before the spec takes effect: no environment, no app
+        _fork(channel, {}, standby, listeners, master_pid, standby=True)
+    os.environ.update(spec.get("env") or {})
     settings = SimpleNamespace(**spec["settings"])
     _import(_protocols(settings))
     if settings.preload:

@@ -90,6 +90,10 @@ def test_preloaded_workers_are_forked_and_a_hup_serves_new_code_from_a_new_fork_
     (shown,) = status["fork_servers"]
     assert (shown["pid"], shown["generation"], shown["preload"]) == (fork_server, 0, True)
     assert shown["forks"] == 3 and status["master"]["worker_start"] == "fork"
+    # Its standby, forked before the app's import: the next generation's fork server.
+    (standby,) = server.standby_pids()
+    assert shown["standby_pid"] == standby and psutil.Process(standby).ppid() == server.pid
+    assert f"standby {standby}" in run_cli("status", "--pid-file", str(pid_file)).stdout
 
     with Load(server.port, rate=150) as load:
         load.wait_for_requests(150)
@@ -103,13 +107,39 @@ def test_preloaded_workers_are_forked_and_a_hup_serves_new_code_from_a_new_fork_
     assert len(after) == 3 and not after & before
     assert {_get(server, "/version") for _ in range(6)} == {"v2"}
     (new_server,) = server.fork_server_pids()
-    assert new_server != fork_server and _gone({fork_server})
+    assert new_server == standby and _gone({fork_server})  # no interpreter started
     assert _imports(tmp_path) == [fork_server, new_server]  # once per code generation
     text = run_cli("status", "--pid-file", str(pid_file)).stdout
     assert f"fork server {new_server}  generation 1  ready" in text
     log = server.log()
+    assert f"(pid {standby}, generation 1) booting from the standby" in log
     assert "retiring the fork server of generation 0" in log
     assert log.count("replaced (reload)") == 3
+    (next_standby,) = wait_until(server.standby_pids, 10, "the new fork server's standby")
+
+    everyone = server.worker_pids() | {new_server, next_standby}
+    server.process.kill()
+    server.process.wait(5)
+    wait_until(lambda: _gone(everyone), 2.0, f"{everyone} to die with the master")
+
+
+def test_a_hup_without_a_standby_execs_a_fork_server(supervisor, tmp_path):
+    """A standby that died (killed here) is not promoted: the reload starts a fork server
+    by exec, as the first one was, and the new code serves."""
+    _write_app(tmp_path, "v1")
+    server, _ = _start(supervisor, tmp_path, "--workers", "1")
+    server.wait_ready(1)
+    (fork_server,) = server.fork_server_pids()
+    (standby,) = server.standby_pids()
+    os.kill(standby, signal.SIGKILL)
+    wait_until(lambda: not alive(standby), 5, "the standby reaped")
+    _write_app(tmp_path, "v2")
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload complete" in server.log(), 20, server.log)
+    (new_server,) = server.fork_server_pids()
+    assert new_server not in (fork_server, standby) and _get(server, "/version") == "v2"
+    assert "booting from the standby" not in server.log()
+    assert _imports(tmp_path) == [fork_server, new_server]
 
 
 def test_killed_worker_fork_server_and_master(supervisor):

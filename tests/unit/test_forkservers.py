@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master.forkserver import Forked, ForkServer, ForkServers
+from asgi_supervise.master.forkserver import Forked, ForkServer, ForkServers, Standby
 
 
 def server(pid: int, generation: int) -> ForkServer:
@@ -31,6 +31,25 @@ def test_a_new_fork_server_replaces_the_current_one_only_once_it_is_up() -> None
     assert forks.alive() == [second] and forks.get(10) is None
     forks.forget(second)  # died: nothing current until a new one is up
     assert (forks.current, forks.newest(), forks.alive()) == (None, None, [])
+
+
+def test_a_standby_is_taken_once_and_only_while_its_process_holds_its_channel() -> None:
+    """It writes nothing before its spec: its end closed means it is gone (a socket pair
+    stands for the standby's channel; its far end, for the standby)."""
+    current = server(10, 0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    current.standby = Standby(ours)
+    assert current.take_standby() is None  # its fork server has not said its pid yet
+    assert ours.fileno() == -1 and current.standby is None  # closed: it exits
+    theirs.close()
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    current.standby = Standby(ours, pid=12)
+    taken = current.take_standby()
+    assert taken is not None and taken.pid == 12 and current.standby is None
+    theirs.close()  # it died
+    assert not taken.usable()
+    taken.close()
 
 
 def test_preload_needs_the_fork_server() -> None:
