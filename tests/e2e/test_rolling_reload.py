@@ -219,7 +219,11 @@ def test_ten_hups_in_five_seconds_end_with_n_workers(supervisor):
             server.signal(signal.SIGHUP)
             time.sleep(0.5)  # the scenario itself: a HUP every half second
         wait_until(lambda: server.log().count("reload complete") >= 1, 30, "the reloads to settle")
-        wait_until(lambda: len(server.worker_pids()) == 2, 10, "exactly 2 workers")
+        wait_until(
+            lambda: len(server.worker_pids()) == 2,
+            10,
+            lambda: f"exactly 2 workers, not {server.worker_pids()}\n{server.log()}",
+        )
         load.wait_for_requests(load.stats.total + 150)
         _no_failures(load)
     after = server.worker_pids()

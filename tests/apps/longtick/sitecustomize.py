@@ -9,6 +9,6 @@ import sys
 
 WORKER_MODULES = {"asgi_supervise.worker", "asgi_supervise.worker.forkserver"}
 if WORKER_MODULES & set(sys.orig_argv):
-    from asgi_supervise.worker import server
+    from asgi_supervise.worker import draining, server
 
-    server.TICK = server.POLL = 3600.0
+    server.TICK = draining.POLL = 3600.0
