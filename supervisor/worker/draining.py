@@ -82,6 +82,22 @@ class Connections(set):  # type: ignore[type-arg]
             self.on_remove()
 
 
+def _tell_to_close(connections: set[Any], http: type, told: set[Any]) -> None:
+    """Each connection, once: an HTTP one answers its next request with `Connection:
+    close`, a WebSocket is closed with 1012 (service restart). Those made after the drain
+    began too: uvloop may have accepted them just before the listeners closed."""
+    for connection in list(connections):
+        if connection in told:
+            continue
+        told.add(connection)
+        if isinstance(connection, http):
+            connection.app = ClosingApp(connection.app)  # its next request: close after
+            if connection.cycle is not None and not connection.cycle.response_complete:
+                connection.cycle.keep_alive = False
+        else:
+            connection.shutdown()
+
+
 def _is_idle(connection: Any) -> bool:
     return connection.cycle is None or connection.cycle.response_complete
 
@@ -127,23 +143,19 @@ class Draining:
         for sock in [*(sockets or []), *self._listeners]:
             sock.close()  # every copy: the kernel refuses new connections once all are shut
         http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
-        for connection in list(self.server_state.connections):
-            if isinstance(connection, http):
-                connection.app = ClosingApp(connection.app)  # its next request: close after
-                if connection.cycle is not None and not connection.cycle.response_complete:
-                    connection.cycle.keep_alive = False
-            else:
-                connection.shutdown()  # WebSockets: close 1012 (service restart)
-
+        told: set[Any] = set()
         ended = StreamEnder(http)
         stream_deadline = started + self.drain.stream_grace
         deadline = started + self.drain.graceful_timeout
-        self._watched().on_remove = self.wake  # a connection closed: maybe the last one
+        watched = self._watched()
+        watched.on_add = self.wake  # one accepted as the listeners closed: tell it too
+        watched.on_remove = self.wake  # a connection closed: maybe the last one
         watched_tasks: set[asyncio.Task[Any]] = set()
         while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
             now = loop.time()
             if now >= deadline:
                 break
+            _tell_to_close(self.server_state.connections, http, told)
             if now >= stream_deadline:
                 ended.end_streams(self.server_state)
             idle_closes = []
