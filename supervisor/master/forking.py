@@ -115,7 +115,7 @@ class Forking:
         if forks.next is not None:  # booting for a generation already superseded
             forks.next.retire()
         env = self.observe.worker_environ()
-        standby = current.take_standby() if current is not None else None
+        standby = forks.standby()
         generation = self.rollout.generation
         server = forkserver.start(self.settings, self.sockets, generation, env, standby=standby)
         self.fork_server_booting(server)
@@ -170,11 +170,14 @@ class Forking:
             server.read_messages()  # its last words: a boot error
         server.channel.close()
         server.drop_requests()
-        server.drop_standby()
         retired = server.state == "retiring"
-        server.exited(status)
         forks = self.forks
         assert forks is not None
+        if retired or not self.running:
+            server.drop_standby()
+        else:
+            forks.keep_orphan(server.take_standby())  # its restart starts from it
+        server.exited(status)
         was_next = forks.next is server
         forks.forget(server)
         extra = server.extra("fork_server_exited", status=server.exit_status)
@@ -236,6 +239,7 @@ class Forking:
         if self.forks is not None:
             for server in self.forks.alive():
                 server.retire()
+            self.forks.keep_orphan(None)
 
     def fork_servers_alive(self) -> bool:
         return self.forks is not None and bool(self.forks.alive())

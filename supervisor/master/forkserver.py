@@ -348,6 +348,31 @@ class ForkServers:
     by_pid: dict[int, ForkServer] = field(default_factory=dict)
     health: SlotHealth = field(default_factory=SlotHealth)
     starts: int = 0
+    orphan: Standby | None = None  # the standby of a fork server that died: its restart
+
+    def standby(self) -> Standby | None:
+        """A standby for the fork server about to start: the current one's, or the one a
+        dead fork server left; whichever is not taken is closed."""
+        standby = self.current.take_standby() if self.current is not None else None
+        orphan = self.take_orphan()
+        if standby is None:
+            return orphan
+        if orphan is not None:
+            orphan.close()
+        return standby
+
+    def keep_orphan(self, standby: Standby | None) -> None:
+        """Keep a dead fork server's standby for its restart (None: close the one kept)."""
+        if self.orphan is not None:
+            self.orphan.close()
+        self.orphan = standby
+
+    def take_orphan(self) -> Standby | None:
+        orphan, self.orphan = self.orphan, None
+        if orphan is not None and not orphan.usable():
+            orphan.close()
+            return None
+        return orphan
 
     def get(self, pid: int) -> ForkServer | None:
         return self.by_pid.get(pid)

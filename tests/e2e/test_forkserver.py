@@ -123,6 +123,29 @@ def test_preloaded_workers_are_forked_and_a_hup_serves_new_code_from_a_new_fork_
     wait_until(lambda: _gone(everyone), 2.0, f"{everyone} to die with the master")
 
 
+def test_a_killed_preload_fork_server_restarts_from_its_standby(supervisor, tmp_path):
+    """Its workers keep serving; its standby (no app, the master's child) takes the spec,
+    imports the app and forks the next replacement; a standby of its own follows."""
+    _write_app(tmp_path, "v1")
+    server, _ = _start(supervisor, tmp_path, "--workers", "2")
+    server.wait_ready(2)
+    workers = server.worker_pids()
+    (fork_server,) = server.fork_server_pids()
+    (standby,) = server.standby_pids()
+    os.kill(fork_server, signal.SIGKILL)
+    wait_until(lambda: server.fork_server_pids() == {standby}, 15, server.log)
+    wait_until(lambda: "up, forking" in server.log().split("keep serving")[-1], 15, server.log)
+    assert f"(pid {standby}, generation 0) booting from the standby" in server.log()
+    assert server.worker_pids() == workers and _imports(tmp_path) == [fork_server, standby]
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    new = wait_until(lambda: server.worker_pids() - workers, 15, "a replacement")
+    assert server.serving_pids(2) == (workers - {victim}) | new
+    # The replacement holds the app its new fork server imported (old workers: the first).
+    wait_until(lambda: _get(server, "/imported-by") == str(standby), 10, "the replacement")
+    wait_until(lambda: server.standby_pids() - {standby}, 10, "a standby of its own")
+
+
 def test_a_hup_without_a_standby_execs_a_fork_server(supervisor, tmp_path):
     """A standby that died (killed here) is not promoted: the reload starts a fork server
     by exec, as the first one was, and the new code serves."""
