@@ -142,6 +142,10 @@ class Draining:
             server.close()
         for sock in [*(sockets or []), *self._listeners]:
             sock.close()  # every copy: the kernel refuses new connections once all are shut
+        # A connection the loop accepted before the close is made (uvicorn counts it) only
+        # when its callback runs: one turn of the loop, or the drain could end without it,
+        # and its request be served after the last metrics were delivered.
+        await asyncio.sleep(0)
         http = self.config.http_protocol_class  # the one in use: h11 is not imported otherwise
         told: set[Any] = set()
         ended = StreamEnder(http)
