@@ -82,6 +82,14 @@ class Standby:
         self.channel.close()
 
 
+def usable(standby: Standby | None) -> Standby | None:
+    """`standby` if it can be promoted; one that cannot is closed."""
+    if standby is not None and not standby.usable():
+        standby.close()
+        return None
+    return standby
+
+
 @dataclass(eq=False)
 class ForkServer:
     """One fork server as the master sees it."""
@@ -230,10 +238,7 @@ class ForkServer:
     def take_standby(self) -> Standby | None:
         """Its standby, if alive, for the next generation; it is no longer this one's."""
         standby, self.standby = self.standby, None
-        if standby is not None and not standby.usable():
-            standby.close()
-            return None
-        return standby
+        return usable(standby)
 
     def drop_standby(self) -> None:
         if self.standby is not None:
@@ -369,10 +374,7 @@ class ForkServers:
 
     def take_orphan(self) -> Standby | None:
         orphan, self.orphan = self.orphan, None
-        if orphan is not None and not orphan.usable():
-            orphan.close()
-            return None
-        return orphan
+        return usable(orphan)
 
     def get(self, pid: int) -> ForkServer | None:
         return self.by_pid.get(pid)
