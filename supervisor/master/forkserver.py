@@ -304,8 +304,8 @@ def start(
     forked, or the one started `early` (before the master's imports), or a new
     `python -m asgi_supervise.worker.forkserver`. With --preload it forks a standby."""
     process: subprocess.Popen[bytes] | Forked
-    if standby is not None and standby.pid is not None:
-        process, ours, started = Forked(standby.pid), standby.channel, time.monotonic()
+    if standby is not None:  # `usable`: its pid is known
+        process, ours, started = Forked(standby.pid or 0), standby.channel, time.monotonic()
     elif early is not None:
         process, ours, started = early.take()
     else:  # the exec gives it the listeners and the environment
@@ -319,9 +319,10 @@ def start(
         send_spec(ours, settings, env, sockets, theirs)
     if theirs is not None:
         theirs.close()
-    server = ForkServer(process, ours, generation, settings.preload, next_standby)
-    server.started, server.from_standby = started, standby is not None
-    return server
+    return ForkServer(
+        process, ours, generation, settings.preload, next_standby,
+        started=started, from_standby=standby is not None,
+    )  # fmt: skip
 
 
 def start_first(

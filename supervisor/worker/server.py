@@ -51,6 +51,21 @@ class _CaptureErrors(logging.Filter):
         return False
 
 
+class _WakingFlag:
+    """uvicorn's `should_exit` and `force_exit`: setting one wakes the server's loop."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = "_" + name
+
+    def __get__(self, server: Any, owner: type | None = None) -> bool:
+        return getattr(server, self.attribute, False)
+
+    def __set__(self, server: Any, value: bool) -> None:
+        setattr(server, self.attribute, value)
+        if value:
+            server.wake()
+
+
 class WorkerServer(Draining, uvicorn.Server):
     """uvicorn's server, told what to do by the master (`_on_control`), reporting to it
     (`beat`), and woken the moment it is told to stop: uvicorn looks at `should_exit` only
@@ -59,8 +74,8 @@ class WorkerServer(Draining, uvicorn.Server):
 
     _wakeup: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
-    _should_exit = False
-    _force_exit = False
+    should_exit = _WakingFlag()  # type: ignore[assignment]
+    force_exit = _WakingFlag()  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -87,26 +102,6 @@ class WorkerServer(Draining, uvicorn.Server):
         self.report_connections = False  # the master balances: tell it of new ones at once
         self._report: asyncio.TimerHandle | None = None
         self._reported_at = 0.0
-
-    @property  # type: ignore[override]
-    def should_exit(self) -> bool:
-        return self._should_exit
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        self._should_exit = value
-        if value:
-            self.wake()
-
-    @property  # type: ignore[override]
-    def force_exit(self) -> bool:
-        return self._force_exit
-
-    @force_exit.setter
-    def force_exit(self, value: bool) -> None:
-        self._force_exit = value
-        if value:
-            self.wake()
 
     def wake(self) -> None:
         """End the current wait (a tick, or a drain's look at the connections) now. Safe
