@@ -13,9 +13,16 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from asgi_supervise.config import tls
 
@@ -65,27 +72,10 @@ def opt(
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """Effective configuration of one asgi-supervise instance."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Validate only what it is given: `sources.py` reads the environment, once.
-
-        Left to itself pydantic-settings would read ``os.environ`` again on every
-        validation (in the master and in each worker), parse list variables as JSON and
-        fail with a message that names no variable, and ignore `sources.load(environ=...)`.
-        """
-        return (init_settings,)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     # --- application -------------------------------------------------------------------
     app: str | None = opt(None, "The ASGI app as module:attribute.", "app")
