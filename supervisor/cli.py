@@ -6,7 +6,6 @@ Every setting flag is generated from the settings model, so the CLI cannot drift
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import socket
@@ -347,6 +346,8 @@ def _run_native(
     if early is not None:
         env = None if directory is None else directory.environ()
         first = forkserver.start_first(settings, sockets, env, early, plan.workers)
+    import asyncio
+
     from asgi_supervise.master.arbiter import Arbiter  # imported while they boot
 
     arbiter = Arbiter(settings, sockets, plan, memory_limit, directory)

@@ -7,7 +7,6 @@ before any worker exists, and a failure names the setting that is wrong.
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,8 @@ def _reason(exc: Exception) -> str:
 
 def check(s: Settings) -> Problem | None:
     """The steps of uvicorn's create_ssl_context, one setting at a time."""
+    import ssl  # here: most masters serve plain HTTP behind a proxy, and this is their start
+
     assert s.ssl_certfile and s.ssl_keyfile
     try:
         ctx = ssl.SSLContext(s.ssl_version)
