@@ -33,6 +33,7 @@ sys.path.append(str(REPO / "bench"))
 # masters, workers and orphans, and never touches anyone else's servers on the machine.
 FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
 MASTER_UP = re.compile(r"master \d+ serving")  # its loop runs: its signal handlers are in
+FORKSERVER = "asgi-forkserver"  # a fork server's name (comm), once it has set it
 FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
 STANDBY = "asgi-standby"  # a --preload fork server's standby (the next one), likewise
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
@@ -229,7 +230,12 @@ def alive(pid: int) -> bool:
 
 
 def is_fork_server(process: psutil.Process) -> bool:
-    return FORKSERVER_MODULE in process.cmdline() and process.name() not in (FORKED_WORKER, STANDBY)
+    """By its name, or while an exec'd one has not named itself yet, its command line (the
+    first one, forked from the master, names itself as it starts)."""
+    name = process.name()
+    if name in (FORKED_WORKER, STANDBY):
+        return False
+    return name == FORKSERVER or FORKSERVER_MODULE in process.cmdline()
 
 
 def role(process: psutil.Process) -> str:
@@ -292,8 +298,8 @@ class Supervisor:
         return self._children("standby")
 
     def _children(self, which: str) -> set[int]:
-        """Live children in a role: the workers, the fork servers (booting ones too, still
-        named python, hence the command line), or the standbys."""
+        """Live children in a role: the workers, the fork servers (booting ones too, not
+        named yet: `is_fork_server`), or the standbys."""
         try:
             children = self.ps.children()
         except psutil.NoSuchProcess:

@@ -1,7 +1,7 @@
 """The master's handle on a fork server: start it, ask it for a worker, retire it.
 
 A fork server (`asgi_supervise.worker.forkserver`) is started by exec like a worker, one
-per code generation (the first before the master's own imports: `interpreter`), and
+per code generation (the first forked before the master's own imports: `interpreter`), and
 forks workers that the master adopts as its own children: the master is a child
 subreaper (`become_subreaper`), so a worker's exit and status reach it through
 `waitpid` at once, as an exec'd worker's do, and no worker depends on the fork
@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asgi_supervise.config.settings import Settings
-from asgi_supervise.master.interpreter import FORKSERVER_MODULE, EarlyForkServer, exec_python
+from asgi_supervise.master.interpreter import (
+    FORKSERVER_MODULE,
+    EarlyForkServer,
+    Forked,
+    exec_python,
+)
 from asgi_supervise.master.policy import SlotHealth
 from asgi_supervise.master.workers import send_spec
 from asgi_supervise.protocol import READ_BYTES, decode, encode
@@ -51,14 +56,6 @@ def become_subreaper() -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-@dataclass(eq=False)
-class Forked:
-    """What the worker handle needs of a forked worker's process (a Popen's pid, returncode)."""
-
-    pid: int
-    returncode: int | None = None
 
 
 @dataclass(eq=False)

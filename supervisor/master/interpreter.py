@@ -1,12 +1,14 @@
-"""Fresh interpreters the master starts: exec'd workers, fork servers, and the first fork
-server, started before the master's own imports.
+"""Processes the master starts before or instead of its own imports: exec'd workers and
+fork servers, and the first fork server, forked before the master's imports.
 
 Standard library only: `launch` imports this before anything heavy. The master's imports
-(the settings model: pydantic) take about a quarter of a second, the fork server's
-(uvicorn, uvloop, httptools) about as long. Started first, the fork server imports on
-the other core while the master reads its settings, then waits on its channel for them
-and for the listeners (`forkserver.start`). If the settings choose exec mode or the
-gunicorn engine, or turn out wrong, it is stopped unused (`EarlyForkServer.discard`).
+(the settings model: pydantic) take about a tenth of a second, the fork server's
+(uvicorn, uvloop, httptools) about as long. The first fork server is forked from `launch`
+at its first line: it skips an interpreter's start, imports on the other core while the
+master reads its settings, then waits on its channel for them and for the listeners
+(`forkserver.start`). If the settings choose exec mode or the gunicorn engine, or turn
+out wrong, it is stopped unused (`EarlyForkServer.discard`). Later fork servers, and
+exec'd workers, are fresh interpreters: by then the master holds what they must not.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
+
+from asgi_supervise.master import signals
 
 FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
 # systemd's socket activation variables: the master's alone (`sockets.from_systemd`).
@@ -60,19 +65,36 @@ def exec_python(
     return process, ours
 
 
+class Forked:
+    """A process forked rather than exec'd: what the master's handles use of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
 class EarlyForkServer:
-    """A fork server started before the settings are known; `take` hands it to the
-    master's fork servers, `discard` stops it if nothing took it."""
+    """The first fork server, forked before the settings are known; `take` hands it to
+    the master's fork servers, `discard` stops it if nothing took it."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
-        # Started before the master takes systemd's variables out of its environment.
-        self.process, self.channel = exec_python(
-            FORKSERVER_MODULE, (), None, without=SOCKET_ACTIVATION
-        )
+        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master_pid = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:
+            self.channel.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            self.channel.close()
+            _serve_forked(theirs, master_pid)
+        theirs.close()
+        self.process = Forked(pid)
         self.taken = False
 
-    def take(self) -> tuple[subprocess.Popen[bytes], socket.socket, float]:
+    def take(self) -> tuple[Forked, socket.socket, float]:
         self.taken = True
         return self.process, self.channel, self.started
 
@@ -84,5 +106,19 @@ class EarlyForkServer:
         self.taken = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        os.waitpid(self.process.pid, 0)
         self.channel.close()
+
+
+def _serve_forked(channel: socket.socket, master_pid: int) -> NoReturn:
+    """The forked first fork server: what `python -m asgi_supervise.worker.forkserver`
+    would be, less the interpreter's start. Never returns."""
+    try:
+        os.setpgid(0, 0)  # its own process group, as an exec'd one's: a ^C is the master's
+        signals.reset()  # `launch` holds the master's signals: not ours
+        for name in SOCKET_ACTIVATION:
+            os.environ.pop(name, None)
+        from asgi_supervise.worker import forkserver
+    except BaseException:
+        os._exit(1)  # no memory, no module: the master starts one by exec
+    forkserver.adopted(channel, master_pid)

@@ -21,7 +21,7 @@ from asgi_supervise.protocol import READ_BYTES, decode, encode
 if TYPE_CHECKING:
     import psutil
 
-    from asgi_supervise.master.forkserver import Forked
+    from asgi_supervise.master.interpreter import Forked
 
 log = logging.getLogger("asgi_supervise.master")
 

@@ -1,8 +1,9 @@
 """The fork server: imports the worker's machinery once, then forks workers on request.
 
 Started by the master as ``python -m asgi_supervise.worker.forkserver``, one per code
-generation; the first before the master's own imports, with no listeners: they come with
-its spec, which it waits for once the machinery is imported. It imports uvicorn, its
+generation; the first is forked from the master's first line instead (`adopted`), before
+its imports, with no listeners: they come with its spec, which it waits for once the
+machinery is imported. It imports uvicorn, its
 protocols and loop, our worker modules and, with ``--preload``, the app; then it runs no
 event loop and no thread, freezes what it holds out of the garbage collector's reach
 (`gc.freeze`: collections in the workers do not write to the shared pages), and waits on
@@ -33,14 +34,15 @@ import ctypes
 import gc
 import importlib
 import os
+import select
 import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode
 from asgi_supervise.worker.__main__ import run
@@ -122,11 +124,11 @@ def _become_worker(
     listeners: list[socket.socket],
     master_pid: int,
     middle: int,
-) -> None:
+) -> NoReturn:
     """The forked worker: wait to be the master's child, then the same path as an exec'd
     worker. Never returns into the fork server's loop."""
-    code: Any = 0
-    try:
+
+    def body() -> None:
         channel.close()
         _set_name(WORKER_NAME)
         os.setpgid(0, 0)  # its own process group, as the master gives an exec'd worker
@@ -136,6 +138,17 @@ def _become_worker(
         # `random` re-seeds itself in a forked child (os.register_at_fork); uvicorn installs
         # the worker's signal handlers and starts its own event loop in `run`.
         run(Control(socket.socket(fileno=control_fd)), listeners)
+
+    _exit_after(body)
+
+
+def _exit_after(body: Callable[[], None]) -> NoReturn:
+    """Run `body`, then end this forked process the way an interpreter ends: with
+    SystemExit's code (its message printed), or 1 and the traceback; atexit handlers run
+    (logging flushes)."""
+    code: Any = 0
+    try:
+        body()
     except SystemExit as exc:
         code = exc.code
     except BaseException:
@@ -147,7 +160,7 @@ def _become_worker(
         print(code, file=sys.stderr)
         code = 1
     try:
-        atexit._run_exitfuncs()  # what a normal interpreter exit does: logging flushes
+        atexit._run_exitfuncs()
     finally:
         os._exit(code)
 
@@ -189,9 +202,10 @@ def _fork(
     listeners: list[socket.socket],
     master_pid: int,
     standby: bool = False,
-) -> None:
+) -> int | None:
     """Fork a worker (or, `standby`, the next fork server) through a middle process, which
-    reports its pid and exits: it is re-parented to the master."""
+    reports its pid and exits: it is re-parented to the master. Returns the middle
+    process's pid, for `_reap` (None if the fork failed)."""
     gc.freeze()  # whatever the fork server holds now stays out of the workers' collections
     slot = request.get("slot")
     try:
@@ -199,7 +213,7 @@ def _fork(
     except OSError as exc:
         channel.send(encode({"t": "fork_failed", "slot": slot, "error": str(exc)}))
         os.close(control_fd)
-        return
+        return None
     if middle == 0:
         try:
             middle_pid = os.getpid()
@@ -216,7 +230,17 @@ def _fork(
             finally:
                 os._exit(1)
     os.close(control_fd)
-    os.waitpid(middle, 0)
+    return middle
+
+
+def _reap(middles: list[int | None], channel: socket.socket) -> None:
+    """Wait for the middle processes once no request is queued: a batch of requests (the
+    first workers, a scale-up) is forked without waiting for each middle process in turn,
+    and none is left a zombie while the fork server waits."""
+    if middles and not select.select([channel], [], [], 0)[0]:
+        for pid in filter(None, middles):
+            os.waitpid(pid, 0)
+        middles.clear()
 
 
 def serve(
@@ -224,7 +248,7 @@ def serve(
 ) -> None:
     """Import, take the spec, preload, then fork on request until the channel closes.
 
-    `listeners` is None for the fork server started before the master's imports (it
+    `listeners` is None for the fork server forked before the master's imports (it
     imports the machinery while the master reads its settings) and for a standby: both get
     the listeners, and the environment the master adds, with the spec.
     """
@@ -241,8 +265,9 @@ def serve(
     standby = fds.pop() if spec.get("standby") else None
     if listeners is None:
         listeners = [socket.socket(fileno=fd) for fd in fds]
+    middles = []
     if standby is not None:  # before the spec takes effect: no environment, no app
-        _fork(channel, {}, standby, listeners, master_pid, standby=True)
+        middles.append(_fork(channel, {}, standby, listeners, master_pid, standby=True))
     os.environ.update(spec.get("env") or {})
     settings = SimpleNamespace(**spec["settings"])
     _import(_protocols(settings))
@@ -251,29 +276,41 @@ def serve(
     gc.freeze()
     control.send("ready", preloaded=bool(settings.preload))
     while True:
+        _reap(middles, channel)
         request, fds = _receive(channel, 1)
         if not fds:
             if not request:
                 os._exit(0)  # the master closed the channel: it is gone or retiring us
             continue
         if request.get("t") == "fork":
-            _fork(channel, request, fds[0], listeners, master_pid)
+            middles.append(_fork(channel, request, fds[0], listeners, master_pid))
         else:
             os.close(fds[0])
+
+
+def adopted(channel: socket.socket, master_pid: int) -> NoReturn:
+    """The first fork server, forked from the master's first line (`launch`): it dies with
+    the master, serves, and ends as an exec'd one would. Never returns."""
+
+    def body() -> None:
+        _set_name(NAME)  # at once: ps must not show it as a second master
+        die_with_master(master_pid)
+        channel.set_inheritable(False)
+        serve(channel, None)
+
+    _exit_after(body)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="asgi-supervise fork server")
     parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--socket-fds")  # none when started early: they come with the spec
+    parser.add_argument("--socket-fds", required=True)
     parser.add_argument("--master-pid", type=int, required=True)
     args = parser.parse_args(argv)
     die_with_master(args.master_pid)
     channel = socket.socket(fileno=args.control_fd)
-    listeners = None
-    if args.socket_fds:
-        listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
-    for sock in (channel, *(listeners or ())):
+    listeners = [socket.socket(fileno=int(fd)) for fd in args.socket_fds.split(",")]
+    for sock in (channel, *listeners):
         sock.set_inheritable(False)
     serve(channel, listeners)
 

@@ -83,6 +83,10 @@ async def app(scope, receive, send):
     if path == "/grow":  # hold memory so RSS-based recycling has something to see
         _hoard.append(os.urandom(int(query.get("mb", "10")) * 1024 * 1024))
         return await _respond(send, 200, str(len(_hoard)).encode())
+    if path == "/env":  # the variables this worker, and a process it starts, can see
+        spawned = subprocess.run(["env"], capture_output=True, text=True).stdout.splitlines()
+        names = {*os.environ, *(line.partition("=")[0] for line in spawned)}
+        return await _respond(send, 200, " ".join(sorted(names)).encode())
     if path == "/orphan":  # leave a grandchild for the master (as PID 1) to reap
         subprocess.Popen(["sh", "-c", "sleep 0.3 &"]).wait()
         return await _respond(send, 200, b"orphaned")

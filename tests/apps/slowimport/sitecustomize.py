@@ -1,7 +1,8 @@
 """On PYTHONPATH, makes an import slow, as on a loaded machine, until a test lets it go.
 
-- SLOW_IMPORT_GATE: in `python -m asgi_supervise.worker` processes (and fork servers,
-  which import it for their workers), the first `import uvicorn`.
+- SLOW_IMPORT_GATE: the first `import uvicorn` of a process: an exec'd worker's, or a
+  fork server's (which imports it for its workers; the first is forked from the master,
+  which itself never imports uvicorn).
 - SLOW_MASTER_GATE: in the master (`python -m asgi_supervise`), the import of its
   arbiter, which comes after it asked for its first workers.
 
@@ -30,8 +31,7 @@ class _Slow:
         return None  # the regular finders import it now
 
 
-WORKER_MODULES = {"asgi_supervise.worker", "asgi_supervise.worker.forkserver"}
-if os.environ.get("SLOW_IMPORT_GATE") and WORKER_MODULES & set(sys.orig_argv):
+if os.environ.get("SLOW_IMPORT_GATE"):
     sys.meta_path.insert(0, _Slow("uvicorn", os.environ["SLOW_IMPORT_GATE"]))
 if os.environ.get("SLOW_MASTER_GATE") and sys.orig_argv[1:3] == ["-m", "asgi_supervise"]:
     sys.meta_path.insert(0, _Slow("asgi_supervise.master.arbiter", os.environ["SLOW_MASTER_GATE"]))
