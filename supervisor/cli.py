@@ -346,6 +346,7 @@ def _run_native(
     if early is not None:
         env = None if directory is None else directory.environ()
         first = forkserver.start_first(settings, sockets, env, early, plan.workers)
+        first.await_requested(forkserver.FIRST_WORKERS_WAIT)
     import asyncio
 
     from asgi_supervise.master.arbiter import Arbiter  # imported while they boot

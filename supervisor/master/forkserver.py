@@ -43,6 +43,7 @@ log = logging.getLogger("asgi_supervise.master")
 
 PR_SET_CHILD_SUBREAPER = 36
 FORK_TIMEOUT = 5.0  # seconds a ready fork server gets to answer a fork request
+FIRST_WORKERS_WAIT = 0.5  # seconds the master's imports wait for its first workers' start
 
 
 class ForkError(Exception):
@@ -175,6 +176,17 @@ class ForkServer:
             theirs.close()
         send_spec(ours, settings)
         self.requested[slot] = ours
+
+    def await_requested(self, timeout: float) -> None:
+        """Until every requested worker has said something (ready, or why it cannot start)
+        or its channel closed, at most `timeout` seconds. The master's first workers boot
+        while it waits here rather than importing the rest of itself: with fewer cores
+        than processes starting, those imports would take a core from the workers."""
+        pending = list(self.requested.values())
+        deadline = time.monotonic() + timeout
+        while pending and (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select(pending, [], [], left)
+            pending = [channel for channel in pending if channel not in readable]
 
     def fork(self, slot: int, settings: Settings) -> tuple[Forked, socket.socket]:
         """A worker in `slot`: its process and the master's end of its control channel.

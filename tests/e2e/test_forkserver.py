@@ -241,7 +241,9 @@ def test_first_workers_serve_before_the_master_loop_and_signals_wait_for_it(
     env = {"PYTHONPATH": str(APPS / "slowimport"), "SLOW_MASTER_GATE": str(gate)}
     server = supervisor("testapp:app", "--workers", "2", env=env)
     answer = wait_until(lambda: try_get(server.port, "/pid", timeout=1.0), 15, "a first answer")
-    assert list(gate.glob("importing-*")) and "master" not in server.log()  # still held
+    # Once its first workers serve, the master imports its arbiter: held there.
+    wait_until(lambda: list(gate.glob("importing-*")), 15, "the master's arbiter import")
+    assert "master" not in server.log()  # nothing said yet: its loop has not started
     server.signal(signal.SIGHUP)
     (gate / "hold").unlink()
     wait_until(lambda: "reload complete" in server.log(), 15, lambda: server.log())
