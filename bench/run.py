@@ -314,6 +314,23 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def compile_bytecode() -> str:
+    """Compile asgi-supervise and the bench apps as an install from a wheel would have.
+
+    An editable install leaves bytecode to the first import; with PYTHONDONTWRITEBYTECODE
+    set (as on some machines) every interpreter of every run would compile our package from
+    source, while the servers it is compared with were compiled by pip."""
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("asgi_supervise")
+    dirs = [*(spec.submodule_search_locations or [])] if spec else []
+    dirs.append(os.path.join(BENCH, "apps"))
+    for directory in dirs:
+        compileall.compile_dir(directory, quiet=1)
+    return "compiled before the run: " + ", ".join(dirs)
+
+
 def environment() -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
@@ -341,6 +358,7 @@ def environment() -> dict[str, Any]:
         "wrk": wrk,
         "git": commit,
         "asgi_supervise_code": code_fingerprint(),
+        "bytecode": compile_bytecode(),
     }
 
 
