@@ -28,6 +28,7 @@ from asgi_supervise.master import signals
 FORKSERVER_MODULE = "asgi_supervise.worker.forkserver"
 # systemd's socket activation variables: the master's alone (`sockets.from_systemd`).
 SOCKET_ACTIVATION = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 
 def exec_python(
@@ -114,6 +115,12 @@ def _serve_forked(channel: socket.socket, master_pid: int) -> NoReturn:
     """The forked first fork server: what `python -m asgi_supervise.worker.forkserver`
     would be, less the interpreter's start. Never returns."""
     try:
+        # What an exec'd one gets from Popen: only stdio and its channel. A descriptor the
+        # master was started with (systemd's sockets, a pipe a script waits on) held here
+        # and in every worker would outlive their drain and the master.
+        keep = channel.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, MAX_FD)
         os.setpgid(0, 0)  # its own process group, as an exec'd one's: a ^C is the master's
         signals.reset()  # `launch` holds the master's signals: not ours
         for name in SOCKET_ACTIVATION:

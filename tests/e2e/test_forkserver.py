@@ -284,3 +284,27 @@ def test_more_first_workers_than_the_channel_queues(supervisor):
     server.wait_ready(12)
     assert len(server.worker_pids()) == 12
     assert len(server.fork_server_pids()) == 1
+
+
+def test_descriptors_the_master_was_started_with_stay_the_masters(supervisor):
+    """A descriptor the master inherits (here a pipe's write end, as a script that waits for
+    EOF leaves it; systemd's sockets are others) is not held by the fork server forked
+    from it, nor by the workers: the reader sees EOF once the master is gone, whatever they
+    are still doing."""
+    read_end, write_end = os.pipe()
+    try:
+        server = supervisor("testapp:app", "--workers", "2", pass_fds=(write_end,))
+        os.close(write_end)
+        server.wait_ready(2)
+        pipe = os.fstat(read_end).st_ino
+        others = server.fork_server_pids() | server.worker_pids()
+        assert len(others) == 3
+        for pid in others:
+            held = []
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(FileNotFoundError):
+                    held.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            assert f"pipe:[{pipe}]" not in held, (pid, held)
+        assert f"pipe:[{pipe}]" in os.readlink(f"/proc/{server.pid}/fd/{write_end}")
+    finally:
+        os.close(read_end)
