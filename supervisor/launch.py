@@ -43,8 +43,20 @@ def forks(argv: list[str], environ: Mapping[str, str]) -> bool:
     return True
 
 
+def open_stdio() -> None:
+    """Descriptors 0-2 open, on /dev/null where closed (a daemon started with `<&-` or
+    `>&-`): otherwise a channel or a listener would take one of their numbers, and
+    uvicorn's loop (libuv) aborts when it closes a descriptor below 3."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    open_stdio()
     early = None
     if forks(argv, os.environ):
         signals.hold()  # its first workers may serve before its handlers are in place

@@ -118,9 +118,9 @@ def _serve_forked(channel: socket.socket, master_pid: int) -> NoReturn:
         # What an exec'd one gets from Popen: only stdio and its channel. A descriptor the
         # master was started with (systemd's sockets, a pipe a script waits on) held here
         # and in every worker would outlive their drain and the master.
-        keep = channel.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, MAX_FD)
+        keep = channel.fileno()  # below 3 if the master was started without stdio
+        os.closerange(3, max(3, keep))
+        os.closerange(max(3, keep + 1), MAX_FD)
         os.setpgid(0, 0)  # its own process group, as an exec'd one's: a ^C is the master's
         signals.reset()  # `launch` holds the master's signals: not ours
         for name in SOCKET_ACTIVATION:

@@ -258,3 +258,26 @@ def test_a_worker_whose_channel_the_master_closes_drains_and_exits():
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_a_master_started_without_stdin_and_stdout_serves_and_stops_cleanly(tmp_path: Path):
+    """Started as some daemons are, with descriptors 0 and 1 closed: the first sockets
+    must not take their numbers (a worker's loop aborts closing a descriptor below 3)."""
+    port = free_port()
+    log_path = tmp_path / "closed-stdio.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_SUPERVISE_")}
+    command = f'exec "$0" -m asgi_supervise testapp:app --workers 1 --port {port} <&- >&-'
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["sh", "-c", command, sys.executable], cwd=APPS, env=env, stderr=log
+        )
+    try:
+        wait_until(lambda: try_get(port, "/pid"), 20, lambda: log_path.read_text())
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0, log_path.read_text()
+        text = log_path.read_text()
+        assert "exited with code 0" in text and "Assertion" not in text, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
