@@ -165,7 +165,12 @@ def test_app_children_do_not_inherit_the_listener(supervisor, tmp_path: Path):
     assert server.get("/spawn") == (200, "spawned")
     child = int(wait_until(lambda: child_pid_file.read_text().strip(), 10, "the child's pid"))
     try:
-        fds = [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+        # `$!` is known before the background shell has exec'd sleep: look once it has.
+        wait_until(lambda: psutil.Process(child).name() == "sleep", 10, "the child's exec")
+        fds = []
+        for fd in os.listdir(f"/proc/{child}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                fds.append(os.readlink(f"/proc/{child}/fd/{fd}"))
         assert not [fd for fd in fds if fd.startswith("socket:")], fds
         server.signal(signal.SIGTERM)
         assert server.wait_exit() == 0
