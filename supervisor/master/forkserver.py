@@ -72,8 +72,9 @@ class Standby:
         means it is gone (the end of the channel) and a dead one cannot be promoted."""
         if self.pid is None:
             return False
-        readable, _, _ = select.select([self.channel], [], [], 0)
-        return not readable
+        poller = select.poll()  # not select(): a descriptor above 1023 is out of its range
+        poller.register(self.channel, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         """Not needed: it exits on the closed channel (and is reaped as an orphan)."""
@@ -182,11 +183,15 @@ class ForkServer:
         or its channel closed, at most `timeout` seconds. The master's first workers boot
         while it waits here rather than importing the rest of itself: with fewer cores
         than processes starting, those imports would take a core from the workers."""
-        pending = list(self.requested.values())
+        poller = select.poll()
+        for channel in self.requested.values():
+            poller.register(channel, select.POLLIN)
+        pending = len(self.requested)
         deadline = time.monotonic() + timeout
         while pending and (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select(pending, [], [], left)
-            pending = [channel for channel in pending if channel not in readable]
+            for fd, _event in poller.poll(left * 1000):
+                poller.unregister(fd)
+                pending -= 1
 
     def fork(self, slot: int, settings: Settings) -> tuple[Forked, socket.socket]:
         """A worker in `slot`: its process and the master's end of its control channel.

@@ -233,11 +233,18 @@ def _fork(
     return middle
 
 
+def _readable(channel: socket.socket) -> bool:
+    """A request is queued (poll, not select: the descriptor may be above 1023)."""
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _reap(middles: list[int | None], channel: socket.socket) -> None:
     """Wait for the middle processes once no request is queued: a batch of requests (the
     first workers, a scale-up) is forked without waiting for each middle process in turn,
     and none is left a zombie while the fork server waits."""
-    if middles and not select.select([channel], [], [], 0)[0]:
+    if middles and not _readable(channel):
         for pid in filter(None, middles):
             os.waitpid(pid, 0)
         middles.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 
 import pytest
@@ -50,6 +52,28 @@ def test_a_standby_is_taken_once_and_only_while_its_process_holds_its_channel() 
     theirs.close()  # it died
     assert not taken.usable()
     taken.close()
+
+
+def test_a_standby_on_a_descriptor_above_select_s_range_is_still_looked_at() -> None:
+    """A master with many descriptors open gets channels numbered above 1023, which
+    select() cannot watch: its checks use poll."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 2000
+    if hard != resource.RLIM_INFINITY and hard <= high:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}: no descriptor {high}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high + 1), hard))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        os.dup2(ours.fileno(), high)
+        standby = Standby(socket.socket(fileno=high), pid=12)
+        assert standby.usable()
+        theirs.close()  # it died
+        assert not standby.usable()
+        standby.close()
+    finally:
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_preload_needs_the_fork_server() -> None:
