@@ -32,15 +32,11 @@ MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536
 
 
 def exec_python(
-    module: str,
-    sockets: Sequence[socket.socket],
-    env: dict[str, str] | None,
-    without: Sequence[str] = (),
+    module: str, sockets: Sequence[socket.socket], env: dict[str, str] | None
 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """`python -m module` in its own process group, holding the listeners (if any: a
-    fork server started early gets them with its spec) and its end of a fresh channel;
-    returns the process and the master's end. Its environment is ours with `env` added
-    and the variables named in `without` left out."""
+    """`python -m module` in its own process group, holding the listeners and its end of
+    a fresh channel; returns the process and the master's end. Its environment is ours
+    with `env` added."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds = [s.fileno() for s in sockets]
     command = [
@@ -48,12 +44,9 @@ def exec_python(
         # Not secret, and needed before its imports: it dies with the master.
         "--master-pid", str(os.getpid()),
         "--control-fd", str(theirs.fileno()),
+        "--socket-fds", ",".join(map(str, fds)),
     ]  # fmt: skip
-    if fds:
-        command += ["--socket-fds", ",".join(map(str, fds))]
-    environ = None
-    if env or without:
-        environ = {k: v for k, v in os.environ.items() if k not in without} | (env or {})
+    environ = None if not env else {**os.environ, **env}
     try:
         process = subprocess.Popen(
             command,

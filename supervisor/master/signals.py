@@ -50,21 +50,22 @@ def held() -> list[int]:
 def reset() -> None:
     """Default actions, nothing recorded: for a process forked while they were held (the
     first fork server), which must not act on the master's signals."""
-    global _holding
-    _holding = False
+    _default_actions()
     _arrived.clear()
-    for sig in _HELD:
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
 
 
 def release() -> None:
     """Back to the default actions, and what arrived meanwhile delivered again: for a
     master that installs handlers of its own later (the gunicorn engine)."""
-    global _holding
     if not _holding:
         return
+    _default_actions()
+    for sig in held():
+        os.kill(os.getpid(), sig)
+
+
+def _default_actions() -> None:
+    global _holding
     _holding = False
     for sig in _HELD:
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
-    for sig in held():
-        os.kill(os.getpid(), sig)
