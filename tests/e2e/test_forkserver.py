@@ -200,6 +200,20 @@ def test_killed_worker_fork_server_and_master(supervisor):
     wait_until(lambda: _gone(everyone), 2.0, f"{everyone} to die with the master")
 
 
+def test_the_first_fork_server_does_not_keep_the_masters_signal_handlers(supervisor):
+    """It is forked from the master while the master holds (records) its signals: it must
+    take a SIGTERM as an exec'd fork server does, ending, and the master starts another."""
+    server = supervisor("testapp:app", "--workers", "2")
+    server.wait_ready(2)
+    workers = server.worker_pids()
+    (first,) = server.fork_server_pids()
+    os.kill(first, signal.SIGTERM)
+    wait_until(lambda: server.fork_server_pids() - {first}, 15, "another fork server")
+    assert not alive(first)
+    assert f"(pid {first}, generation 0) died: killed by SIGTERM" in server.log()
+    assert server.serving_pids(2) == workers and server.process.poll() is None
+
+
 def test_preload_import_failure_exits_3_once(supervisor, tmp_path):
     _write_app(tmp_path, "v1", broken=True)
     server, _ = _start(supervisor, tmp_path, "--workers", "2")
