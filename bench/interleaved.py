@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness
 from harness import BENCH, Server, cpu_seconds, median, spread, start_ready
 from metrics_reload import fetch_metrics, request_counts
-from run import environment
+from run import compile_bytecode, environment
 from scenarios import HELLO, parse_wrk
 
 SUP = "asgi-supervise {app} --workers 1 --host {host} --port {port} --no-access-log"
@@ -269,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     HEADERS.extend(o.header)
     o.workers, o.log_dir = 1, tempfile.mkdtemp(prefix="asgi-bench-interleaved-")
+    bytecode = compile_bytecode()
     result = asyncio.run(measure(o))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(o.out, f"{stamp}-interleaved")
     command = "bench/interleaved.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = {"env": environment(), "command": command.strip(), "options": vars(o), "result": result}
+    env = {**environment(), "bytecode": bytecode}
+    out = {"env": env, "command": command.strip(), "options": vars(o), "result": result}
     with open(base + ".json", "w") as f:
         json.dump(out, f, indent=1, default=str)
     text = markdown(out)

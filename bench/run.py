@@ -358,7 +358,6 @@ def environment() -> dict[str, Any]:
         "wrk": wrk,
         "git": commit,
         "asgi_supervise_code": code_fingerprint(),
-        "bytecode": compile_bytecode(),
     }
 
 
@@ -532,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     base = os.path.join(o.out, f"{stamp}-{'-'.join(o.what)}")
     os.makedirs(o.out, exist_ok=True)
     out: dict[str, Any] = {
-        "env": environment(),
+        "env": {**environment(), "bytecode": compile_bytecode()},  # before any server starts
         "workers": o.workers,
         "rounds": {},
         "servers": {s: SERVERS[s][0] for s in servers},
