@@ -217,6 +217,81 @@ class Server:
             return ""
 
 
+class ListenerWatch(threading.Thread):
+    """When a new process of the tree first has the listening socket in an epoll set:
+    the moment it can accept, the same way for every server, read from /proc.
+
+    Which worker answers a connection on a shared socket is a scheduler lottery (the
+    worker placed on an awake CPU wins, and keeps winning), so "a new pid answered" times
+    the lottery as much as the respawn. An eventpoll's fdinfo lists every watched file
+    by inode (`ino:<hex>`); the listener's inode is the same in every process holding it.
+    Polled every `every` s, for at most `limit` s; `at` is monotonic, None if never.
+    """
+
+    def __init__(self, srv: Server, every: float = 0.001, limit: float = 5.0):
+        super().__init__(daemon=True)
+        self.root = srv.pid
+        self.old = {srv.pid, *srv.tree()}
+        ino = listener_inode(sorted(self.old), srv.port)
+        if ino is None:
+            raise RuntimeError(f"{srv.name}: no process holds a listener on {srv.port}")
+        self.tag = f"ino:{ino:x} "
+        self.every, self.limit = every, limit
+        self.at: float | None = None
+        self.pid: int | None = None
+
+    def run(self) -> None:
+        end = time.monotonic() + self.limit
+        while time.monotonic() < end:
+            for pid in descendants(self.root):
+                if pid not in self.old and polls_file(pid, self.tag):
+                    self.at, self.pid = time.monotonic(), pid
+                    return
+            time.sleep(self.every)
+
+
+def listener_inode(pids: list[int], port: int) -> int | None:
+    for pid in pids:
+        with contextlib.suppress(psutil.Error, OSError):
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.fd != -1:
+                    return os.stat(f"/proc/{pid}/fd/{c.fd}").st_ino
+    return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every descendant of root, from /proc/PID/task/PID/children (cheap to poll)."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def polls_file(pid: int, tag: str) -> bool:
+    """Whether one of pid's epoll sets watches the file whose fdinfo tag is `tag`."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                if tag in f.read():
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def started_at(pid: int) -> float | None:
     """When pid started, in CLOCK_BOOTTIME seconds (10 ms ticks). psutil's create_time()
     adds the boot time rounded to whole seconds, too coarse to time a respawn."""

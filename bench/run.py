@@ -189,7 +189,12 @@ VARIANTS: dict[str, tuple[Any, int, float | None, list[str]]] = {
             "exit_code",
         ],
     ),
-    "crash": (scenarios.crash, 3, None, ["serving_again_s", "spawned_s", "failed", "total"]),
+    "crash": (
+        scenarios.crash,
+        3,
+        None,
+        ["accepting_s", "serving_again_s", "spawned_s", "failed", "total"],
+    ),
     "ready": (scenarios.ready, 4, None, ["first_200_s", "all_workers_s", "idle_exit_s"]),
     "rss": (
         scenarios.rss,

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 from harness import (
     MB,
+    ListenerWatch,
     Server,
     boottime,
     cpu_seconds,
@@ -262,9 +263,11 @@ async def crash(name: str, template: str, o: Any) -> dict[str, Any]:
         before = {srv.pid, *srv.tree()}
         victim = min(old)
         st: dict[str, float] = {}
+        watch = ListenerWatch(srv)
 
         def kill() -> None:
             st["boot"] = boottime()
+            watch.start()
             st["t"] = srv.signal(signal.SIGKILL, victim)
 
         results = await open_loop(
@@ -276,7 +279,9 @@ async def crash(name: str, template: str, o: Any) -> dict[str, Any]:
         new_served = sorted(
             r["t1"] for r in results if pid_of(r) and pid_of(r) not in old and r["t1"] > st["t"]
         )
+        watch.join()
         return {
+            "accepting_s": r3(watch.at - st["t"]) if watch.at else None,
             "serving_again_s": r3(new_served[0] - st["t"]) if new_served else None,
             "spawned_s": r3(max(0.0, min(starts) - st["boot"])) if starts else None,
             "failed": sum(not r["ok"] for r in results),
