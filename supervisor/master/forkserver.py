@@ -13,14 +13,12 @@ to start and no machinery to import.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +32,7 @@ from asgi_supervise.master.interpreter import (
 )
 from asgi_supervise.master.policy import SlotHealth
 from asgi_supervise.master.workers import send_spec
+from asgi_supervise.prctl import PR_SET_CHILD_SUBREAPER, prctl
 from asgi_supervise.protocol import READ_BYTES, decode, encode
 
 if TYPE_CHECKING:
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("asgi_supervise.master")
 
-PR_SET_CHILD_SUBREAPER = 36
 FORK_TIMEOUT = 5.0  # seconds a ready fork server gets to answer a fork request
 FIRST_WORKERS_WAIT = 0.5  # seconds the master's imports wait for its first workers' start
 
@@ -53,10 +51,7 @@ class ForkError(Exception):
 def become_subreaper() -> bool:
     """Orphans of our descendants (the workers, once their fork server's middle process
     exits) become our children: we wait for them and see their status."""
-    if sys.platform != "linux":
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 @dataclass(eq=False)

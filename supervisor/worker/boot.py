@@ -9,7 +9,6 @@ and uvicorn are imported.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -17,19 +16,17 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from asgi_supervise.prctl import PR_SET_PDEATHSIG, prctl
+
 if TYPE_CHECKING:
     from asgi_supervise.config.settings import Settings
     from asgi_supervise.protocol import Control
     from asgi_supervise.worker.server import WorkerServer
 
-PR_SET_PDEATHSIG = 1
-
 
 def die_with_master(master_pid: int) -> None:
     """SIGKILL from the kernel when the master dies, so no worker outlives it."""
-    if sys.platform == "linux":  # elsewhere only the parent check below protects us
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # off Linux only the check below protects us
     if os.getppid() != master_pid:  # the master died before prctl took effect
         os._exit(1)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import gc
 import importlib
 import os
@@ -44,6 +43,7 @@ from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Any, NoReturn
 
+from asgi_supervise.prctl import PR_SET_NAME, prctl
 from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode
 from asgi_supervise.worker.__main__ import run
 from asgi_supervise.worker.boot import boot_error, die_with_master
@@ -62,16 +62,13 @@ MACHINERY = (
 NAME = b"asgi-forkserver"  # its name in ps and top (comm), and its workers' name:
 WORKER_NAME = b"asgi-worker"  # they share its command line
 STANDBY_NAME = b"asgi-standby"  # the next generation's fork server, until its spec
-PR_SET_NAME = 15
 MAX_LISTENERS = 64  # descriptors a spec may carry
 REPARENT_WAIT = 5.0  # seconds a worker waits to be handed to the master before giving up
 
 
 def _set_name(name: bytes) -> None:
     """This process's name (comm) in ps and top."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    prctl(PR_SET_NAME, name)
 
 
 def _import(names: Iterable[str]) -> None:
