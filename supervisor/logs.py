@@ -103,6 +103,9 @@ def dict_config(
     }
 
 
+_applied: tuple[Any, ...] | None = None  # what this process's logging was last set up with
+
+
 def configure(
     log_format: str,
     level: str,
@@ -111,10 +114,20 @@ def configure(
     use_colors: bool | None = None,
     log_config: str | None = None,
 ) -> None:
+    """Set up logging. What this process already has is not set up again: a worker forked
+    from a fork server (or a gunicorn master) that did it keeps the inherited handlers,
+    where `dictConfig` would build them anew and copy ~0.5 MB of shared pages per worker.
+    A `log_config` file is always read again: it may have changed since."""
+    global _applied
+    key = (log_format, level, access_log, log_file, use_colors)
+    if log_config is None and key == _applied:
+        return
+    _applied = None
     if log_config:
         load_config_file(log_config)
     else:
         logging.config.dictConfig(dict_config(log_format, level, access_log, log_file, use_colors))
+        _applied = key
 
 
 def load_config_file(path: str) -> None:

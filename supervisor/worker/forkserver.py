@@ -90,13 +90,20 @@ def _protocols(settings: Any) -> list[str]:
     return [spec.partition(":")[0] for spec in chosen if spec]
 
 
-def _preload(control: Control, settings: Any) -> None:
-    """Import the app here: once for every worker this fork server starts."""
+def _configure_logging(settings: Any) -> None:
+    """The workers' logging, set up once here: a worker forked with it does not set it up
+    again (`logs.configure`), and the app imported under `--preload` logs as they do."""
     from asgi_supervise import logs
-    from asgi_supervise.worker import apploader, promfiles
 
     s = settings
     logs.configure(s.log_format, s.log_level, s.access_log, s.log_file, s.use_colors, s.log_config)
+
+
+def _preload(control: Control, settings: Any) -> None:
+    """Import the app here: once for every worker this fork server starts."""
+    from asgi_supervise.worker import apploader, promfiles
+
+    s = settings
     promfiles.install()  # before the app imports prometheus_client, as in a worker
     try:
         apploader.load(s.app or "", s.app_dir, s.factory)
@@ -275,6 +282,7 @@ def serve(
     os.environ.update(spec.get("env") or {})
     settings = SimpleNamespace(**spec["settings"])
     _import(_protocols(settings))
+    _configure_logging(settings)
     if settings.preload:
         _preload(control, settings)
     gc.freeze()

@@ -59,6 +59,10 @@ def test_sighup_applies_workers_log_format_and_recycling(supervisor, tmp_path):
         30,
         lambda: f"recycling by requests\n{server.log()}",
     )
+    # The new workers, forked from the fork server that set up text logging at start,
+    # set it up again with the new format: their access lines are JSON too.
+    later = server.log()[server.log().index("config applied") :].splitlines()
+    assert any(line.startswith("{") and '"logger": "uvicorn.access"' in line for line in later)
 
 
 def test_invalid_config_keeps_the_running_one_with_one_message(supervisor, tmp_path):
