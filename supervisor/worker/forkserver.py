@@ -55,6 +55,7 @@ MACHINERY = (
     "uvicorn.middleware.proxy_headers", "asgi_supervise.worker.server",
     "asgi_supervise.worker.meter", "asgi_supervise.worker._meter",
     "asgi_supervise.worker.forwarded", "asgi_supervise.worker.apploader", "asyncio",
+    "asgi_supervise.worker.promfiles", "faulthandler", "resource",
     # The protocols of the default settings (`--http auto`, `--ws auto`), before the spec
     # says which: the fork server started early imports them while the master starts.
     "uvicorn.protocols.http.auto", "uvicorn.protocols.websockets.auto",
