@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import select
 import socket
 from bisect import bisect_left
 from typing import Any
@@ -67,6 +68,15 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
     return message
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether a message (or the end of the channel) waits on `sock`, without waiting:
+    poll, not select(), which cannot watch a descriptor above 1023 (a master with many
+    open gets channels numbered higher)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class Control:

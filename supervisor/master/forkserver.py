@@ -33,7 +33,7 @@ from asgi_supervise.master.interpreter import (
 from asgi_supervise.master.policy import SlotHealth
 from asgi_supervise.master.workers import send_spec
 from asgi_supervise.prctl import PR_SET_CHILD_SUBREAPER, prctl
-from asgi_supervise.protocol import READ_BYTES, decode, encode
+from asgi_supervise.protocol import READ_BYTES, decode, encode, readable
 
 if TYPE_CHECKING:
     import psutil
@@ -65,11 +65,7 @@ class Standby:
     def usable(self) -> bool:
         """Forked, and alive: it writes nothing before its spec, so a readable channel
         means it is gone (the end of the channel) and a dead one cannot be promoted."""
-        if self.pid is None:
-            return False
-        poller = select.poll()  # not select(): a descriptor above 1023 is out of its range
-        poller.register(self.channel, select.POLLIN)
-        return not poller.poll(0)
+        return self.pid is not None and not readable(self.channel)
 
     def close(self) -> None:
         """Not needed: it exits on the closed channel (and is reaped as an orphan)."""

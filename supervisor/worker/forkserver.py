@@ -33,7 +33,6 @@ import contextlib
 import gc
 import importlib
 import os
-import select
 import signal
 import socket
 import sys
@@ -44,7 +43,7 @@ from types import SimpleNamespace
 from typing import Any, NoReturn
 
 from asgi_supervise.prctl import PR_SET_NAME, prctl
-from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode
+from asgi_supervise.protocol import SPEC_BYTES, Control, decode, encode, readable
 from asgi_supervise.worker.__main__ import run
 from asgi_supervise.worker.boot import boot_error, die_with_master
 
@@ -238,18 +237,11 @@ def _fork(
     return middle
 
 
-def _readable(channel: socket.socket) -> bool:
-    """A request is queued (poll, not select: the descriptor may be above 1023)."""
-    poller = select.poll()
-    poller.register(channel, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def _reap(middles: list[int | None], channel: socket.socket) -> None:
     """Wait for the middle processes once no request is queued: a batch of requests (the
     first workers, a scale-up) is forked without waiting for each middle process in turn,
     and none is left a zombie while the fork server waits."""
-    if middles and not _readable(channel):
+    if middles and not readable(channel):  # no request queued
         for pid in filter(None, middles):
             os.waitpid(pid, 0)
         middles.clear()
