@@ -117,10 +117,14 @@ def configure(
     """Set up logging. What this process already has is not set up again: a worker forked
     from a fork server (or a gunicorn master) that did it keeps the inherited handlers,
     where `dictConfig` would build them anew and copy ~0.5 MB of shared pages per worker.
-    A `log_config` file is always read again: it may have changed since."""
+    A log file is opened again, though: it may have been rotated since (SIGUSR1 reopens
+    the master's and the workers', not a fork server's). A `log_config` file is always
+    read again: it may have changed since."""
     global _applied
     key = (log_format, level, access_log, log_file, use_colors)
     if log_config is None and key == _applied:
+        if log_file:
+            reopen()
         return
     _applied = None
     if log_config:

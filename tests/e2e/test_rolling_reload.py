@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import shutil
 import signal
@@ -338,6 +339,17 @@ def test_sigusr1_reopens_log_files_after_rotation(supervisor, tmp_path):
 
     wait_until(worker_reopened, 15, "the worker to write to the new file")
     assert "log files reopened" not in rotated.read_text()
+    # Its replacement is forked from the fork server, which set up logging before the
+    # rotation and was not told to reopen: it writes to the new file too.
+    os.kill(worker, signal.SIGKILL)
+
+    def replacement_writes() -> bool:
+        try_get(server.port, "/pid")
+        new = server.worker_pids() - {worker}
+        return bool(new) and f"[{min(new)}]" in log_file.read_text()
+
+    wait_until(replacement_writes, 15, "the replacement to write to the new file")
+    assert f"[{min(server.worker_pids())}]" not in rotated.read_text()
 
 
 def test_a_drain_starts_when_asked_and_ends_with_its_last_connection(supervisor):

@@ -69,3 +69,17 @@ def test_a_log_config_file_is_read_every_time(tmp_path):
     assert handler() is not first
     logs.configure("text", "info", True)  # back to the built-in: set up, not skipped
     assert handler() is not first and handler().formatter._fmt == logs.TEXT_FORMAT
+
+
+def test_the_same_settings_reopen_a_log_file_moved_since(tmp_path):
+    """A worker forked from a fork server set up before a logrotate (which moved the file
+    and had the master, not the fork server, reopen it) writes to the file at the path."""
+    path = tmp_path / "app.log"
+    logs.configure("text", "info", True, log_file=str(path))
+    path.rename(tmp_path / "app.log.1")  # logrotate
+    logs.configure("text", "info", True, log_file=str(path))  # the forked worker's boot
+    logging.getLogger("asgi_supervise").warning("after the rotation")
+    handler().flush()
+    assert "after the rotation" in path.read_text()
+    assert "after the rotation" not in (tmp_path / "app.log.1").read_text()
+    handler().close()
