@@ -10,13 +10,19 @@ handed over). Commands that serve nothing (`config`, `plan`, the control command
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from asgi_supervise.master import signals
 from asgi_supervise.master.interpreter import EarlyForkServer
+
+if TYPE_CHECKING:
+    from asgi_supervise.config.reader import RunCommand
+    from asgi_supervise.config.values import Loaded
 
 COMMANDS = ("run", "config", "plan")
 CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
@@ -25,11 +31,16 @@ CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl
 NO_FORK_SERVER = {"worker-start": "exec", "engine": "gunicorn"}
 
 
-def forks(argv: list[str], environ: Mapping[str, str]) -> bool:
-    """Whether this command line starts a master whose workers come from a fork server."""
+def serves(argv: list[str]) -> bool:
+    """Whether this command line starts a master (`run`, not --help or --version)."""
     if argv[:1] and argv[0] in (*COMMANDS, *CONTROL) and argv[0] != "run":
         return False
-    if any(arg in ("-h", "--help", "--version") for arg in argv):
+    return not any(arg in ("-h", "--help", "--version") for arg in argv)
+
+
+def forks(argv: list[str], environ: Mapping[str, str]) -> bool:
+    """Whether this command line starts a master whose workers come from a fork server."""
+    if not serves(argv):
         return False
     for name, value in NO_FORK_SERVER.items():
         flag = f"--{name}"
@@ -57,15 +68,49 @@ def open_stdio() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     open_stdio()
+    if not serves(argv):
+        from asgi_supervise.cli import main as cli_main
+
+        return cli_main(argv)
     early = None
     if forks(argv, os.environ):
         signals.hold()  # its first workers may serve before its handlers are in place
         with contextlib.suppress(OSError):  # none (no memory, no descriptors): one later
             early = EarlyForkServer()
     try:
-        from asgi_supervise.cli import main as cli_main
-
-        return cli_main(argv, early)
+        return serve(argv, early)
     finally:
         if early is not None:
             early.discard()  # unless the master took it
+
+
+def serve(argv: list[str], early: EarlyForkServer | None) -> int:
+    """`run`: a child reads the settings (`config/reader.py`) while this process imports
+    the master's start; the master runs on what the child sends and never imports pydantic."""
+    from asgi_supervise import logs
+    from asgi_supervise.config.reader import Ended, in_child
+    from asgi_supervise.config.values import ConfigError
+    from asgi_supervise.protocol import Exit
+
+    try:
+        line, loaded = in_child(functools.partial(_read, argv), meanwhile=_import_start)
+        from asgi_supervise.master import start
+
+        return start.run(loaded, line.reread, early)
+    except Ended as end:
+        return end.code
+    except ConfigError as exc:
+        logs.say(str(exc))
+        return Exit.USAGE
+
+
+def _import_start() -> None:
+    import asgi_supervise.master.start  # noqa: F401
+
+
+def _read(argv: list[str]) -> tuple[RunCommand, Loaded]:
+    """In the child: the command line parsed, and the settings it gives."""
+    from asgi_supervise import cli
+
+    _, line, _ = cli.parse(argv)
+    return line, line.load()

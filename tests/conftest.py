@@ -36,6 +36,7 @@ MASTER_UP = re.compile(r"master \d+ serving")  # its loop runs: its signal handl
 FORKSERVER = "asgi-forkserver"  # a fork server's name (comm), once it has set it
 FORKED_WORKER = "asgi-worker"  # a forked worker's name; it has its fork server's cmdline
 STANDBY = "asgi-standby"  # a --preload fork server's standby (the next one), likewise
+CONFIG_READER = "asgi-config"  # the master's child reading its settings for a reload
 OWNER = "SUPERVISE_TEST_OWNER"  # not ASGI_SUPERVISE_*: the CLI would reject it
 
 
@@ -238,11 +239,24 @@ def is_fork_server(process: psutil.Process) -> bool:
     return name == FORKSERVER or FORKSERVER_MODULE in process.cmdline()
 
 
-def role(process: psutil.Process) -> str:
-    """worker, fork server or standby: forked ones share their fork server's cmdline."""
+def role(process: psutil.Process, forks_workers: bool = False) -> str:
+    """worker, fork server, standby, config reader, or unnamed: forked ones share their
+    parent's command line, and their names tell them apart. A fresh fork of the master
+    (the config reader, the first fork server) has its name too until it runs its first
+    line, which under load can be milliseconds: "unnamed", unless the master forks its
+    workers itself (`forks_workers`: the gunicorn engine)."""
     if is_fork_server(process):
         return "fork server"
-    return "standby" if process.name() == STANDBY else "worker"
+    name = process.name()
+    known = {STANDBY: "standby", CONFIG_READER: "config reader"}
+    if name in known:
+        return known[name]
+    parent = process.parent()
+    if forks_workers or parent is None:
+        return "worker"
+    if (name, process.cmdline()) == (parent.name(), parent.cmdline()):
+        return "unnamed"
+    return "worker"
 
 
 class Supervisor:
@@ -305,9 +319,10 @@ class Supervisor:
         except psutil.NoSuchProcess:
             return set()
         pids = set()
+        gunicorn = "(engine: gunicorn" in self.log()  # said before its first fork
         for child in children:
             try:
-                if child.status() != psutil.STATUS_ZOMBIE and role(child) == which:
+                if child.status() != psutil.STATUS_ZOMBIE and role(child, gunicorn) == which:
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from asgi_supervise.config import tls
+from asgi_supervise.config.values import Values, hide
 
 ENV_PREFIX = "ASGI_SUPERVISE_"
 
@@ -501,8 +502,6 @@ _BOOL_FIELDS = {
     if field.annotation is bool or bool in typing.get_args(field.annotation)
 }
 _CHOICES = {name: typing.get_args(FIELDS[name].annotation) for name in ("http", "loop", "ws")}
-# scheme://user:password@host, and scheme://:password@host (Redis URLs have no user).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)")
 
 
 def meta(name: str) -> dict[str, Any]:
@@ -516,12 +515,12 @@ def is_secret(name: str) -> bool:
 
 def redact(name: str, value: Any) -> Any:
     """Hide secrets: whole secret fields, and passwords inside URLs anywhere else."""
-    if value is None:
-        return None
-    if is_secret(name):
-        return "***"
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\g<head>***\g<tail>", value)
-    if isinstance(value, list):
-        return [redact(name, item) for item in value]
-    return value
+    return hide(value, is_secret(name))
+
+
+SECRET = frozenset(name for name in FIELDS if is_secret(name))
+
+
+def as_values(settings: Settings) -> Values:
+    """The validated settings as plain data, for a process that does not import pydantic."""
+    return Values(settings.model_dump(), SECRET)

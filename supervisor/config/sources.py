@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from asgi_supervise import drain
-from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, meta, redact
+from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, as_values, meta, redact
+from asgi_supervise.config.values import ConfigError, Loaded
 from asgi_supervise.profiles import ProfileError, find_profile
 from asgi_supervise.suggest import did_you_mean
 
@@ -30,10 +30,6 @@ LIST_FIELDS = {
     name for name, field in FIELDS.items() if typing.get_origin(field.annotation) is list
 }
 PYPROJECT_TABLE = ("tool", "asgi-supervise")
-
-
-class ConfigError(Exception):
-    """Bad user input: printed as one line, exit code 2."""
 
 
 @dataclass
@@ -47,33 +43,12 @@ class Layer:
     def describe(self, name: str) -> str:
         return f"{self.spell(name)}={redact(name, self.values[name])!r} ({self.where})"
 
-
-@dataclass(frozen=True)
-class Loaded:
-    settings: Settings
-    origins: dict[str, Layer | None]  # None: built-in default
-    profile: str | None
-    notes: tuple[str, ...] = ()  # warnings: gunicorn settings with no equivalent
-
-    def origin(self, name: str) -> str:
-        layer = self.origins.get(name)
-        if layer is None:
-            return "default"
-        if layer.source == "profile":  # its `where` already says "profile NAME"
-            return layer.where
-        return f"{layer.source}: {layer.where}"
-
-    def document(self) -> dict[str, Any]:
-        """Every setting's value (secrets redacted) and source, and the drain they make:
-        what `config --json` prints, and what a running master answers `config --running`."""
-        values = self.settings.model_dump(mode="json")
-        rows = {n: {"value": redact(n, values[n]), "source": self.origin(n)} for n in FIELDS}
-        drain_times = drain.of(self.settings).to_dict()
-        return {"profile": self.profile, "settings": rows, "drain": drain_times}
-
-    def describe(self, name: str) -> str:
-        """`--port='8000' (command line)`: the setting as the user gave it, for errors."""
-        return _describe(name, self.origins)
+    @property
+    def origin(self) -> str:
+        """Where its values came from, as `config` shows it: "env: environment"."""
+        if self.source == "profile":  # its `where` already says "profile NAME"
+            return self.where
+        return f"{self.source}: {self.where}"
 
 
 def _normalise_key(key: str) -> str:
@@ -417,4 +392,10 @@ def load(
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, origins)) from None
-    return Loaded(settings, origins, profile, tuple(notes))
+    return Loaded(
+        as_values(settings),
+        {name: layer.origin for name, layer in origins.items() if layer is not None},
+        {name: layer.describe(name) for name, layer in origins.items() if layer is not None},
+        profile,
+        tuple(notes),
+    )

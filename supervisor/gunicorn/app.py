@@ -19,7 +19,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from asgi_supervise import logs, sizing
-from asgi_supervise.config import sources
+from asgi_supervise.config.values import ConfigError, Loaded
 from asgi_supervise.gunicorn.arbiter import Arbiter
 from asgi_supervise.gunicorn.config import cfg_values
 from asgi_supervise.gunicorn.observer import Observer
@@ -61,8 +61,8 @@ class Application(BaseApplication):
         self,
         settings: Any,
         workers: int,
-        loaded: sources.Loaded | None = None,
-        reloader: Callable[[], sources.Loaded] | None = None,
+        loaded: Loaded | None = None,
+        reloader: Callable[[], Loaded] | None = None,
     ) -> None:
         self.settings = settings  # the worker class reads them after the fork
         self.workers = workers
@@ -86,8 +86,8 @@ class Application(BaseApplication):
                 try:
                     apploader.check(new.settings.app or "", new.settings.app_dir)
                 except apploader.AppStringError as exc:
-                    raise sources.ConfigError(f"{new.describe('app')}: {exc.detail}") from None
-        except sources.ConfigError as exc:
+                    raise ConfigError(f"{new.describe('app')}: {exc.detail}") from None
+        except ConfigError as exc:
             log.error(
                 "SIGHUP: the new config is invalid, nothing reloaded; the running config "
                 "stays: %s", exc, extra={"event": "config_invalid", "error": str(exc)},
@@ -128,10 +128,10 @@ class Application(BaseApplication):
 
 
 def serve(
-    loaded: sources.Loaded,
+    loaded: Loaded,
     sockets: list[socket.socket],
     plan: Plan,
-    reloader: Callable[[], sources.Loaded] | None = None,
+    reloader: Callable[[], Loaded] | None = None,
 ) -> int:
     """Run gunicorn's arbiter until it exits; its exit code."""
     import gunicorn

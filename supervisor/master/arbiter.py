@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from asgi_supervise import drain, logs
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master import balance, control, policy, signals
 from asgi_supervise.master.exits import Exits
 from asgi_supervise.master.forking import Forking
@@ -37,7 +37,7 @@ from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import Plan
 
 if TYPE_CHECKING:
-    from asgi_supervise.config.sources import Loaded
+    from asgi_supervise.config.values import Loaded
     from asgi_supervise.master.watcher import Watcher
     from asgi_supervise.observe.multiproc import MultiprocDir
 
@@ -49,7 +49,7 @@ TICK = 0.25  # seconds between health checks when nothing else happens
 class Arbiter(Exits, Operations, Forking):
     def __init__(
         self,
-        settings: Settings,
+        settings: Values,
         sockets: list[socket.socket],
         plan: Plan,
         memory_limit: int | None = None,

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master.interpreter import (
     FORKSERVER_MODULE,
     EarlyForkServer,
@@ -150,7 +150,7 @@ class ForkServer:
         elif kind == "standby" and self.standby is not None:
             self.standby.pid = int(message["pid"])
 
-    def request(self, slot: int, settings: Settings) -> None:
+    def request(self, slot: int, settings: Values) -> None:
         """Ask for a worker in `slot` without waiting; `fork` takes the answer.
 
         Its spec goes on its channel at once, so it boots the moment it is forked:
@@ -184,7 +184,7 @@ class ForkServer:
                 poller.unregister(fd)
                 pending -= 1
 
-    def fork(self, slot: int, settings: Settings) -> tuple[Forked, socket.socket]:
+    def fork(self, slot: int, settings: Values) -> tuple[Forked, socket.socket]:
         """A worker in `slot`: its process and the master's end of its control channel.
 
         Blocks until the fork server answers (a fork: milliseconds), unless a `request`
@@ -298,7 +298,7 @@ class ForkServer:
 
 
 def start(
-    settings: Settings,
+    settings: Values,
     sockets: list[socket.socket],
     generation: int,
     env: dict[str, str] | None,
@@ -331,7 +331,7 @@ def start(
 
 
 def start_first(
-    settings: Settings,
+    settings: Values,
     sockets: list[socket.socket],
     env: dict[str, str] | None,
     early: EarlyForkServer,

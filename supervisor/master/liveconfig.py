@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgi_supervise.config.settings import FIELDS, Settings, redact
-from asgi_supervise.config.sources import Loaded
+from asgi_supervise.config.values import Loaded, Values
 
 # Bound, opened or started once by the master: a restart changes them.
 RESTART_ONLY = frozenset(
@@ -34,33 +33,33 @@ class Change:
     kept: list[str] = field(default_factory=list)
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> Values:
         return self.loaded.settings
 
     def changed(self, *names: str) -> bool:
         return any(line.split(" ", 1)[0] in names for line in self.applied)
 
 
-def _shown(name: str, value: Any) -> str:
-    return repr(redact(name, value))
-
-
 def reconcile(running: Loaded, new: Loaded) -> Change:
     """The settings to run with after a reload, and what changed or could not."""
     old_values, new_values = running.settings, new.settings
     keep: dict[str, Any] = {}
-    origins = dict(new.origins)
+    origins, given = dict(new.origins), dict(new.given)
     applied, kept = [], []
-    for name in FIELDS:
+    for name in new_values.names:
         before, after = getattr(old_values, name), getattr(new_values, name)
         if before == after:
             continue
-        line = f"{name} {_shown(name, before)} -> {_shown(name, after)} ({new.origin(name)})"
+        shown = f"{new_values.hidden(name, before)!r} -> {new_values.hidden(name, after)!r}"
+        line = f"{name} {shown} ({new.origin(name)})"
         if name in RESTART_ONLY:
             keep[name] = before
-            origins[name] = running.origins.get(name)
+            for record, running_record in ((origins, running.origins), (given, running.given)):
+                record.pop(name, None)
+                if name in running_record:
+                    record[name] = running_record[name]
             kept.append(line)
         else:
             applied.append(line)
     settings = new_values.model_copy(update=keep) if keep else new_values
-    return Change(Loaded(settings, origins, new.profile), applied, kept)
+    return Change(Loaded(settings, origins, given, new.profile), applied, kept)

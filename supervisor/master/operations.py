@@ -172,7 +172,7 @@ class Operations:
         returned (and logged), and the caller reloads nothing."""
         if self.reloader is None or self.loaded is None:
             return None
-        from asgi_supervise.config.sources import ConfigError
+        from asgi_supervise.config.values import ConfigError
         from asgi_supervise.worker import apploader
 
         try:

@@ -18,7 +18,7 @@ import time
 from typing import Protocol
 
 from asgi_supervise import drain, sizing
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master import policy
 from asgi_supervise.master.table import WorkerTable
 from asgi_supervise.master.workers import State, Worker
@@ -49,7 +49,7 @@ class Rollout:
         self,
         table: WorkerTable,
         lifecycle: Lifecycle,
-        settings: Settings,
+        settings: Values,
         memory_limit: int | None,
     ):
         self.table = table

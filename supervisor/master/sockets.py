@@ -8,7 +8,7 @@ import socket
 import stat
 from collections.abc import MutableMapping
 
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master.interpreter import SOCKET_ACTIVATION
 
 
@@ -31,7 +31,7 @@ def _reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
 
 
-def bind(settings: Settings) -> list[socket.socket]:
+def bind(settings: Values) -> list[socket.socket]:
     """The listening sockets, not inheritable: `workers.spawn` passes them to each worker
     (pass_fds), and nothing else the master starts may hold the port."""
     activated = from_systemd(os.environ)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import watchfiles
 
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 
 log = logging.getLogger("asgi_supervise.master.watcher")
 
@@ -51,7 +51,7 @@ class SourceFilter(watchfiles.DefaultFilter):
         )
 
 
-def watched_dirs(settings: Settings) -> list[Path]:
+def watched_dirs(settings: Values) -> list[Path]:
     dirs = settings.reload_dirs or [settings.app_dir]
     return [Path(d).resolve() for d in dirs]
 
@@ -59,7 +59,7 @@ def watched_dirs(settings: Settings) -> list[Path]:
 class Watcher:
     """Runs beside the master's loop; one callback per burst of saves."""
 
-    def __init__(self, settings: Settings, changed: Callable[[list[str]], None]):
+    def __init__(self, settings: Values, changed: Callable[[list[str]], None]):
         self.roots = watched_dirs(settings)
         self.filter = SourceFilter(self.roots, settings.reload_includes, settings.reload_excludes)
         self.quiet_ms = max(50, int(settings.reload_delay * 1000))

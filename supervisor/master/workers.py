@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master.interpreter import exec_python
 from asgi_supervise.master.policy import KILL_GRACE
 from asgi_supervise.protocol import READ_BYTES, decode, encode
@@ -225,7 +225,7 @@ class Worker:
 
 def spawn(
     slot: int,
-    settings: Settings,
+    settings: Values,
     sockets: list[socket.socket],
     generation: int = 0,
     env: dict[str, str] | None = None,
@@ -242,7 +242,7 @@ def spawn(
 
 def send_spec(
     control: socket.socket,
-    settings: Settings,
+    settings: Values,
     env: dict[str, str] | None = None,
     sockets: Sequence[socket.socket] = (),
     standby: socket.socket | None = None,

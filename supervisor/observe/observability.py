@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from asgi_supervise.config.settings import Settings
+from asgi_supervise.config.values import Values
 from asgi_supervise.master.workers import State, Worker
 from asgi_supervise.protocol import APP_SAMPLES_DROPPED
 from asgi_supervise.sizing import Plan
@@ -57,7 +57,7 @@ def writable_tempdir() -> str:
         ) from None
 
 
-def metrics_directory(settings: Settings) -> MultiprocDir | None:
+def metrics_directory(settings: Values) -> MultiprocDir | None:
     """The workers' metrics directory (None with --no-metrics), made before any worker
     starts: its path is in their environment. OSError says what to set instead."""
     if not settings.metrics:
@@ -70,7 +70,7 @@ def metrics_directory(settings: Settings) -> MultiprocDir | None:
 
 
 class Observability:
-    def __init__(self, settings: Settings, plan: Plan, directory: MultiprocDir | None = None):
+    def __init__(self, settings: Values, plan: Plan, directory: MultiprocDir | None = None):
         self.settings = settings
         self.plan = plan
         self.metrics: SupervisorMetrics = OFF  # until start(), and for good with --no-metrics

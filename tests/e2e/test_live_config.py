@@ -33,9 +33,16 @@ def _workers(pid_file) -> set[int]:
     return {w["pid"] for w in json.loads(done.stdout)["workers"] if not w["stopping"]}
 
 
+def _maps_pydantic(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "pydantic" in maps.read()
+
+
 def test_sighup_applies_workers_log_format_and_recycling(supervisor, tmp_path):
+    """Read by a child of the master (config/reader.py): the master never maps pydantic."""
     server, conf, pid_file = _start(supervisor, tmp_path, "workers = 2\n")
     server.wait_ready(2)
+    assert not _maps_pydantic(server.pid)
     before = _workers(pid_file)
     conf.write_text('workers = 3\nlog_format = "json"\nmax_requests = 20\n')
     server.signal(signal.SIGHUP)
@@ -52,6 +59,7 @@ def test_sighup_applies_workers_log_format_and_recycling(supervisor, tmp_path):
     running = _running(pid_file)
     assert running["workers"]["value"] == 3 and running["workers"]["source"].startswith("file")
     assert running["max_requests"]["value"] == 20
+    assert not _maps_pydantic(server.pid)
     for _ in range(100):  # 20 requests per worker: the new limit recycles them
         server.get("/")
     wait_until(
