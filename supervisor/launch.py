@@ -1,9 +1,11 @@
 """The `asgi-supervise` command: start the first fork server, then the master's imports.
 
-Only the standard library is imported before the fork server starts: it then imports
-uvicorn, the loop and the parser on the other core while this process imports the
-settings model and reads the settings (`master/interpreter.py` says why and how it is
-handed over). Commands that serve nothing (`config`, `plan`, the control commands,
+Before the fork server starts, only what the master and every worker both import is
+imported (`SHARED`: asyncio, logging, ssl, the channel's protocol): their pages are then
+shared, copy-on-write, by the master, the fork server and its workers. The fork server
+imports uvicorn, the loop and the parser on the other core while a child of this process
+reads the settings (`config/reader.py`; `master/interpreter.py` says how the fork server
+is handed over). Commands that serve nothing (`config`, `plan`, the control commands,
 `--help`, `--version`) start none.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import importlib
 import itertools
 import os
 import sys
@@ -24,6 +28,15 @@ if TYPE_CHECKING:
     from asgi_supervise.config.reader import RunCommand
     from asgi_supervise.config.values import Loaded
 
+# Imported by the master and by every worker: once, before the first fork server is
+# forked. ~35 ms here that the fork server no longer spends; ~6 MB of the master's own
+# memory shared instead (docs/benchmarks.md, "Fork server and --preload").
+SHARED = (
+    "asyncio", "logging.config", "logging.handlers", "ssl", "ctypes", "json", "pickle",
+    "tempfile", "inspect", "dataclasses", "traceback", "asgi_supervise.protocol",
+    "asgi_supervise.logs", "asgi_supervise.prctl", "asgi_supervise.drain",
+    "asgi_supervise.worker.apploader",
+)  # fmt: skip
 COMMANDS = ("run", "config", "plan")
 CONTROL = ("status", "reload", "scale", "stop")  # talk to a running master (ctl.py)
 # Workers that do not come from a fork server, as a flag or variable says it (a profile
@@ -75,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     early = None
     if forks(argv, os.environ):
         signals.hold()  # its first workers may serve before its handlers are in place
+        for name in SHARED:
+            importlib.import_module(name)
+        gc.freeze()  # no collection in any of these processes writes to their pages
         with contextlib.suppress(OSError):  # none (no memory, no descriptors): one later
             early = EarlyForkServer()
     try:

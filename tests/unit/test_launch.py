@@ -1,10 +1,15 @@
-"""`launch.forks`: which command lines start the first fork server before the imports."""
+"""`launch`: which command lines start the first fork server before the imports, and
+what it imports before that fork."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
-from asgi_supervise.launch import forks
+from asgi_supervise.launch import SHARED, forks
 
 
 @pytest.mark.parametrize(
@@ -31,3 +36,25 @@ from asgi_supervise.launch import forks
 )
 def test_forks(argv: list[str], environ: dict[str, str], expected: bool):
     assert forks(argv, environ) is expected
+
+
+def _imported(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after `code`."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.mark.timeout(60)
+def test_what_launch_imports_before_the_fork_the_master_and_a_worker_both_import():
+    """`SHARED` is imported once, before the first fork server is forked, to be shared:
+    each of it must be something both sides import anyway, or it is only a cost."""
+    fork_server = _imported(
+        "from asgi_supervise.worker import forkserver\nforkserver._import(forkserver.MACHINERY)"
+    )
+    master = _imported(
+        "import asgi_supervise.launch, asgi_supervise.config.reader\n"
+        "import asgi_supervise.master.start, asgi_supervise.master.arbiter"
+    )
+    assert set(SHARED) <= fork_server & master, set(SHARED) - (fork_server & master)
