@@ -19,7 +19,6 @@ from asgi_supervise.config.reader import RunCommand
 from asgi_supervise.config.settings import FIELDS, meta
 from asgi_supervise.config.values import ConfigError, Loaded
 from asgi_supervise.launch import COMMANDS, CONTROL
-from asgi_supervise.master import start
 from asgi_supervise.master.interpreter import EarlyForkServer
 from asgi_supervise.protocol import Exit
 from asgi_supervise.suggest import did_you_mean
@@ -191,6 +190,8 @@ def main(argv: list[str] | None = None, early: EarlyForkServer | None = None) ->
             return show_config(loaded, as_json)
         if command == "plan":
             return show_plan(loaded, as_json)
+        from asgi_supervise.master import start
+
         return start.run(loaded, line.load, early)
     except ConfigError as exc:
         logs.say(str(exc))

@@ -2,10 +2,10 @@
 
 Before the fork server starts, only what the master and every worker both import is
 imported (`SHARED`: asyncio, logging, ssl, the channel's protocol): their pages are then
-shared, copy-on-write, by the master, the fork server and its workers. The fork server
-imports uvicorn, the loop and the parser on the other core while a child of this process
-reads the settings (`config/reader.py`; `master/interpreter.py` says how the fork server
-is handed over). Commands that serve nothing (`config`, `plan`, the control commands,
+shared, copy-on-write, by the master, the fork server and its workers. A child of this
+process reads the settings (`config/reader.py`) from the first line on, while the fork
+server imports uvicorn, the loop and the parser on the other core (`master/interpreter.py`
+says how it is handed over). Commands that serve nothing (`config`, `plan`, the control commands,
 `--help`, `--version`) start none.
 """
 
@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from asgi_supervise.config.reader import Ended, Reading
 from asgi_supervise.master import signals
 from asgi_supervise.master.interpreter import EarlyForkServer
 
@@ -85,43 +86,42 @@ def main(argv: list[str] | None = None) -> int:
         from asgi_supervise.cli import main as cli_main
 
         return cli_main(argv)
-    early = None
-    if forks(argv, os.environ):
+    forking = forks(argv, os.environ)
+    if forking:
         signals.hold()  # its first workers may serve before its handlers are in place
+    # The settings are read first, in a child: on the start's path, the fork server's
+    # imports are not (they take less time than the read, on the other core).
+    reading = Reading(functools.partial(_read, argv))
+    early = None
+    if forking:
         for name in SHARED:
             importlib.import_module(name)
         gc.freeze()  # no collection in any of these processes writes to their pages
         with contextlib.suppress(OSError):  # none (no memory, no descriptors): one later
             early = EarlyForkServer()
     try:
-        return serve(argv, early)
+        return serve(reading, early)
     finally:
         if early is not None:
             early.discard()  # unless the master took it
 
 
-def serve(argv: list[str], early: EarlyForkServer | None) -> int:
-    """`run`: a child reads the settings (`config/reader.py`) while this process imports
-    the master's start; the master runs on what the child sends and never imports pydantic."""
+def serve(reading: Reading[tuple[RunCommand, Loaded]], early: EarlyForkServer | None) -> int:
+    """`run`: the master starts on the settings its child read (`config/reader.py`) and
+    never imports pydantic."""
     from asgi_supervise import logs
-    from asgi_supervise.config.reader import Ended, in_child
     from asgi_supervise.config.values import ConfigError
+    from asgi_supervise.master import start
     from asgi_supervise.protocol import Exit
 
     try:
-        line, loaded = in_child(functools.partial(_read, argv), meanwhile=_import_start)
-        from asgi_supervise.master import start
-
+        line, loaded = reading.result()
         return start.run(loaded, line.reread, early)
     except Ended as end:
         return end.code
     except ConfigError as exc:
         logs.say(str(exc))
         return Exit.USAGE
-
-
-def _import_start() -> None:
-    import asgi_supervise.master.start  # noqa: F401
 
 
 def _read(argv: list[str]) -> tuple[RunCommand, Loaded]:

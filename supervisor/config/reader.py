@@ -18,10 +18,9 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from asgi_supervise.config.values import ConfigError, Loaded
-from asgi_supervise.prctl import PR_SET_NAME, prctl
 
 T = TypeVar("T")
 NAME = b"asgi-config"  # its name in ps and top (comm): it shares the master's command line
@@ -54,44 +53,57 @@ class RunCommand:
         return in_child(self.load)
 
 
-def in_child(read: Callable[[], T], meanwhile: Callable[[], object] | None = None) -> T:
-    """`read()`, run in a forked child: its result, or its ConfigError raised here; `Ended`
-    if it exited (it printed why). `meanwhile` runs here as the child reads. The caller's
-    loop waits: ~0.1 s. A process with other threads reads in itself: a fork would copy
-    the locks they hold (the import lock among them) held, forever."""
-    if threading.active_count() > 1:  # gunicorn's master (its observer), `--reload`'s watch
-        if meanwhile is not None:
-            meanwhile()
-        return read()
-    for stream in (sys.stdout, sys.stderr):  # a buffer copied into the child prints twice
-        if stream is not None:  # None: started without that descriptor
-            stream.flush()
-    ours, theirs = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        prctl(PR_SET_NAME, NAME)  # first: in ps it is not a worker, even for a moment
-        os.close(ours)
-        _child(read, theirs)
-    os.close(theirs)
-    try:
-        if meanwhile is not None:
-            meanwhile()
-    finally:
-        with open(ours, "rb") as pipe:
+class Reading(Generic[T]):
+    """A child running `read()`, forked at once; `result()` waits for what it sends: its
+    result, its ConfigError raised here, or `Ended` if it exited (it printed why).
+
+    A process with other threads reads in itself: a fork would copy the locks they hold
+    (the import lock among them) held, forever.
+    """
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self.read, self.pid, self.fd = read, 0, -1
+        if threading.active_count() > 1:  # gunicorn's master (its observer), --reload's watch
+            return
+        for stream in (sys.stdout, sys.stderr):  # a buffer copied into the child prints twice
+            if stream is not None:  # None: started without that descriptor
+                stream.flush()
+        self.fd, theirs = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                from asgi_supervise.prctl import PR_SET_NAME, prctl
+
+                prctl(PR_SET_NAME, NAME)  # first: in ps it is no worker
+                os.close(self.fd)
+                _child(read, theirs)
+            finally:
+                os._exit(1)  # never back into the caller's code
+        os.close(theirs)
+
+    def result(self) -> T:
+        if not self.pid:
+            return self.read()
+        with open(self.fd, "rb") as pipe:
             data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-    if not data:
-        why = os.waitstatus_to_exitcode(status)
-        ending = f"signal {-why}" if why < 0 else f"exit code {why}"
-        raise ConfigError(f"the settings could not be read: their reader ended by {ending}")
-    kind, payload = pickle.loads(data)
-    if kind == "exit":
-        raise Ended(payload)
-    if kind == "error":
-        raise ConfigError(payload)
-    if kind == "crash":
-        raise RuntimeError(f"reading the settings failed:\n{payload}")
-    return payload
+        _, status = os.waitpid(self.pid, 0)
+        if not data:
+            why = os.waitstatus_to_exitcode(status)
+            ending = f"signal {-why}" if why < 0 else f"exit code {why}"
+            raise ConfigError(f"the settings could not be read: their reader ended by {ending}")
+        kind, payload = pickle.loads(data)
+        if kind == "exit":
+            raise Ended(payload)
+        if kind == "error":
+            raise ConfigError(payload)
+        if kind == "crash":
+            raise RuntimeError(f"reading the settings failed:\n{payload}")
+        return payload
+
+
+def in_child(read: Callable[[], T]) -> T:
+    """`read()`, run in a forked child (see `Reading`). The caller's loop waits: ~0.1 s."""
+    return Reading(read).result()
 
 
 def _child(read: Callable[[], Any], fd: int) -> NoReturn:
@@ -102,6 +114,9 @@ def _child(read: Callable[[], Any], fd: int) -> NoReturn:
         for sig in signal.valid_signals():
             if callable(signal.getsignal(sig)):
                 signal.signal(sig, signal.SIG_IGN)
+        # Our own model: no plugin of the app's environment sees it, and no scan of every
+        # installed distribution for one (~15 ms of each read).
+        os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
         try:
             result: tuple[str, Any] = ("ok", read())
         except ConfigError as exc:

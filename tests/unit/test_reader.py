@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from asgi_supervise.config import sources
-from asgi_supervise.config.reader import Ended, RunCommand, in_child
+from asgi_supervise.config.reader import Ended, Reading, RunCommand, in_child
 from asgi_supervise.config.settings import Settings, as_values
 from asgi_supervise.config.values import ConfigError, Loaded, Values
 from asgi_supervise.master.liveconfig import reconcile
@@ -88,10 +88,10 @@ def test_a_child_that_dies_is_a_config_error_and_leaves_no_zombie():
     assert {child.pid for child in psutil.Process().children()} == before  # reaped
 
 
-def test_meanwhile_runs_here_while_the_child_reads():
-    here: list[int] = []
-    assert in_child(os.getpid, meanwhile=lambda: here.append(os.getpid())) != os.getpid()
-    assert here == [os.getpid()]
+def test_the_child_reads_while_the_caller_goes_on():
+    reading = Reading(os.getpid)
+    assert reading.pid != os.getpid() and reading.pid > 0
+    assert reading.result() == reading.pid
 
 
 def test_with_other_threads_it_reads_in_this_process():
