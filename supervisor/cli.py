@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, NoReturn
 
-from asgi_supervise import drain, logs, sizing
+from asgi_supervise import drain, logs
 from asgi_supervise.config import gunicorn_conf
 from asgi_supervise.config.reader import RunCommand
 from asgi_supervise.config.settings import FIELDS, meta
@@ -242,6 +242,8 @@ def config_text(document: dict[str, Any], heading: str, footer: str = "") -> str
 
 
 def show_plan(loaded: Loaded, as_json: bool) -> int:
+    from asgi_supervise import sizing
+
     plan = sizing.make_plan(loaded.settings)
     logs.emit(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
     return 0

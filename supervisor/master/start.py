@@ -2,7 +2,9 @@
 string, the plan, the sockets, the metrics port), then the native arbiter or gunicorn's.
 
 Runs in the master, which holds its settings as plain data (`config/values.py`): nothing
-here imports the settings model.
+here imports the settings model. `launch` imports this module while a child reads the
+settings, so what the start needs before its first workers is imported here at the top;
+the arbiter, once they are asked for.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Any
 
 from asgi_supervise import logs, sizing
 from asgi_supervise.config.values import ConfigError, Loaded
-from asgi_supervise.master import signals
+from asgi_supervise.master import forkserver, signals
 from asgi_supervise.master.interpreter import EarlyForkServer
+from asgi_supervise.master.pidfile import PidFileError, pid_file
+from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
+from asgi_supervise.observe.observability import metrics_directory
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
 from asgi_supervise.worker import apploader
@@ -28,9 +33,6 @@ def run(
     reloader: Callable[[], Loaded] | None = None,
     early: EarlyForkServer | None = None,
 ) -> int:
-    from asgi_supervise.master.pidfile import PidFileError, pid_file
-    from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
-
     settings = loaded.settings
     if not settings.app:
         raise ConfigError(
@@ -110,10 +112,6 @@ def _run_native(
 ) -> int:
     """The native master. The fork server `launch` started gets its spec and the first
     workers' requests before the arbiter's modules are imported: they boot meanwhile."""
-    from asgi_supervise.master import forkserver
-    from asgi_supervise.master.sockets import cleanup
-    from asgi_supervise.observe.observability import metrics_directory
-
     settings = loaded.settings
     try:
         directory = metrics_directory(settings)
@@ -145,8 +143,6 @@ def _run_gunicorn(
 ) -> int:
     """`--engine gunicorn`: gunicorn's arbiter supervises the same workers (README)."""
     from asgi_supervise.gunicorn import app, config
-    from asgi_supervise.master.pidfile import PidFileError, pid_file
-    from asgi_supervise.master.sockets import cleanup
 
     given = [name for name in config.NATIVE_ONLY if loaded.origins.get(name) is not None]
     if given:
