@@ -1,11 +1,11 @@
 """The `asgi-supervise` command: start the first fork server, then the master's imports.
 
-Before the fork server starts, only what the master and every worker both import is
-imported (`SHARED`: asyncio, logging, ssl, the channel's protocol): their pages are then
-shared, copy-on-write, by the master, the fork server and its workers. A child of this
-process reads the settings (`config/reader.py`) from the first line on, while the fork
-server imports uvicorn, the loop and the parser on the other core (`master/interpreter.py`
-says how it is handed over). Commands that serve nothing (`config`, `plan`, the control commands,
+A child of this process reads the settings (`config/reader.py`) from the first line on.
+Meanwhile this process imports what the master and every worker both import (`SHARED`:
+asyncio, logging, ssl, the channel's protocol), whose pages the master, the fork server
+and its workers then share copy-on-write, and forks the first fork server, which imports
+uvicorn, the loop and the parser on the other core (`master/interpreter.py` says how it
+is handed over). Commands that serve nothing (`config`, `plan`, the control commands,
 `--help`, `--version`) start none.
 """
 

@@ -58,7 +58,8 @@ class Reading(Generic[T]):
     result, its ConfigError raised here, or `Ended` if it exited (it printed why).
 
     A process with other threads reads in itself: a fork would copy the locks they hold
-    (the import lock among them) held, forever.
+    (the import lock among them) held, forever. So does one that cannot fork (no memory,
+    no process or descriptor left): the read matters more than where it runs.
     """
 
     def __init__(self, read: Callable[[], T]) -> None:
@@ -68,8 +69,17 @@ class Reading(Generic[T]):
         for stream in (sys.stdout, sys.stderr):  # a buffer copied into the child prints twice
             if stream is not None:  # None: started without that descriptor
                 stream.flush()
-        self.fd, theirs = os.pipe()
-        self.pid = os.fork()
+        try:
+            self.fd, theirs = os.pipe()
+        except OSError:
+            return
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(self.fd)
+            os.close(theirs)
+            self.fd = -1
+            return
         if self.pid == 0:
             try:
                 from asgi_supervise.prctl import PR_SET_NAME, prctl

@@ -106,6 +106,24 @@ def test_with_other_threads_it_reads_in_this_process():
         other.join()
 
 
+def test_out_of_descriptors_it_reads_in_this_process():
+    """No pipe for a child (EMFILE): the read still happens, here."""
+    code = (
+        "import os, resource\n"
+        "from asgi_supervise.config.reader import in_child\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        held.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(in_child(os.getpid) == os.getpid())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
+
+
 def test_a_run_command_rereads_the_layers_as_they_are_now(tmp_path):
     conf = tmp_path / "conf.toml"
     conf.write_text("workers = 2\n")
