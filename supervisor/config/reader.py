@@ -64,7 +64,7 @@ class Reading(Generic[T]):
 
     def __init__(self, read: Callable[[], T]) -> None:
         self.read, self.pid, self.fd = read, 0, -1
-        if threading.active_count() > 1:  # gunicorn's master (its observer), --reload's watch
+        if _threads() > 1:  # gunicorn's master (its observer), --reload's watch
             return
         for stream in (sys.stdout, sys.stderr):  # a buffer copied into the child prints twice
             if stream is not None:  # None: started without that descriptor
@@ -109,6 +109,15 @@ class Reading(Generic[T]):
         if kind == "crash":
             raise RuntimeError(f"reading the settings failed:\n{payload}")
         return payload
+
+
+def _threads() -> int:
+    """This process's threads as the kernel counts them: C extensions' too, which
+    `threading` does not know of."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def in_child(read: Callable[[], T]) -> T:
