@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from asgi_supervise.config.settings import ENV_PREFIX, FIELDS, Settings, as_values, meta, redact
-from asgi_supervise.config.values import ConfigError, Loaded
+from asgi_supervise.config.values import ConfigError, Loaded, unset
 from asgi_supervise.profiles import ProfileError, find_profile
 from asgi_supervise.suggest import did_you_mean
 
@@ -263,8 +263,7 @@ def _describe(name: str, origins: dict[str, Layer | None]) -> str:
     layer = origins.get(name)
     if layer is not None:
         return layer.describe(name)
-    default = FIELDS[name].default
-    return f"{name} not set" if default is None else f"{name}={default!r} (default)"
+    return unset(name, FIELDS[name].default)
 
 
 # Error types whose message says what is expected; others are explained from the schema.

@@ -37,6 +37,11 @@ def hide(value: Any, secret: bool) -> Any:
     return value
 
 
+def unset(name: str, default: Any) -> str:
+    """A setting no layer set, for a message: `backlog=2048 (default)`."""
+    return f"{name} not set" if default is None else f"{name}={default!r} (default)"
+
+
 class Values:
     """Every setting's validated value, read like the model (`values.port`), immutable.
 
@@ -111,8 +116,7 @@ class Loaded:
         """The setting as the user gave it, or its default, to start an error message."""
         if name in self.given:
             return self.given[name]
-        value = getattr(self.settings, name)
-        return f"{name} not set" if value is None else f"{name}={value!r} (default)"
+        return unset(name, getattr(self.settings, name))
 
     def document(self) -> dict[str, Any]:
         """Every setting's value (secrets redacted) and source, and the drain they make:
