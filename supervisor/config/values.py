@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asgi_supervise import drain
+from asgi_supervise.worker import apploader
 
 # scheme://user:password@host, and scheme://:password@host (Redis URLs have no user).
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)")
@@ -117,6 +118,14 @@ class Loaded:
         if name in self.given:
             return self.given[name]
         return unset(name, getattr(self.settings, name))
+
+    def check_app(self) -> None:
+        """The app string well formed and its module found, or a ConfigError naming where
+        it was given: checked before any worker imports it, at start and on a reload."""
+        try:
+            apploader.check(self.settings.app or "", self.settings.app_dir)
+        except apploader.AppStringError as exc:
+            raise ConfigError(f"{self.describe('app')}: {exc.detail}") from None
 
     def document(self) -> dict[str, Any]:
         """Every setting's value (secrets redacted) and source, and the drain they make:

@@ -25,7 +25,6 @@ from asgi_supervise.gunicorn.config import cfg_values
 from asgi_supervise.gunicorn.observer import Observer
 from asgi_supervise.master import liveconfig
 from asgi_supervise.sizing import Plan, host
-from asgi_supervise.worker import apploader
 
 log = logging.getLogger("asgi_supervise.master")
 HEARTBEAT_DIR = "/dev/shm"  # gunicorn's advice: a heartbeat file on disk can stall
@@ -83,10 +82,7 @@ class Application(BaseApplication):
                 self.settings.app,
                 self.settings.app_dir,
             ):
-                try:
-                    apploader.check(new.settings.app or "", new.settings.app_dir)
-                except apploader.AppStringError as exc:
-                    raise ConfigError(f"{new.describe('app')}: {exc.detail}") from None
+                new.check_app()
         except ConfigError as exc:
             log.error(
                 "SIGHUP: the new config is invalid, nothing reloaded; the running config "

@@ -173,7 +173,6 @@ class Operations:
         if self.reloader is None or self.loaded is None:
             return None
         from asgi_supervise.config.values import ConfigError
-        from asgi_supervise.worker import apploader
 
         try:
             new = self.reloader()
@@ -181,10 +180,7 @@ class Operations:
                 new.settings.app != self.settings.app
                 or new.settings.app_dir != self.settings.app_dir
             ):
-                try:
-                    apploader.check(new.settings.app or "", new.settings.app_dir)
-                except apploader.AppStringError as exc:
-                    raise ConfigError(f"{new.describe('app')}: {exc.detail}") from None
+                new.check_app()
         except ConfigError as exc:
             error = str(exc)
             log.error(

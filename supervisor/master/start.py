@@ -23,7 +23,6 @@ from asgi_supervise.master.sockets import BindError, bind, check_free, cleanup
 from asgi_supervise.observe.observability import metrics_directory
 from asgi_supervise.protocol import Exit
 from asgi_supervise.sizing import host
-from asgi_supervise.worker import apploader
 
 log = logging.getLogger("asgi_supervise.master")
 
@@ -39,10 +38,7 @@ def run(
             "no app to serve: pass APP (module:attribute), set ASGI_SUPERVISE_APP, "
             'or put app = "module:attribute" in asgi-supervise.toml'
         )
-    try:
-        apploader.check(settings.app, settings.app_dir)
-    except apploader.AppStringError as exc:
-        raise ConfigError(f"{loaded.describe('app')}: {exc.detail}") from None
+    loaded.check_app()
     if settings.engine == "gunicorn" and settings.reload:
         raise ConfigError(
             f"{loaded.describe('reload')}: not with --engine gunicorn (gunicorn restarts every "
